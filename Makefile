@@ -1,0 +1,34 @@
+# chattune: `make demo` (offline end-to-end demo) and `make test` set up .venv on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+# torch is installed first and only when missing; override for your CUDA build, e.g.
+#   make setup TORCH="torch --index-url https://download.pytorch.org/whl/cu126"
+TORCH  ?= torch==2.13.0
+BIN    := $(VENV)/bin
+export HF_HUB_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup test lint demo clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -r requirements-dev.txt
+	touch $@
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+
+demo: setup
+	$(BIN)/python scripts/demo.py
+
+clean:
+	rm -rf $(VENV) demo runs models loras

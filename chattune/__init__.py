@@ -1,0 +1,1 @@
+"""chattune: turn a small open chat model into a specialist."""

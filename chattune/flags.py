@@ -1,0 +1,215 @@
+"""Every train.py flag, in one dataclass.
+
+The dataclass is the single source of truth: `--help`, YAML recipes (`--config`) and the docs' flag
+reference are all generated from it. Flag names follow home-llm's train.py so its commands run unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+
+def _flag(default, help: str, **metadata):
+    return field(default=default, metadata={"help": help, **metadata})
+
+
+@dataclass
+class TrainFlags:
+    # --- run and data -------------------------------------------------------------------------------
+    run_name: str = _flag(None, "Name of the run; outputs go to models/<run_name> and loras/<run_name>.")
+    base_model: str = _flag(None, "Model to start from: a hub id or a local folder.")
+    train_dataset: str = _flag(
+        None, "Training data: a .jsonl/.json file or a folder saved by `datasets` (see docs/data.md)."
+    )
+    test_dataset: str | None = _flag(None, "Evaluation data, same formats as --train_dataset.")
+    dataset_processing_threads: int | None = _flag(
+        None, "Processes for tokenizing and masking the data (default: up to 4, one per CPU core)."
+    )
+    ctx_size: int = _flag(2048, "Maximum tokens per example; longer examples are skipped and counted.")
+    output_dir: str | None = _flag(None, "Root folder for models/, loras/ and runs/ (default: the current directory).")
+    overwrite_output_dir: bool = _flag(False, "Allow writing into output folders that are not empty.")
+    seed: int = _flag(42, "Random seed for weights of new modules, data order and dropout.")
+
+    # --- precision and model loading -------------------------------------------------------------------
+    bf16: bool = _flag(False, "Train in bfloat16 (falls back to float32 with a warning where unsupported).")
+    attn_implementation: str | None = _flag(
+        None,
+        "Attention kernel: sdpa, eager or flash_attention_2 (default: flash_attention_2 when installed on a "
+        "GPU, else sdpa).",
+    )
+    load_in_8bit: bool = _flag(False, "Load the base model in 8 bits with bitsandbytes (implies --use_lora).")
+    load_in_4bit: bool = _flag(
+        False, "Load the base model in 4-bit NF4 with double quantization (QLoRA; implies --use_lora)."
+    )
+    load_as_gptq: bool = _flag(
+        False, "The base model is a GPTQ checkpoint; train LoRA on it (needs the `gptqmodel` extra)."
+    )
+
+    # --- optimisation -------------------------------------------------------------------------------------
+    batch_size: int = _flag(
+        8, "Effective batch in examples per optimizer step: micro_batch_size x accumulation x processes."
+    )
+    micro_batch_size: int = _flag(2, "Examples per forward pass on each process.")
+    epochs: float = _flag(1.0, "Passes over the training data.")
+    max_steps: int = _flag(-1, "Stop after this many optimizer steps (overrides --epochs when > 0).")
+    learning_rate: float = _flag(1e-5, "Peak learning rate.")
+    learning_rate_schedule: str = _flag(
+        "cosine", "Learning-rate schedule: cosine, linear, constant, constant_with_warmup, …"
+    )
+    learning_rate_warmup: float = _flag(0.0, "Warm-up: a fraction of all steps when below 1, else a number of steps.")
+    weight_decay: float = _flag(0.1, "AdamW weight decay.")
+    gradient_clip: float = _flag(1.0, "Clip the gradient norm to this value (0 disables clipping).")
+    gradient_checkpointing: bool = _flag(False, "Recompute activations in the backward pass to save memory.")
+    group_by_length: bool = _flag(
+        False, "Batch examples of similar length together (padding-free batches, no packing)."
+    )
+    packing: bool = _flag(
+        False,
+        "Pack examples into rows of --ctx_size (micro_batch_size then counts rows). Without it, each "
+        "micro-batch is already padding-free: its examples are concatenated with attention isolated per example.",
+    )
+
+    # --- checkpoints, evaluation and logging -----------------------------------------------------------
+    resume_from_checkpoint: str | None = _flag(
+        None, "Resume from a checkpoint folder, or `latest` for the newest one of this run."
+    )
+    save_steps: int = _flag(500, "Save a checkpoint every N optimizer steps.")
+    save_total_limit: int | None = _flag(2, "Keep at most N checkpoints (the newest are kept).")
+    eval_steps: int | None = _flag(
+        None, "Evaluate on --test_dataset every N steps (default: at the end of each epoch)."
+    )
+    logging_steps: int = _flag(10, "Log loss, learning rate and throughput every N steps.")
+    report_to: str = _flag("tensorboard", "Where to log: tensorboard, wandb, none, … (comma-separated).")
+
+    # --- tokens and chat template ------------------------------------------------------------------------
+    add_pad_token: bool = _flag(False, "Add a dedicated <|pad|> token.")
+    add_chatml_tokens: bool = _flag(
+        False, "Add <|im_start|> and <|im_end|> (and a ChatML chat template if the tokenizer has none)."
+    )
+    add_tool_calling_tokens: bool = _flag(False, "Add <tool_call> and </tool_call> tokens.")
+    prompt_template_file: str | None = _flag(None, "A Jinja chat template file to use instead of the tokenizer's own.")
+    prefix_ids: str | None = _flag(
+        None,
+        "Token ids that open an assistant response, e.g. 128006,78191,128007,271 (explicit masking; the "
+        "default automatic masking needs no ids; see find_split.py).",
+    )
+    suffix_ids: str | None = _flag(
+        None, "Token ids that close an assistant response (explicit masking, with --prefix_ids)."
+    )
+
+    # --- LoRA -------------------------------------------------------------------------------------------------
+    use_lora: bool = _flag(False, "Train a LoRA adapter instead of all weights.")
+    lora_rank: int = _flag(16, "LoRA rank r.")
+    lora_alpha: int = _flag(32, "LoRA alpha (scaling = alpha / rank).")
+    lora_dropout: float = _flag(0.05, "Dropout on the LoRA branch.")
+    lora_modules: str | None = _flag(
+        None, "Comma-separated module names to adapt (default: every linear projection of the blocks)."
+    )
+    lora_modules_to_save: str | None = _flag(
+        None, "Comma-separated modules trained in full next to the adapter, e.g. embed_tokens,lm_head."
+    )
+    lora_merge: bool = _flag(False, "Also write the merged model to models/<run_name>.")
+
+    # --- DPO ------------------------------------------------------------------------------------------------
+    dpo: bool = _flag(False, "Align with DPO on preference pairs instead of SFT.")
+    beta: float = _flag(0.1, "DPO beta: strength of the pull towards the reference model.")
+    dpo_loss: str = _flag("sigmoid", "DPO loss type (any of TRL's: sigmoid, ipo, hinge, robust, …).")
+    simpo: bool = _flag(False, "Use SimPO: reference-free, length-normalised preference loss.")
+    simpo_gamma: float = _flag(0.5, "SimPO target reward margin gamma.")
+
+    def __post_init__(self) -> None:
+        missing = [name for name in ("run_name", "base_model", "train_dataset") if not getattr(self, name)]
+        if missing:
+            raise FlagError("missing required flag(s): " + ", ".join(f"--{name}" for name in missing))
+        if self.micro_batch_size < 1 or self.batch_size < 1:
+            raise FlagError("--batch_size and --micro_batch_size must be at least 1")
+        if sum([self.load_in_8bit, self.load_in_4bit, self.load_as_gptq]) > 1:
+            raise FlagError("choose at most one of --load_in_8bit, --load_in_4bit and --load_as_gptq")
+        if (self.load_in_8bit or self.load_in_4bit or self.load_as_gptq) and not self.use_lora:
+            raise FlagError(
+                "a quantized base model cannot be trained in full: add --use_lora (QLoRA trains an adapter on "
+                "top of the frozen quantized weights)"
+            )
+        if bool(self.prefix_ids) != bool(self.suffix_ids) and not self.prefix_ids:
+            raise FlagError("--suffix_ids needs --prefix_ids (or drop both to use automatic masking)")
+        _parse_ids("--prefix_ids", self.prefix_ids)  # validate the id lists before any work
+        _parse_ids("--suffix_ids", self.suffix_ids)
+
+    # --- derived values ----------------------------------------------------------------------------------
+    @property
+    def prefix_id_list(self) -> list[int] | None:
+        return _parse_ids("--prefix_ids", self.prefix_ids)
+
+    @property
+    def suffix_id_list(self) -> list[int] | None:
+        return _parse_ids("--suffix_ids", self.suffix_ids)
+
+    @property
+    def quantized(self) -> bool:
+        return self.load_in_8bit or self.load_in_4bit or self.load_as_gptq
+
+    @property
+    def output_root(self) -> Path:
+        return Path(self.output_dir or ".")
+
+    @property
+    def model_dir(self) -> Path:
+        """Full or merged model."""
+        return self.output_root / "models" / self.run_name
+
+    @property
+    def lora_dir(self) -> Path:
+        """LoRA adapter."""
+        return self.output_root / "loras" / self.run_name
+
+    @property
+    def run_dir(self) -> Path:
+        """Checkpoints and logs of the run; final artifacts go to model_dir / lora_dir."""
+        return self.output_root / "runs" / self.run_name
+
+    def gradient_accumulation_steps(self, world_size: int | None = None) -> int:
+        """batch_size = micro_batch_size x accumulation x processes, so the effective batch never changes."""
+        world_size = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+        per_step = self.micro_batch_size * world_size
+        if self.batch_size % per_step:
+            raise FlagError(
+                f"--batch_size {self.batch_size} is not a multiple of --micro_batch_size {self.micro_batch_size} "
+                f"x {world_size} process(es) = {per_step}; choose a batch size divisible by {per_step}"
+            )
+        return self.batch_size // per_step
+
+
+class FlagError(ValueError):
+    """A flag value that cannot work; the message says which and why."""
+
+
+def _parse_ids(flag: str, text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        ids = [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise FlagError(f"{flag} must be comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise FlagError(f"{flag} is empty")
+    return ids
+
+
+def flag_names() -> list[str]:
+    return [f.name for f in fields(TrainFlags)]
+
+
+def parse_flags(argv: list[str] | None = None) -> TrainFlags:
+    """Parse the command line (and an optional `--config recipe.yaml`); unknown flags are errors."""
+    from transformers import HfArgumentParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(TrainFlags, prog="train.py", description=__doc__.split("\n\n")[0])
+    try:
+        (flags,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    except FlagError as error:
+        parser.error(str(error))
+    return flags

@@ -1,0 +1,125 @@
+"""Loading the base model: precision, attention kernel, quantization, LoRA configuration."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from chattune.flags import FlagError, TrainFlags
+
+logger = logging.getLogger(__name__)
+
+
+def choose_dtype(bf16: bool) -> torch.dtype:
+    """bfloat16 where the hardware runs it, else float32 with a warning."""
+    if not bf16:
+        return torch.float32
+    if torch.cuda.is_available():
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        logger.warning("--bf16: this GPU does not support bfloat16; training in float32")
+        return torch.float32
+    if _cpu_has_bf16():
+        return torch.bfloat16
+    logger.warning("--bf16: this CPU has no native bfloat16 support; training in float32")
+    return torch.float32
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def choose_attention(requested: str | None) -> str:
+    """flash_attention_2 needs a GPU and the flash-attn package; fall back to SDPA with a message."""
+    if requested in (None, "flash_attention_2"):
+        usable = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+        if usable:
+            return "flash_attention_2"
+        if requested:
+            logger.warning(
+                "flash_attention_2 needs a CUDA GPU and `pip install flash-attn`; using sdpa instead "
+                "(packed examples stay isolated through position ids)"
+            )
+        return "sdpa"
+    return requested
+
+
+def quantization_config(flags: TrainFlags, dtype: torch.dtype) -> Any | None:
+    if flags.load_in_4bit or flags.load_in_8bit:
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise FlagError("--load_in_4bit/--load_in_8bit need bitsandbytes: pip install bitsandbytes")
+        from transformers import BitsAndBytesConfig
+
+        if flags.load_in_8bit:
+            return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    if flags.load_as_gptq:
+        if importlib.util.find_spec("gptqmodel") is None:
+            raise FlagError(
+                "--load_as_gptq needs the maintained GPTQ backend: pip install gptqmodel optimum "
+                "(auto-gptq is unmaintained and not supported by current transformers)"
+            )
+        from transformers import GPTQConfig
+
+        return GPTQConfig(bits=4, use_exllama=False)
+    return None
+
+
+def load_model(flags: TrainFlags, dtype: torch.dtype, attn_implementation: str) -> Any:
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation}
+    quant = quantization_config(flags, dtype)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+    model = AutoModelForCausalLM.from_pretrained(flags.base_model, **kwargs)
+    model.config.use_cache = False  # the KV cache only costs memory during training
+    return model
+
+
+def embedding_module_names(model: Any) -> list[str]:
+    """Short names of the input and output embedding modules (embed_tokens/lm_head, wte/lm_head, ...)."""
+    wanted = [model.get_input_embeddings(), model.get_output_embeddings()]
+    names = []
+    for name, module in model.named_modules():
+        if any(module is w for w in wanted if w is not None):
+            names.append(name.rsplit(".", 1)[-1])
+    return list(dict.fromkeys(names))
+
+
+def lora_config(flags: TrainFlags, model: Any, tokens_added: bool) -> Any:
+    from peft import LoraConfig
+
+    targets: Any = _split(flags.lora_modules) or "all-linear"
+    to_save = _split(flags.lora_modules_to_save) or []
+    if tokens_added:
+        missing = [n for n in embedding_module_names(model) if n not in to_save]
+        if missing:
+            to_save += missing
+            logger.info(
+                "new tokens were added: training %s in full next to the adapter (modules_to_save) so their "
+                "embeddings learn",
+                ", ".join(missing),
+            )
+    return LoraConfig(
+        r=flags.lora_rank,
+        lora_alpha=flags.lora_alpha,
+        lora_dropout=flags.lora_dropout,
+        target_modules=targets,
+        modules_to_save=to_save or None,
+        task_type="CAUSAL_LM",
+    )
+
+
+def _split(text: str | None) -> list[str]:
+    return [part.strip() for part in (text or "").split(",") if part.strip()]

@@ -1,0 +1,212 @@
+"""The training recipe behind train.py, top to bottom: flags -> tokenizer -> data -> model -> train -> save."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from accelerate import PartialState
+
+from chattune import data as data_lib
+from chattune.collation import plan_batching
+from chattune.export import merge_adapter, save_model, set_stop_tokens
+from chattune.flags import FlagError, TrainFlags, parse_flags
+from chattune.masking import ChatMasker, MaskingError, trim_suffix_overlap
+from chattune.modeling import choose_attention, choose_dtype, load_model, lora_config
+from chattune.tokens import NO_TEMPLATE_HELP, add_tokens, load_tokenizer, resize_embeddings
+
+logger = logging.getLogger("chattune")
+
+
+def main(argv: list[str] | None = None) -> int:
+    flags = parse_flags(argv)
+    state = PartialState()
+    setup_logging(state.is_main_process)
+    try:
+        return train(flags, state)
+    except (FlagError, data_lib.DataError, MaskingError) as error:
+        logger.error("error: %s", error)
+        return 2
+
+
+def train(flags: TrainFlags, state: PartialState) -> int:
+    resume = resolve_resume(flags)
+    if resume is None:
+        check_outputs_are_free(flags)
+    accumulation = flags.gradient_accumulation_steps(state.num_processes)
+
+    # 1. tokenizer and chat template
+    tokenizer = load_tokenizer(flags.base_model)
+    new_tokens = add_tokens(
+        tokenizer,
+        pad=flags.add_pad_token,
+        chatml=flags.add_chatml_tokens,
+        tool_calls=flags.add_tool_calling_tokens,
+        template_file=flags.prompt_template_file,
+    )
+    masker = ChatMasker(tokenizer) if tokenizer.chat_template else None
+
+    # 2. data: tokenized and masked once, on the main process first; other ranks read the cache
+    with state.main_process_first():
+        train_data = prepare(flags, tokenizer, masker, flags.train_dataset)
+        eval_data = prepare(flags, tokenizer, masker, flags.test_dataset) if flags.test_dataset else None
+
+    # 3. model
+    dtype = choose_dtype(flags.bf16)
+    model = load_model(flags, dtype, choose_attention(flags.attn_implementation))
+    grew = resize_embeddings(model, tokenizer)
+    set_stop_tokens(model, tokenizer, masker.end_of_turn_token() if masker else None)
+    peft_config = lora_config(flags, model, tokens_added=grew or bool(new_tokens)) if flags.use_lora else None
+    if flags.quantized:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=flags.gradient_checkpointing)
+    plan = plan_batching(model, flags.packing)
+    logger.info(
+        "batching: %s; effective batch %d = %d x %d accumulation x %d process(es)",
+        plan.reason,
+        flags.batch_size,
+        flags.micro_batch_size,
+        accumulation,
+        state.num_processes,
+    )
+
+    # 4. train
+    from chattune.trainer import build_trainer
+
+    trainer = build_trainer(flags, model, tokenizer, train_data, eval_data, plan, dtype, peft_config)
+    trainer.train(resume_from_checkpoint=resume)
+
+    # 5. save
+    outputs = save_outputs(flags, trainer, tokenizer, dtype)
+    if state.is_main_process:
+        for path in outputs:
+            print(f"saved: {path}")
+    return 0
+
+
+def prepare(flags: TrainFlags, tokenizer: Any, masker: ChatMasker | None, source: str) -> Any:
+    rows = data_lib.load_rows(source)
+    column = data_lib.detect_format(rows, source)
+    if column != "text" and masker is None:
+        raise FlagError(NO_TEMPLATE_HELP.format(model=flags.base_model))
+    prefix, suffix = explicit_ids(flags)
+    dataset, counts = data_lib.tokenize_dataset(
+        rows,
+        tokenizer,
+        masker,
+        source=source,
+        ctx_size=flags.ctx_size,
+        num_proc=flags.dataset_processing_threads or default_processes(),
+        prefix_ids=prefix,
+        suffix_ids=suffix,
+    )
+    logger.info("%s", data_lib.summarize(counts, source))
+    if len(dataset) == 0:
+        hint = (
+            f"--prefix_ids {flags.prefix_ids} never matched; check them with `python3 find_split.py "
+            f"{flags.base_model}` or drop them to use automatic masking"
+            if prefix
+            else "check the data format (docs/data.md) and --ctx_size"
+        )
+        raise data_lib.DataError(f"{source}: no usable example left; {hint}")
+    return dataset
+
+
+def explicit_ids(flags: TrainFlags) -> tuple[list[int] | None, list[int] | None]:
+    prefix, suffix = flags.prefix_id_list, flags.suffix_id_list
+    if prefix and suffix:
+        trimmed = trim_suffix_overlap(prefix, suffix)
+        if not trimmed:
+            raise FlagError("--suffix_ids only repeat --prefix_ids; they must contain the end-of-turn token(s)")
+        if trimmed != suffix:
+            logger.warning(
+                "--suffix_ids %s end with the response header %s; using %s as the end of turn so the header "
+                "of the next turn is never trained",
+                suffix,
+                suffix[len(trimmed) :],
+                trimmed,
+            )
+        suffix = trimmed
+    return prefix, suffix
+
+
+def default_processes() -> int:
+    import os
+
+    return max(1, min(4, (os.cpu_count() or 1)))
+
+
+def resolve_resume(flags: TrainFlags) -> str | None:
+    if not flags.resume_from_checkpoint:
+        return None
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if flags.resume_from_checkpoint == "latest":
+        last = get_last_checkpoint(str(flags.run_dir)) if flags.run_dir.is_dir() else None
+        if last is None:
+            raise FlagError(f"--resume_from_checkpoint latest: no checkpoint-* folder in {flags.run_dir}")
+        return last
+    path = Path(flags.resume_from_checkpoint)
+    if not (path / "trainer_state.json").is_file():
+        found = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+        raise FlagError(
+            f"--resume_from_checkpoint {path} is not a checkpoint (no trainer_state.json); found: {found or 'nothing'}"
+        )
+    return str(path)
+
+
+def check_outputs_are_free(flags: TrainFlags) -> None:
+    if flags.overwrite_output_dir:
+        return
+    for folder in planned_outputs(flags):
+        if folder.is_dir() and any(folder.iterdir()):
+            raise FlagError(
+                f"{folder} exists and is not empty; pass --overwrite_output_dir to replace it, or "
+                "--resume_from_checkpoint latest to continue the run"
+            )
+
+
+def planned_outputs(flags: TrainFlags) -> list[Path]:
+    folders = [flags.run_dir]
+    if flags.use_lora:
+        folders.append(flags.lora_dir)
+    if not flags.use_lora or flags.lora_merge:
+        folders.append(flags.model_dir)
+    return folders
+
+
+def save_outputs(flags: TrainFlags, trainer: Any, tokenizer: Any, dtype: Any) -> list[Path]:
+    """Full model -> models/<run>; LoRA -> loras/<run> (+ merged -> models/<run> with --lora_merge)."""
+    trainer.accelerator.wait_for_everyone()
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    outputs = []
+    if not trainer.is_world_process_zero():
+        return outputs
+    if not flags.use_lora:
+        outputs.append(save_model(model, tokenizer, flags.model_dir))
+        return outputs
+    outputs.append(save_model(model, tokenizer, flags.lora_dir))
+    if flags.lora_merge:
+        merged = merge_adapter(model, flags.base_model, flags.quantized, dtype)
+        merged.generation_config = model.generation_config
+        outputs.append(save_model(merged, tokenizer, flags.model_dir))
+    return outputs
+
+
+def setup_logging(main_process: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if main_process else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_warning()
+    # bitsandbytes warns at import about optional CPU kernels it can do without
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    datasets.logging.set_verbosity_warning()

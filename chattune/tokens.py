@@ -1,0 +1,89 @@
+"""Tokenizer set-up: extra tokens (pad, ChatML, tool calls), the chat template, embedding resizing."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from transformers import AddedToken, AutoTokenizer
+
+logger = logging.getLogger(__name__)
+
+PAD_TOKEN = "<|pad|>"
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+TOOL_CALL_TOKENS = ("<tool_call>", "</tool_call>")
+EMBEDDING_MULTIPLE = 32  # tensor-core friendly row count for resized embeddings
+
+# Plain ChatML: each message opens with its role and closes with <|im_end|>.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+NO_TEMPLATE_HELP = (
+    "the tokenizer of {model} has no chat template. Either pass --add_chatml_tokens (adds <|im_start|>/"
+    "<|im_end|> and a ChatML template, the usual choice for base models) or --prompt_template_file FILE "
+    "(a Jinja chat template of your own)."
+)
+
+
+def load_tokenizer(name_or_path: str) -> Any:
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except OSError as error:
+        raise SystemExit(f"error: cannot load a tokenizer from {name_or_path!r}: {error}") from None
+
+
+def add_tokens(
+    tokenizer: Any,
+    *,
+    pad: bool = False,
+    chatml: bool = False,
+    tool_calls: bool = False,
+    template_file: str | None = None,
+) -> list[str]:
+    """Add the requested tokens and set the chat template; returns the tokens that were new."""
+    before = len(tokenizer)
+    added: list[str] = []
+    if pad:
+        if PAD_TOKEN not in tokenizer.get_vocab():
+            added.append(PAD_TOKEN)
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    if chatml:
+        added += _add(tokenizer, CHATML_TOKENS, special=True)
+    if tool_calls:
+        # Not special: tool-call markers must survive `decode(skip_special_tokens=True)`.
+        added += _add(tokenizer, TOOL_CALL_TOKENS, special=False)
+    if template_file:
+        tokenizer.chat_template = Path(template_file).read_text(encoding="utf-8")
+    elif chatml and not tokenizer.chat_template:
+        tokenizer.chat_template = CHATML_TEMPLATE
+    if tokenizer.pad_token is None:
+        # Padding-free batches never use it, but batched generation and padded eval do.
+        tokenizer.pad_token = tokenizer.eos_token
+    if len(tokenizer) > before:
+        logger.info("added %d token(s): %s", len(tokenizer) - before, ", ".join(added))
+    return added
+
+
+def _add(tokenizer: Any, tokens: tuple[str, ...], special: bool) -> list[str]:
+    vocab = tokenizer.get_vocab()
+    new = [t for t in tokens if t not in vocab]
+    if new:
+        tokenizer.add_tokens([AddedToken(t, special=special, normalized=False) for t in new], special_tokens=special)
+    return new
+
+
+def resize_embeddings(model: Any, tokenizer: Any) -> bool:
+    """Grow the embedding matrices when the tokenizer outgrew them; True when rows were added."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) <= rows:
+        return False
+    new_rows = math.ceil(len(tokenizer) / EMBEDDING_MULTIPLE) * EMBEDDING_MULTIPLE
+    model.resize_token_embeddings(new_rows, mean_resizing=True)
+    logger.info("resized embeddings from %d to %d rows", rows, new_rows)
+    return True

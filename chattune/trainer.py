@@ -1,0 +1,87 @@
+"""Wiring flags into TRL's SFTTrainer."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from datasets import Dataset
+from trl import SFTConfig, SFTTrainer
+
+from chattune.collation import BatchingPlan
+from chattune.flags import TrainFlags
+
+logger = logging.getLogger(__name__)
+
+
+def report_targets(report_to: str) -> list[str]:
+    return [] if report_to.strip().lower() == "none" else [t.strip() for t in report_to.split(",") if t.strip()]
+
+
+def sft_config(flags: TrainFlags, plan: BatchingPlan, dtype: torch.dtype, has_eval: bool) -> SFTConfig:
+    eval_strategy = "no"
+    if has_eval:
+        eval_strategy = "steps" if flags.eval_steps else "epoch"
+    return SFTConfig(
+        output_dir=str(flags.run_dir),
+        run_name=flags.run_name,
+        seed=flags.seed,
+        # batch: micro-batch x accumulation x processes = --batch_size
+        per_device_train_batch_size=flags.micro_batch_size,
+        per_device_eval_batch_size=flags.micro_batch_size,
+        gradient_accumulation_steps=flags.gradient_accumulation_steps(),
+        num_train_epochs=flags.epochs,
+        max_steps=flags.max_steps,
+        # optimizer and schedule
+        learning_rate=flags.learning_rate,
+        lr_scheduler_type=flags.learning_rate_schedule,
+        warmup_steps=flags.learning_rate_warmup,
+        weight_decay=flags.weight_decay,
+        max_grad_norm=flags.gradient_clip,
+        bf16=dtype == torch.bfloat16,
+        activation_checkpointing=flags.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if flags.gradient_checkpointing else None,
+        # data: already tokenized and masked by chattune.data; TRL packs or flattens it
+        max_length=flags.ctx_size if plan.packing else None,  # rows were truncated to ctx_size already
+        packing=plan.packing,
+        packing_strategy="bfd",
+        padding_free=plan.padding_free,
+        train_sampling_strategy="group_by_length" if flags.group_by_length else "random",
+        shuffle_dataset=plan.packing,  # shuffle before packing so rows mix examples; the sampler does the rest
+        dataloader_num_workers=0,
+        # checkpoints, evaluation, logging
+        save_strategy="steps",
+        save_steps=flags.save_steps,
+        save_total_limit=flags.save_total_limit,
+        eval_strategy=eval_strategy,
+        eval_steps=flags.eval_steps,
+        logging_steps=flags.logging_steps,
+        logging_first_step=True,
+        report_to=report_targets(flags.report_to),
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=False,
+    )
+
+
+def build_trainer(
+    flags: TrainFlags,
+    model: Any,
+    tokenizer: Any,
+    train_data: Dataset,
+    eval_data: Dataset | None,
+    plan: BatchingPlan,
+    dtype: torch.dtype,
+    peft_config: Any | None = None,
+    callbacks: list | None = None,
+) -> SFTTrainer:
+    config = sft_config(flags, plan, dtype, has_eval=eval_data is not None)
+    return SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=train_data,
+        eval_dataset=eval_data,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=callbacks,
+    )

@@ -1,0 +1,143 @@
+"""Shared fixtures: real tokenizers from ../shared (skipped when absent), a tokenizer the tests train
+themselves, and tiny random-weight models built from a config. Nothing is downloaded."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_TOKENIZERS = REPO.parent / "shared" / "tokenizers"
+SHARED_NAMES = ("qwen2-instruct", "mistral-v1-instruct", "gpt2-no-template")
+
+# Special tokens of the chat-template families the tests write inline (see tests/templates.py).
+TEST_SPECIALS = (
+    "<s>",
+    "</s>",
+    "<|pad|>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|begin_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|end|>",
+    "<bos>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "[INST]",
+    "[/INST]",
+)
+CORPUS = [
+    "The kitchen light is on. Turn off the garage door and set the fan to 50%.",
+    "user assistant system model: Hello there! How can I help you today?",
+    'Here is JSON: {"service": "light.turn_on", "target_device": "light.kitchen"} and code ```python\nprint(1)\n```',
+    "Grüße aus München, ça va? ¿Qué tal? Zażółć gęślą jaźń. 日本語のテキスト. Emoji 🙂 and tabs\tand\nnewlines.",
+    "   leading and trailing spaces   ",
+] * 30
+
+
+def shared_tokenizer_path(name: str) -> Path:
+    path = SHARED_TOKENIZERS / name
+    if not path.is_dir():
+        pytest.skip(f"real tokenizers not available: {SHARED_TOKENIZERS} is missing (fresh clone without ../shared)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def test_tokenizer_dir(tmp_path_factory) -> Path:
+    """A small byte-level BPE tokenizer trained here, with the special tokens of every tested family."""
+    from chattune.build_tokenizer import train_bpe_tokenizer
+
+    path = tmp_path_factory.mktemp("test-tokenizer")
+    train_bpe_tokenizer(
+        CORPUS,
+        vocab_size=600,
+        special_tokens=TEST_SPECIALS,
+        eos_token="</s>",
+        pad_token="<|pad|>",
+        bos_token="<s>",
+        save_to=path,
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def test_tokenizer(test_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(test_tokenizer_dir)
+
+
+def make_tiny_model(tokenizer_dir: Path, out_dir: Path, arch: str = "llama", seed: int = 0) -> Path:
+    """A 2-layer random-weight model whose vocabulary fits the tokenizer, saved with it."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config_class, model_class = (LlamaConfig, LlamaForCausalLM) if arch == "llama" else (Qwen2Config, Qwen2ForCausalLM)
+    config = config_class(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model_class(config).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(test_tokenizer_dir, tmp_path_factory) -> Path:
+    return make_tiny_model(test_tokenizer_dir, tmp_path_factory.mktemp("tiny-llama"))
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def chat_rows(n: int = 24) -> list[dict]:
+    """Small ShareGPT-style smart-home conversations, some multi-turn."""
+    rows = []
+    for i in range(n):
+        turns = [
+            {"from": "system", "value": "You control the house. Devices: light.kitchen, fan.bedroom"},
+            {"from": "human", "value": f"Turn on the kitchen light number {i}"},
+            {
+                "from": "gpt",
+                "value": f'Turning it on.\n```homeassistant\n{{"service": "light.turn_on", "n": {i}}}\n```',
+            },
+        ]
+        if i % 3 == 0:
+            turns += [{"from": "human", "value": "And the fan?"}, {"from": "gpt", "value": "The fan is on too."}]
+        rows.append({"conversations": turns})
+    return rows
+
+
+def run_script(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run one of the repository's entry scripts in a subprocess, as a user would."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd or REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )

@@ -1,0 +1,184 @@
+"""Automatic assistant masks are exact on every template; explicit prefix/suffix ids follow home-llm."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import shared_tokenizer_path
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from templates import INLINE_TEMPLATES, SHARED_TEMPLATES
+from transformers import AutoTokenizer
+
+from chattune.masking import (
+    IGNORE_INDEX,
+    ChatMasker,
+    MaskingError,
+    explicit_labels,
+    labels_from_spans,
+    trim_suffix_overlap,
+)
+
+SYSTEM = {"role": "system", "content": "You are a helpful home assistant."}
+SINGLE = [
+    {"role": "user", "content": "Turn on the kitchen light."},
+    {"role": "assistant", "content": "Done, it is on."},
+]
+MULTI = SINGLE + [
+    {"role": "user", "content": "And the fan?"},
+    {"role": "assistant", "content": '```homeassistant\n{"service": "fan.turn_on"}\n```'},
+]
+
+
+def expected_labels(masker: ChatMasker, messages: list[dict], end_of_turn: str) -> list[int]:
+    """Independent oracle: render the conversation turn by turn; each assistant turn runs from the end
+    of the generation prompt to the end of the template's end-of-turn text."""
+    text = masker.render(messages)
+    spans = []
+    for k, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = len(masker.render(messages[:k], add_generation_prompt=True))
+        upto = masker.render(messages[: k + 1])
+        end = upto.index(end_of_turn, start) + len(end_of_turn)
+        assert text.startswith(upto[:end])
+        spans.append((start, end))
+    encoding = masker.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return labels_from_spans(encoding["input_ids"], encoding["offset_mapping"], spans)
+
+
+def template_cases():
+    for name, (template, eot, system_ok) in INLINE_TEMPLATES.items():
+        yield pytest.param(None, template, eot, system_ok, id=f"inline-{name}")
+    for name, (eot, system_ok) in SHARED_TEMPLATES.items():
+        yield pytest.param(name, None, eot, system_ok, id=f"shared-{name}")
+
+
+@pytest.fixture
+def masker_for(test_tokenizer):
+    def build(shared_name, template):
+        if shared_name is None:
+            return ChatMasker(test_tokenizer, template)
+        return ChatMasker(AutoTokenizer.from_pretrained(shared_tokenizer_path(shared_name)))
+
+    return build
+
+
+@pytest.mark.parametrize("shared_name,template,eot,system_ok", template_cases())
+@pytest.mark.parametrize("conversation", ["single", "multi"])
+@pytest.mark.parametrize("with_system", [False, True])
+def test_labels_token_by_token(masker_for, shared_name, template, eot, system_ok, conversation, with_system):
+    if with_system and not system_ok:
+        pytest.skip("template rejects a system turn")
+    masker = masker_for(shared_name, template)
+    messages = ([SYSTEM] if with_system else []) + (SINGLE if conversation == "single" else MULTI)
+    encoded = masker.encode(messages)
+    assert encoded.labels == expected_labels(masker, messages, eot)
+    # What the labels decode to: each assistant message, then its end-of-turn token, and nothing else.
+    runs = _label_runs(encoded.labels)
+    assistant = [m["content"] for m in messages if m["role"] == "assistant"]
+    assert len(runs) == len(assistant)
+    for run, content in zip(runs, assistant):
+        decoded = masker.tokenizer.decode(run)
+        assert decoded.strip().endswith(eot)
+        assert content.strip() in decoded
+
+
+def _label_runs(labels: list[int]) -> list[list[int]]:
+    runs, current = [], []
+    for label in labels + [IGNORE_INDEX]:
+        if label != IGNORE_INDEX:
+            current.append(label)
+        elif current:
+            runs.append(current)
+            current = []
+    return runs
+
+
+special_free = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\ue000\ue001<>[]"), max_size=40
+)
+content = st.one_of(
+    special_free,
+    special_free.map(lambda s: f"  {s}\n"),
+    special_free.map(lambda s: f"```python\n{s}\n```"),
+    special_free.map(lambda s: '{"service": "light.turn_on", "name": ' + repr(s) + "}"),
+    st.sampled_from(["", " ", "\n", "Zażółć gęślą jaźń 🙂", "日本語", "a\tb"]),
+)
+
+
+@st.composite
+def conversations(draw, system_ok: bool):
+    turns = draw(st.integers(min_value=1, max_value=4))
+    messages = []
+    if system_ok and draw(st.booleans()):
+        messages.append({"role": "system", "content": draw(content)})
+    for _ in range(turns):
+        messages.append({"role": "user", "content": draw(content)})
+        messages.append({"role": "assistant", "content": draw(content)})
+    return messages
+
+
+@pytest.mark.parametrize("shared_name,template,eot,system_ok", template_cases())
+def test_property_random_conversations(masker_for, shared_name, template, eot, system_ok):
+    masker = masker_for(shared_name, template)
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(conversations(system_ok))
+    def check(messages):
+        assert masker.encode(messages).labels == expected_labels(masker, messages, eot)
+
+    check()
+
+
+def test_two_renders_per_conversation_whatever_its_length(test_tokenizer):
+    masker = ChatMasker(test_tokenizer, INLINE_TEMPLATES["chatml"][0])
+    calls = []
+    render = masker.render
+    masker.render = lambda *a, **k: calls.append(1) or render(*a, **k)
+    for turns in (1, 8, 32):
+        calls.clear()
+        masker.encode(MULTI[:2] * turns)
+        assert len(calls) == 2
+
+
+def test_trimmed_content_follows_the_rendered_text(test_tokenizer):
+    masker = ChatMasker(test_tokenizer, INLINE_TEMPLATES["llama3"][0])
+    encoded = masker.encode([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  spaced out \n"}])
+    (run,) = _label_runs(encoded.labels)
+    assert test_tokenizer.decode(run) == "spaced out<|eot_id|>"
+
+
+def test_template_that_rewrites_assistant_turns_is_refused(test_tokenizer):
+    dropping = (
+        "{% for m in messages %}{% if m['role'] != 'assistant' or loop.last %}"
+        "{{ m['content'] }}</s>{% endif %}{% endfor %}"
+    )
+    masker = ChatMasker(test_tokenizer, dropping)
+    with pytest.raises(MaskingError):
+        masker.encode(MULTI)
+
+
+def test_end_of_turn_token(test_tokenizer):
+    for name, (template, eot, _) in INLINE_TEMPLATES.items():
+        assert ChatMasker(test_tokenizer, template).end_of_turn_token() == eot, name
+
+
+# --- explicit prefix/suffix ids (home-llm semantics) -----------------------------------------------------
+
+
+def test_explicit_labels_start_after_prefix_and_include_suffix():
+    ids = [1, 7, 8, 20, 21, 9, 5, 7, 8, 30, 9]
+    labels = explicit_labels(ids, prefix=[7, 8], suffix=[9])
+    assert labels == [-100, -100, -100, 20, 21, 9, -100, -100, -100, 30, 9]
+
+
+def test_explicit_labels_without_suffix_run_to_the_end():
+    assert explicit_labels([7, 8, 1, 2], prefix=[7, 8], suffix=None) == [-100, -100, 1, 2]
+
+
+def test_llama3_style_suffix_loses_the_next_header():
+    prefix = [128006, 78191, 128007, 271]
+    suffix = [128009, 128006, 78191, 128007, 271]
+    assert trim_suffix_overlap(prefix, suffix) == [128009]
+    assert trim_suffix_overlap(prefix, [128009, 128006]) == [128009]
+    assert trim_suffix_overlap(prefix, [128009]) == [128009]

@@ -1,0 +1,9 @@
+#!/usr/bin/env python3
+"""Fine-tune a causal LM on chat data (SFT or DPO, full or LoRA). `python3 train.py --help` lists every flag."""
+
+import sys
+
+from chattune.sft import main
+
+if __name__ == "__main__":
+    sys.exit(main())
