@@ -203,13 +203,74 @@ def flag_names() -> list[str]:
 
 
 def parse_flags(argv: list[str] | None = None) -> TrainFlags:
-    """Parse the command line (and an optional `--config recipe.yaml`); unknown flags are errors."""
+    """Parse the command line, after the flags of an optional `--config recipe.yaml`.
+
+    Recipe values become command-line tokens placed before the real ones, so argparse checks their types
+    and a flag given on the command line overrides the recipe. Unknown flags and keys are errors.
+    """
     from transformers import HfArgumentParser
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(TrainFlags, prog="train.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="A YAML recipe of flags (see recipes/); command-line flags override it.")
     try:
-        (flags,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+        argv = _expand_config(argv)
+        flags, namespace, unknown = parser.parse_args_into_dataclasses(
+            args=argv, return_remaining_strings=True, look_for_args_file=False
+        )
     except FlagError as error:
         parser.error(str(error))
+    if unknown:
+        parser.error(f"unknown flag {unknown[0]!r}{_suggest(unknown[0].lstrip('-').split('=')[0])}")
     return flags
+
+
+def _expand_config(argv: list[str]) -> list[str]:
+    if "--config" not in argv:
+        return argv
+    index = argv.index("--config")
+    if index + 1 >= len(argv):
+        raise FlagError("--config needs a YAML file")
+    path = argv[index + 1]
+    rest = argv[:index] + argv[index + 2 :]
+    return [*config_to_argv(load_recipe(path), path), *rest]
+
+
+def load_recipe(path: str | os.PathLike) -> dict:
+    import yaml
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as error:
+        raise FlagError(f"--config {path}: {error.strerror}") from None
+    try:
+        recipe = yaml.safe_load(text) or {}
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark
+        raise FlagError(f"{path}:{mark.line + 1}:{mark.column + 1}: invalid YAML: {error.problem}") from None
+    if not isinstance(recipe, dict):
+        raise FlagError(f"{path}: a recipe is a mapping of flag names to values")
+    return recipe
+
+
+def config_to_argv(recipe: dict, source: str = "recipe") -> list[str]:
+    known = set(flag_names())
+    argv = []
+    for key, value in recipe.items():
+        if key not in known:
+            raise FlagError(f"{source}: unknown key {key!r}{_suggest(key)}")
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        elif isinstance(value, list):
+            value = ",".join(str(v) for v in value)
+        argv += [f"--{key}", str(value)]
+    return argv
+
+
+def _suggest(name: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name.replace("-", "_"), flag_names(), n=1)
+    return f"; did you mean --{close[0]}?" if close else ""

@@ -40,6 +40,7 @@ def sft_config(flags: TrainFlags, plan: BatchingPlan, dtype: torch.dtype, has_ev
         weight_decay=flags.weight_decay,
         max_grad_norm=flags.gradient_clip,
         bf16=dtype == torch.bfloat16,
+        use_cpu=not torch.cuda.is_available(),  # transformers wants this said outright for bf16 on a CPU
         activation_checkpointing=flags.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if flags.gradient_checkpointing else None,
         # data: already tokenized and masked by chattune.data; TRL packs or flattens it

@@ -141,3 +141,46 @@ def run_script(*args: str, cwd: Path | None = None, timeout: int = 600) -> subpr
     return subprocess.run(
         [sys.executable, *args], cwd=cwd or REPO, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+LLAMA3_SPECIALS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_0|>",
+    "<|reserved_1|>",
+    "<|reserved_2|>",
+    "<|reserved_3|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|reserved_4|>",
+    "<|eot_id|>",
+]
+
+
+def make_llama3_like_tokenizer(path: Path) -> Path:
+    """A byte-level BPE whose ids for the Llama 3 chat markers are the real ones (128006 = start header,
+    78191 = "assistant", 271 = "\\n\\n", 128009 = end of turn), so home-llm's Llama 3 command runs unchanged."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from templates import LLAMA3
+
+    vocab = {char: index for index, char in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    merges, word = [], "a"
+    for char in "ssistant":
+        merges.append((word, char))
+        word += char
+        vocab[word] = 78191 if word == "assistant" else 1000 + len(merges)
+    merges.append(("Ċ", "Ċ"))
+    vocab["ĊĊ"] = 271
+    used = set(vocab.values())
+    vocab.update({f"<|unused_{i}|>": i for i in range(128000) if i not in used})  # ids up to 128000 are taken
+    core = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    for token in LLAMA3_SPECIALS:  # appended in order: 128000, 128001, ...
+        core.add_special_tokens([AddedToken(token, special=True, normalized=False)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+    tokenizer.chat_template = LLAMA3
+    tokenizer.save_pretrained(path)
+    return path

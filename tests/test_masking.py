@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from conftest import shared_tokenizer_path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from templates import INLINE_TEMPLATES, SHARED_TEMPLATES
 from transformers import AutoTokenizer
 
 from chattune.masking import (
@@ -17,6 +15,8 @@ from chattune.masking import (
     labels_from_spans,
     trim_suffix_overlap,
 )
+from conftest import shared_tokenizer_path
+from templates import INLINE_TEMPLATES, SHARED_TEMPLATES
 
 SYSTEM = {"role": "system", "content": "You are a helpful home assistant."}
 SINGLE = [

@@ -1,0 +1,79 @@
+"""The flag surface: every home-llm flag documented, dash spellings, strict parsing, batch arithmetic."""
+
+from __future__ import annotations
+
+import pytest
+
+from chattune.flags import FlagError, TrainFlags, flag_names, parse_flags
+
+REQUIRED = ["--run_name", "r", "--base_model", "m", "--train_dataset", "d.jsonl"]
+HOME_LLM_FLAGS = (
+    "run_name base_model train_dataset test_dataset dataset_processing_threads ctx_size bf16 batch_size "
+    "micro_batch_size epochs learning_rate learning_rate_schedule learning_rate_warmup weight_decay gradient_clip "
+    "resume_from_checkpoint eval_steps save_steps save_total_limit logging_steps group_by_length "
+    "gradient_checkpointing add_pad_token add_chatml_tokens add_tool_calling_tokens prompt_template_file "
+    "prefix_ids suffix_ids use_lora lora_rank lora_alpha lora_dropout lora_modules lora_modules_to_save "
+    "lora_merge seed output_dir"
+).split()
+
+
+def test_every_home_llm_flag_exists_and_is_documented(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_flags(["--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    for name in flag_names():
+        assert f"--{name}" in help_text
+    assert set(HOME_LLM_FLAGS) <= set(flag_names())
+    for field in TrainFlags.__dataclass_fields__.values():
+        assert field.metadata.get("help"), f"--{field.name} has no help text"
+
+
+def test_dash_spellings_of_prefix_and_suffix_ids():
+    flags = parse_flags([*REQUIRED, "--prefix-ids", "1,2,3", "--suffix-ids", "4"])
+    assert flags.prefix_id_list == [1, 2, 3]
+    assert flags.suffix_id_list == [4]
+
+
+def test_unknown_flag_is_an_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_flags([*REQUIRED, "--lora_rnak", "8"])
+    assert exit_info.value.code == 2
+    assert "--lora_rnak" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "batch,micro,world,expected",
+    [(32, 8, 1, 4), (64, 2, 1, 32), (64, 2, 4, 8), (8, 8, 1, 1)],
+)
+def test_gradient_accumulation_keeps_the_effective_batch(batch, micro, world, expected):
+    flags = parse_flags([*REQUIRED, "--batch_size", str(batch), "--micro_batch_size", str(micro)])
+    assert flags.gradient_accumulation_steps(world) == expected
+
+
+def test_batch_size_that_does_not_divide_is_refused():
+    flags = parse_flags([*REQUIRED, "--batch_size", "10", "--micro_batch_size", "4"])
+    with pytest.raises(FlagError, match="not a multiple"):
+        flags.gradient_accumulation_steps(1)
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--load_in_4bit"], "--use_lora"),
+        (["--use_lora", "--load_in_4bit", "--load_in_8bit"], "at most one"),
+        (["--prefix_ids", "1,x"], "comma-separated integers"),
+        (["--suffix_ids", "5"], "--prefix_ids"),
+    ],
+)
+def test_contradictory_flags_are_refused(extra, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_flags([*REQUIRED, *extra])
+    assert message in capsys.readouterr().err
+
+
+def test_missing_required_flag_names_it(capsys):
+    with pytest.raises(SystemExit):
+        parse_flags(["--run_name", "r"])
+    err = capsys.readouterr().err
+    assert "--base_model" in err and "--train_dataset" in err
