@@ -122,6 +122,11 @@ class ChatMasker:
             return ""
         return opening[len(prompt) :]
 
+    def generation_prompt(self) -> str:
+        """The text `add_generation_prompt=True` appends: the header that opens an assistant response."""
+        user = [{"role": "user", "content": "ping"}]
+        return self.render(user, add_generation_prompt=True)[len(self.render(user)) :]
+
     def end_of_turn_token(self) -> str | None:
         """The special token that closes an assistant turn in this template (None if there is none)."""
         sample = [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}]

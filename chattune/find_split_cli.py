@@ -1,0 +1,85 @@
+"""Command line of find_split.py: load a tokenizer, run the split finder, print what it found."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from chattune.split_finder import SplitReport, find_split
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="find_split.py", description=sys.modules["__main__"].__doc__)
+    parser.add_argument("model", help="hub id or local folder of the model (only its tokenizer is loaded)")
+    parser.add_argument("--template", help="a Jinja chat template file to try instead of the tokenizer's own")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from transformers import AutoTokenizer
+
+    if (
+        ("/" in args.model or args.model.startswith("."))
+        and not Path(args.model).exists()
+        and args.model.count("/") != 1
+    ):
+        print(f"error: {args.model}: no such folder (and not a hub id of the form owner/name)", file=sys.stderr)
+        return 2
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    except (OSError, ValueError) as error:
+        print(f"error: cannot load a tokenizer from {args.model!r}: {error}", file=sys.stderr)
+        return 2
+    template = Path(args.template).read_text(encoding="utf-8") if args.template else None
+    if not (template or tokenizer.chat_template):
+        print(
+            f"error: {args.model} has no chat template. Try one with --template FILE, or train with "
+            "train.py --add_chatml_tokens, which adds ChatML tokens and template.",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        report = find_split(tokenizer, args.model, template)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report.as_json()))
+    else:
+        print_report(report, tokenizer)
+    return 0 if report.prefix_ids and report.verified else 1
+
+
+def print_report(report: SplitReport, tokenizer: Any) -> None:
+    sample = report.samples[0]
+    print(f"model: {report.model}\n\nrendered sample:\n{sample.text}\n")
+    print(f"token ids:\n{sample.input_ids}\n")
+    print("labelled by train.py's automatic masking:")
+    for span in sample.spans:
+        print(f"  {sample.text[span.label_start : span.label_end]!r}")
+    if report.prefix_ids:
+        print(f"\nresponse prefix in context: {report.prefix_ids} = {shown(tokenizer, report.prefix_ids)}")
+    if report.suffix_ids:
+        print(f"response suffix in context: {report.suffix_ids} = {shown(tokenizer, report.suffix_ids)}")
+    if report.prefix_ids:
+        suffix = f" --suffix_ids {','.join(map(str, report.suffix_ids))}" if report.suffix_ids else ""
+        print(f"\nflags: --prefix_ids {','.join(map(str, report.prefix_ids))}{suffix}")
+    print(f"verified on every assistant turn (with and without system prompt): {yes(report.verified)}")
+    print(f"same mask as train.py's automatic mode: {yes(report.auto_mode_matches)}")
+    if report.notes:
+        print("\nnotes:")
+        for note in report.notes:
+            print(f"  - {note}")
+
+
+def shown(tokenizer: Any, ids: list[int]) -> str:
+    return " ".join(repr(token) for token in tokenizer.convert_ids_to_tokens(ids))
+
+
+def yes(flag: bool) -> str:
+    return "yes" if flag else "NO"
