@@ -77,12 +77,22 @@ def quantization_config(flags: TrainFlags, dtype: torch.dtype) -> Any | None:
     return None
 
 
+def describe_quantization(flags: TrainFlags) -> str:
+    if flags.load_in_4bit:
+        return "4-bit NF4 weights, double quantization (bitsandbytes)"
+    if flags.load_in_8bit:
+        return "8-bit weights (bitsandbytes)"
+    return "GPTQ weights (gptqmodel)"
+
+
 def load_model(flags: TrainFlags, dtype: torch.dtype, attn_implementation: str) -> Any:
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation}
     quant = quantization_config(flags, dtype)
     if quant is not None:
         kwargs["quantization_config"] = quant
     model = AutoModelForCausalLM.from_pretrained(flags.base_model, **kwargs)
+    if quant is not None:
+        logger.info("loaded %s with %s", flags.base_model, describe_quantization(flags))
     model.config.use_cache = False  # the KV cache only costs memory during training
     return model
 

@@ -15,7 +15,9 @@ from chattune.export import merge_adapter, save_model, set_stop_tokens
 from chattune.flags import FlagError, TrainFlags, parse_flags
 from chattune.masking import ChatMasker, MaskingError, trim_suffix_overlap
 from chattune.modeling import choose_attention, choose_dtype, load_model, lora_config
+from chattune.preference import build_preference_trainer, load_pairs
 from chattune.tokens import NO_TEMPLATE_HELP, add_tokens, load_tokenizer, resize_embeddings
+from chattune.trainer import build_trainer
 
 logger = logging.getLogger("chattune")
 
@@ -50,8 +52,9 @@ def train(flags: TrainFlags, state: PartialState) -> int:
 
     # 2. data: tokenized and masked once, on the main process first; other ranks read the cache
     with state.main_process_first():
-        train_data = prepare(flags, tokenizer, masker, flags.train_dataset)
-        eval_data = prepare(flags, tokenizer, masker, flags.test_dataset) if flags.test_dataset else None
+        read = load_pairs if flags.dpo else lambda source: prepare(flags, tokenizer, masker, source)
+        train_data = read(flags.train_dataset)
+        eval_data = read(flags.test_dataset) if flags.test_dataset else None
 
     # 3. model
     dtype = choose_dtype(flags.bf16)
@@ -63,10 +66,8 @@ def train(flags: TrainFlags, state: PartialState) -> int:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=flags.gradient_checkpointing)
-    plan = plan_batching(model, flags.packing)
     logger.info(
-        "batching: %s; effective batch %d = %d x %d accumulation x %d process(es)",
-        plan.reason,
+        "effective batch %d = %d per micro-batch x %d accumulation x %d process(es)",
         flags.batch_size,
         flags.micro_batch_size,
         accumulation,
@@ -74,9 +75,12 @@ def train(flags: TrainFlags, state: PartialState) -> int:
     )
 
     # 4. train
-    from chattune.trainer import build_trainer
-
-    trainer = build_trainer(flags, model, tokenizer, train_data, eval_data, plan, dtype, peft_config)
+    if flags.dpo:
+        trainer = build_preference_trainer(flags, model, tokenizer, train_data, eval_data, dtype, peft_config)
+    else:
+        plan = plan_batching(model, flags.packing)
+        logger.info("batching: %s", plan.reason)
+        trainer = build_trainer(flags, model, tokenizer, train_data, eval_data, plan, dtype, peft_config)
     trainer.train(resume_from_checkpoint=resume)
 
     # 5. save

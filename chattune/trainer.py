@@ -19,11 +19,12 @@ def report_targets(report_to: str) -> list[str]:
     return [] if report_to.strip().lower() == "none" else [t.strip() for t in report_to.split(",") if t.strip()]
 
 
-def sft_config(flags: TrainFlags, plan: BatchingPlan, dtype: torch.dtype, has_eval: bool) -> SFTConfig:
+def training_args(flags: TrainFlags, dtype: torch.dtype, has_eval: bool) -> dict[str, Any]:
+    """The TrainingArguments shared by SFT and preference training."""
     eval_strategy = "no"
     if has_eval:
         eval_strategy = "steps" if flags.eval_steps else "epoch"
-    return SFTConfig(
+    return dict(
         output_dir=str(flags.run_dir),
         run_name=flags.run_name,
         seed=flags.seed,
@@ -43,13 +44,6 @@ def sft_config(flags: TrainFlags, plan: BatchingPlan, dtype: torch.dtype, has_ev
         use_cpu=not torch.cuda.is_available(),  # transformers wants this said outright for bf16 on a CPU
         activation_checkpointing=flags.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if flags.gradient_checkpointing else None,
-        # data: already tokenized and masked by chattune.data; TRL packs or flattens it
-        max_length=flags.ctx_size if plan.packing else None,  # rows were truncated to ctx_size already
-        packing=plan.packing,
-        packing_strategy="bfd",
-        padding_free=plan.padding_free,
-        train_sampling_strategy="group_by_length" if flags.group_by_length else "random",
-        shuffle_dataset=plan.packing,  # shuffle before packing so rows mix examples; the sampler does the rest
         dataloader_num_workers=0,
         # checkpoints, evaluation, logging
         save_strategy="steps",
@@ -60,8 +54,21 @@ def sft_config(flags: TrainFlags, plan: BatchingPlan, dtype: torch.dtype, has_ev
         logging_steps=flags.logging_steps,
         logging_first_step=True,
         report_to=report_targets(flags.report_to),
-        include_num_input_tokens_seen="non_padding",
         disable_tqdm=False,
+    )
+
+
+def sft_config(flags: TrainFlags, plan: BatchingPlan, dtype: torch.dtype, has_eval: bool) -> SFTConfig:
+    return SFTConfig(
+        **training_args(flags, dtype, has_eval),
+        # data: already tokenized and masked by chattune.data; TRL packs or flattens it
+        max_length=flags.ctx_size if plan.packing else None,  # rows were truncated to ctx_size already
+        packing=plan.packing,
+        packing_strategy="bfd",
+        padding_free=plan.padding_free,
+        train_sampling_strategy="group_by_length" if flags.group_by_length else "random",
+        shuffle_dataset=plan.packing,  # shuffle before packing so rows mix examples; the sampler does the rest
+        include_num_input_tokens_seen="non_padding",
     )
 
 
