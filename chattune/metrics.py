@@ -1,0 +1,205 @@
+"""Pure scoring of Home Assistant replies: one (reference, reply) pair at a time, then groups of them.
+
+No model and no I/O here, so every definition can be checked by hand in the tests. The edge cases
+(what counts when nothing was expected, predicted, or parseable) are documented in docs/evaluation.md;
+the rule throughout is that a metric with no applicable example in a group is None, never 0 or 1.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from chattune.homeassistant import ParsedReply, calls_equal, parse_reply, values_equal
+
+# Summary keys, in the order the table prints them.
+METRIC_KEYS = (
+    "service_call_exact_match",
+    "call_precision",
+    "call_recall",
+    "entity_accuracy",
+    "json_valid_rate",
+    "no_call_accuracy",
+    "perplexity",
+    "bleu",
+    "rougeL",
+    "n_examples",
+)
+ENTITY_KEY = "target_device"
+UNKNOWN = "unknown"
+
+
+@dataclass
+class ExampleScore:
+    """Everything the group metrics need from one example (counts, so groups can be micro-averaged)."""
+
+    exact_match: bool
+    n_predicted: int  # calls parsed from the reply
+    n_expected: int  # calls in the reference
+    n_correct: int  # predicted calls matched one-to-one with an expected call
+    n_entities_expected: int  # expected calls that name a target_device
+    n_entities_found: int  # ... whose target_device appears among the predicted calls
+    has_block: bool
+    json_valid: bool
+    expects_call: bool
+    makes_call: bool
+    reply_sentence: str
+    reference_sentence: str
+    expected_calls: list[dict]
+    predicted_calls: list[dict]
+    nll_sum: float | None = None  # summed token NLL of the reference answer under the model
+    n_tokens: int = 0  # tokens in nll_sum
+
+
+def makes_call(parsed: ParsedReply) -> bool:
+    """A reply calls something when it parsed a call, or opened a block whose lines did not parse.
+
+    A malformed block is an attempted call: it must not pass as a correct "no call" answer.
+    """
+    return bool(parsed.calls) or (parsed.has_block and not parsed.json_valid)
+
+
+def count_matches(predicted: Sequence[dict], expected: Sequence[dict]) -> int:
+    """Size of a one-to-one matching between equal calls (order of calls and keys ignored)."""
+    unmatched = list(expected)
+    matched = 0
+    for call in predicted:
+        for index, candidate in enumerate(unmatched):
+            if values_equal(call, candidate):
+                del unmatched[index]
+                matched += 1
+                break
+    return matched
+
+
+def _entity(call: dict) -> str | None:
+    value = call.get(ENTITY_KEY) if isinstance(call, dict) else None
+    if value is None:
+        return None
+    # Entity ids are strings; anything else (a list of ids, a number) is compared by its JSON text.
+    return value.strip() if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+def entity_hits(predicted: Sequence[dict], expected: Sequence[dict]) -> tuple[int, int]:
+    """(expected calls with a target_device, those whose device appears among the predicted calls)."""
+    predicted_entities = {_entity(call) for call in predicted} - {None}
+    wanted = [entity for entity in map(_entity, expected) if entity is not None]
+    return len(wanted), sum(1 for entity in wanted if entity in predicted_entities)
+
+
+def score_example(reference: str, reply: str) -> ExampleScore:
+    """Score one generated reply against its reference reply; never raises on malformed model output."""
+    expected = parse_reply(reference)
+    got = parse_reply(reply)
+    n_entities_expected, n_entities_found = entity_hits(got.calls, expected.calls)
+    # An invalid block cannot match even if its readable lines do: in use, a broken line is a broken request.
+    exact = calls_equal(got.calls, expected.calls) and not (got.has_block and not got.json_valid)
+    return ExampleScore(
+        exact_match=exact,
+        n_predicted=len(got.calls),
+        n_expected=len(expected.calls),
+        n_correct=count_matches(got.calls, expected.calls),
+        n_entities_expected=n_entities_expected,
+        n_entities_found=n_entities_found,
+        has_block=got.has_block,
+        json_valid=got.json_valid,
+        expects_call=bool(expected.calls),
+        makes_call=makes_call(got),
+        reply_sentence=got.sentence,
+        reference_sentence=expected.sentence,
+        expected_calls=expected.calls,
+        predicted_calls=got.calls,
+    )
+
+
+def ratio(numerator: float, denominator: float) -> float | None:
+    """numerator / denominator, or None when nothing was counted."""
+    return numerator / denominator if denominator else None
+
+
+def perplexity(scores: Sequence[ExampleScore]) -> float | None:
+    """exp of the token-weighted mean NLL: long answers weigh more, as in the training loss."""
+    tokens = sum(s.n_tokens for s in scores if s.nll_sum is not None)
+    if not tokens:
+        return None
+    nll = sum(s.nll_sum for s in scores if s.nll_sum is not None)
+    # NaN or overflowing losses (a diverged model, float16 overflow) have no meaningful perplexity, and
+    # JSON has no Infinity: report None rather than crash or write a file strict parsers reject.
+    mean = nll / tokens
+    return math.exp(mean) if math.isfinite(mean) and mean < 700 else None
+
+
+_WORD_RE = re.compile(r"\w+", re.UNICODE)
+
+
+class UnicodeWordTokenizer:
+    """Lower-cased \\w+ words. rouge-score's default keeps only [a-z0-9], which erases ü, ł, é and every
+    non-Latin script, so German or Polish replies would score on their ASCII fragments alone."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return _WORD_RE.findall(text.lower())
+
+
+def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float | None:
+    """sacrebleu corpus BLEU (0-100 scale, default 13a tokenization)."""
+    if not hypotheses:
+        return None
+    import sacrebleu
+
+    return float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score)
+
+
+def rouge_l(hypotheses: Sequence[str], references: Sequence[str]) -> float | None:
+    """Mean ROUGE-L F1 (0-1). Two empty texts agree perfectly; rouge-score would call that 0."""
+    if not hypotheses:
+        return None
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=UnicodeWordTokenizer())
+    total = 0.0
+    for hypothesis, reference in zip(hypotheses, references):
+        if not _WORD_RE.search(hypothesis) and not _WORD_RE.search(reference):
+            total += 1.0
+        else:
+            total += scorer.score(reference, hypothesis)["rougeL"].fmeasure
+    return total / len(hypotheses)
+
+
+def aggregate(scores: Sequence[ExampleScore]) -> dict[str, Any]:
+    """The summary metrics of one group of examples (see METRIC_KEYS)."""
+    no_call = [s for s in scores if not s.expects_call]
+    with_block = [s for s in scores if s.has_block]
+    sentences = [s.reply_sentence for s in scores], [s.reference_sentence for s in scores]
+    return {
+        "service_call_exact_match": ratio(sum(s.exact_match for s in scores), len(scores)),
+        "call_precision": ratio(sum(s.n_correct for s in scores), sum(s.n_predicted for s in scores)),
+        "call_recall": ratio(sum(s.n_correct for s in scores), sum(s.n_expected for s in scores)),
+        "entity_accuracy": ratio(sum(s.n_entities_found for s in scores), sum(s.n_entities_expected for s in scores)),
+        "json_valid_rate": ratio(sum(s.json_valid for s in with_block), len(with_block)),
+        "no_call_accuracy": ratio(sum(not s.makes_call for s in no_call), len(no_call)),
+        "perplexity": perplexity(scores),
+        "bleu": bleu(*sentences),
+        "rougeL": rouge_l(*sentences),
+        "n_examples": len(scores),
+    }
+
+
+def group_by(scores: Sequence[ExampleScore], labels: Iterable[str | None]) -> dict[str, list[ExampleScore]]:
+    groups: dict[str, list[ExampleScore]] = {}
+    for score, label in zip(scores, labels):
+        groups.setdefault(label or UNKNOWN, []).append(score)
+    return dict(sorted(groups.items()))
+
+
+def summarize(
+    scores: Sequence[ExampleScore], languages: Sequence[str | None], kinds: Sequence[str | None]
+) -> dict[str, Any]:
+    """Overall metrics plus the same metrics per language and per kind."""
+    summary = aggregate(scores)
+    summary["by_language"] = {name: aggregate(group) for name, group in group_by(scores, languages).items()}
+    summary["by_kind"] = {name: aggregate(group) for name, group in group_by(scores, kinds).items()}
+    return summary

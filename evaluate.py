@@ -1,0 +1,9 @@
+#!/usr/bin/env python3
+"""Score a fine-tuned model or LoRA adapter on a Home Assistant test set. `python3 evaluate.py --help` lists flags."""
+
+import sys
+
+from chattune.evaluation import main
+
+if __name__ == "__main__":
+    sys.exit(main())
