@@ -74,6 +74,7 @@ def build_preference_trainer(
     eval_data: Dataset | None,
     dtype: torch.dtype,
     peft_config: Any | None = None,
+    callbacks: list | None = None,
 ) -> Any:
     """DPO by default; SimPO (reference-free, length-normalised, margin gamma) with --simpo."""
     common = training_args(flags, dtype, has_eval=eval_data is not None)

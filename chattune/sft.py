@@ -16,6 +16,7 @@ from chattune.flags import FlagError, TrainFlags, parse_flags
 from chattune.masking import ChatMasker, MaskingError, trim_suffix_overlap
 from chattune.modeling import choose_attention, choose_dtype, load_model, lora_config
 from chattune.preference import build_preference_trainer, load_pairs
+from chattune.safety import GracefulStop, clear_staging
 from chattune.tokens import NO_TEMPLATE_HELP, add_tokens, load_tokenizer, resize_embeddings
 from chattune.trainer import build_trainer
 
@@ -31,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FlagError, data_lib.DataError, MaskingError) as error:
         logger.error("error: %s", error)
         return 2
+    except KeyboardInterrupt:
+        logger.error("interrupted before training started: nothing to save")
+        return 130
 
 
 def train(flags: TrainFlags, state: PartialState) -> int:
@@ -74,14 +78,29 @@ def train(flags: TrainFlags, state: PartialState) -> int:
         state.num_processes,
     )
 
-    # 4. train
+    # 4. train; Ctrl-C or SIGTERM saves a checkpoint and stops
+    stop = GracefulStop()
     if flags.dpo:
-        trainer = build_preference_trainer(flags, model, tokenizer, train_data, eval_data, dtype, peft_config)
+        trainer = build_preference_trainer(
+            flags, model, tokenizer, train_data, eval_data, dtype, peft_config, callbacks=[stop]
+        )
     else:
         plan = plan_batching(model, flags.packing)
         logger.info("batching: %s", plan.reason)
-        trainer = build_trainer(flags, model, tokenizer, train_data, eval_data, plan, dtype, peft_config)
+        trainer = build_trainer(
+            flags, model, tokenizer, train_data, eval_data, plan, dtype, peft_config, callbacks=[stop]
+        )
+    clear_staging(flags.run_dir)
     trainer.train(resume_from_checkpoint=resume)
+    if stop.stopped:
+        logger.error(
+            "%s: stopped at step %d after saving %s; continue with the same command plus "
+            "--resume_from_checkpoint latest",
+            stop.signal_name,
+            trainer.state.global_step,
+            flags.run_dir / f"checkpoint-{trainer.state.global_step}",
+        )
+        return 130 if stop.signal_name == "SIGINT" else 143
 
     # 5. save
     outputs = save_outputs(flags, trainer, tokenizer, dtype)
@@ -148,18 +167,45 @@ def resolve_resume(flags: TrainFlags) -> str | None:
         return None
     from transformers.trainer_utils import get_last_checkpoint
 
+    path = Path(flags.resume_from_checkpoint)
     if flags.resume_from_checkpoint == "latest":
         last = get_last_checkpoint(str(flags.run_dir)) if flags.run_dir.is_dir() else None
         if last is None:
             raise FlagError(f"--resume_from_checkpoint latest: no checkpoint-* folder in {flags.run_dir}")
-        return last
-    path = Path(flags.resume_from_checkpoint)
+        path = Path(last)
     if not (path / "trainer_state.json").is_file():
         found = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
         raise FlagError(
             f"--resume_from_checkpoint {path} is not a checkpoint (no trainer_state.json); found: {found or 'nothing'}"
         )
+    check_checkpoint_matches(flags, path)
     return str(path)
+
+
+def check_checkpoint_matches(flags: TrainFlags, checkpoint: Path) -> None:
+    """Refuse to resume a checkpoint of another model or LoRA set-up: it would load, then train nonsense."""
+    import json
+
+    adapter_file = checkpoint / "adapter_config.json"
+    if flags.use_lora != adapter_file.is_file():
+        kind = "a LoRA adapter" if adapter_file.is_file() else "full model weights"
+        raise FlagError(f"{checkpoint} holds {kind}, but this run is {'LoRA' if flags.use_lora else 'full'} training")
+    if flags.use_lora:
+        saved = json.loads(adapter_file.read_text())
+        wanted = {"r": flags.lora_rank, "lora_alpha": flags.lora_alpha}
+        for key, value in wanted.items():
+            if saved.get(key) != value:
+                raise FlagError(f"{checkpoint} was trained with LoRA {key}={saved.get(key)}, this run asks for {value}")
+        return
+    from transformers import AutoConfig
+
+    saved, base = AutoConfig.from_pretrained(checkpoint), AutoConfig.from_pretrained(flags.base_model)
+    for key in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads"):
+        if getattr(saved, key, None) != getattr(base, key, None):
+            raise FlagError(
+                f"{checkpoint} is from another model: {key}={getattr(saved, key, None)}, but --base_model "
+                f"{flags.base_model} has {getattr(base, key, None)}"
+            )
 
 
 def check_outputs_are_free(flags: TrainFlags) -> None:

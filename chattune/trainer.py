@@ -11,6 +11,7 @@ from trl import SFTConfig, SFTTrainer
 
 from chattune.collation import BatchingPlan
 from chattune.flags import TrainFlags
+from chattune.safety import AtomicCheckpointMixin
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,10 @@ def sft_config(flags: TrainFlags, plan: BatchingPlan, dtype: torch.dtype, has_ev
     )
 
 
+class SFTTrainerWithAtomicCheckpoints(AtomicCheckpointMixin, SFTTrainer):
+    pass
+
+
 def build_trainer(
     flags: TrainFlags,
     model: Any,
@@ -84,7 +89,7 @@ def build_trainer(
     callbacks: list | None = None,
 ) -> SFTTrainer:
     config = sft_config(flags, plan, dtype, has_eval=eval_data is not None)
-    return SFTTrainer(
+    return SFTTrainerWithAtomicCheckpoints(
         model=model,
         args=config,
         train_dataset=train_data,
