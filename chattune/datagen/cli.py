@@ -1,0 +1,97 @@
+"""Command line for data/generate_home_assistant_data.py."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from chattune.datagen.errors import DataGenError
+from chattune.datagen.pipeline import DEFAULT_MAX_DEVICES, DEFAULT_SEED, SIZES, GenerateConfig, generate
+
+DATA_DIR = Path(__file__).resolve().parents[2] / "data"
+
+
+def build_parser(default_output_dir: Path) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Generate Home Assistant chat datasets from the phrase piles in data/piles/.",
+    )
+    parser.add_argument("--train", action="store_true", help="write home_assistant_train.jsonl")
+    parser.add_argument(
+        "--test", action="store_true", help="write home_assistant_test.jsonl (held-out piles)"
+    )
+    parser.add_argument(
+        "--sample", action="store_true", help="write home_assistant_sample.jsonl (a few dozen)"
+    )
+    parser.add_argument(
+        "--dpo", action="store_true", help="write home_assistant_dpo.jsonl (preference pairs)"
+    )
+    sizes = parser.add_mutually_exclusive_group()
+    for size in SIZES:
+        sizes.add_argument(
+            f"--{size}",
+            dest="size",
+            action="store_const",
+            const=size,
+            help=f"{SIZES[size]} train examples per language",
+        )
+    formats = parser.add_mutually_exclusive_group()
+    formats.add_argument(
+        "--sharegpt",
+        dest="fmt",
+        action="store_const",
+        const="sharegpt",
+        help="conversations format (default)",
+    )
+    formats.add_argument(
+        "--raw_corpus", dest="fmt", action="store_const", const="raw_corpus", help="one ChatML text per line"
+    )
+    parser.add_argument(
+        "--language",
+        nargs="+",
+        default=["english"],
+        metavar="LANG",
+        help="languages (folders under data/piles/), e.g. english german french spanish polish",
+    )
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    parser.add_argument("--merge", type=Path, metavar="FILE", help="Alpaca JSON/JSONL to mix into train")
+    parser.add_argument("--output_dir", type=Path, default=default_output_dir)
+    parser.add_argument(
+        "--piles_dir", type=Path, default=DATA_DIR / "piles", help="pile folder (default: data/piles)"
+    )
+    parser.add_argument(
+        "--max_devices",
+        type=int,
+        default=DEFAULT_MAX_DEVICES,
+        help=f"most devices listed per system prompt (default {DEFAULT_MAX_DEVICES})",
+    )
+    parser.set_defaults(size="small", fmt="sharegpt")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, default_output_dir: Path = DATA_DIR) -> int:
+    args = build_parser(default_output_dir).parse_args(argv)
+    config = GenerateConfig(
+        output_dir=args.output_dir,
+        piles_dir=args.piles_dir,
+        languages=args.language,
+        size=args.size,
+        train=args.train,
+        test=args.test,
+        sample=args.sample,
+        dpo=args.dpo,
+        fmt=args.fmt,
+        seed=args.seed,
+        merge=args.merge,
+        max_devices=args.max_devices,
+    )
+    try:
+        result = generate(config)
+    except DataGenError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(result.table)
+    for path in result.files.values():
+        print(f"wrote {path}")
+    return 0

@@ -1,0 +1,53 @@
+"""The system prompt: persona, a localized date line, the Services line and the Devices list."""
+
+from __future__ import annotations
+
+import random
+from datetime import date, timedelta
+
+from chattune.datagen.devices import DOMAINS, SERVICES, Device, DeviceState, device_line
+from chattune.datagen.piles import LanguagePile
+from chattune.datagen.templates import fill
+
+FIRST_DAY = date(2023, 1, 1)
+DAYS_SPAN = 4 * 365
+SERVICES_LABEL = "Services:"
+DEVICES_LABEL = "Devices:"
+
+
+def date_line(pile: LanguagePile, rng: random.Random) -> str:
+    """A random date and time written with the language's own month/weekday names (not the OS locale)."""
+    day = FIRST_DAY + timedelta(days=rng.randrange(DAYS_SPAN))
+    hour, minute = rng.randrange(24), rng.randrange(60)
+    names = pile.datetime
+    values = {
+        "weekday": names[f"weekday_{day.isoweekday()}"],
+        "day": str(day.day),
+        "month": names[f"month_{day.month}"],
+        "year": str(day.year),
+        "hour": f"{hour:02d}",
+        "hour12": str(hour % 12 or 12),
+        "minute": f"{minute:02d}",
+        "ampm": names["am"] if hour < 12 else names["pm"],
+    }
+    return fill(names["date_line"], values, f"{pile.root}/datetime.csv")
+
+
+def services_line(domains: set[str]) -> str:
+    """`Services: light.turn_on(brightness,rgb_color), ...` for the domains present, in a fixed order."""
+    signatures = [spec.signature() for domain in DOMAINS if domain in domains for spec in SERVICES[domain]]
+    return f"{SERVICES_LABEL} {', '.join(signatures)}"
+
+
+def system_prompt(
+    pile: LanguagePile, persona: str, listed: list[tuple[Device, DeviceState]], rng: random.Random
+) -> str:
+    """The whole system prompt for one example."""
+    lines = [
+        pile.personas[persona],
+        date_line(pile, rng),
+        services_line({device.domain for device, _ in listed}),
+        DEVICES_LABEL,
+        *(device_line(device, state) for device, state in listed),
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,68 @@
+"""Output formats (ShareGPT-style conversations or a raw ChatML corpus), atomic writes, the counts table."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from chattune.datagen.examples import Example
+
+FORMATS = ("sharegpt", "raw_corpus")
+
+
+def chatml(system: str, user: str, assistant: str) -> str:
+    """The ChatML text a raw-corpus line holds (the same template train.py applies to conversations)."""
+    turns = (("system", system), ("user", user), ("assistant", assistant))
+    return "".join(f"<|im_start|>{role}\n{content}<|im_end|>\n" for role, content in turns)
+
+
+def example_record(example: Example, fmt: str) -> dict[str, Any]:
+    """One output line for `example` in format `fmt`."""
+    if fmt == "raw_corpus":
+        text = chatml(example.system, example.user, example.assistant)
+        return {"text": text, "language": example.language, "kind": example.kind}
+    conversations = [
+        {"role": "system", "content": example.system},
+        {"role": "user", "content": example.user},
+        {"role": "assistant", "content": example.assistant},
+    ]
+    return {"conversations": conversations, "language": example.language, "kind": example.kind}
+
+
+def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
+    """Write JSON lines atomically: a crash leaves the old file (or none), never half of a new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as handle:
+            for record in records:
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def count_table(title: str, counts: Counter, languages: Sequence[str], kinds: Sequence[str]) -> str:
+    """A plain-text table of counts per language (rows) and kind (columns), with totals."""
+    header = ["language", *kinds, "total"]
+    rows = []
+    for language in [*languages, "total"]:
+        values = [
+            sum(n for (lang, kind), n in counts.items() if kind == k and language in (lang, "total"))
+            for k in kinds
+        ]
+        rows.append([language, *map(str, values), str(sum(values))])
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(
+            cell.ljust(widths[0]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(cells)
+        )
+
+    rule = "-" * len(line(header))
+    return "\n".join([title, line(header), rule, *map(line, rows[:-1]), rule, line(rows[-1])])
