@@ -66,6 +66,11 @@ def build_parser(default_output_dir: Path) -> argparse.ArgumentParser:
         default=DEFAULT_MAX_DEVICES,
         help=f"most devices listed per system prompt (default {DEFAULT_MAX_DEVICES})",
     )
+    parser.add_argument(
+        "--compact_prompt",
+        action="store_true",
+        help="short system prompts (the persona's first sentence and the device list) for tiny models",
+    )
     parser.set_defaults(size="small", fmt="sharegpt")
     return parser
 
@@ -85,6 +90,7 @@ def main(argv: Sequence[str] | None = None, default_output_dir: Path = DATA_DIR)
         seed=args.seed,
         merge=args.merge,
         max_devices=args.max_devices,
+        compact_prompt=args.compact_prompt,
     )
     try:
         result = generate(config)

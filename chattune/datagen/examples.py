@@ -91,7 +91,10 @@ def _group(items: list, key: Callable) -> dict:
 class ExampleBuilder:
     """Builds examples of every kind for one language and one split."""
 
-    def __init__(self, pile: LanguagePile, split: str, rng: random.Random, max_devices: int) -> None:
+    def __init__(
+        self, pile: LanguagePile, split: str, rng: random.Random, max_devices: int, compact: bool = False
+    ) -> None:
+        self.compact = compact
         self.pile, self.split, self.rng = pile, split, rng
         self.max_devices = max(1, max_devices)
         self.personas = list(pile.personas)
@@ -317,7 +320,7 @@ class ExampleBuilder:
     def _finish(
         self, kind: str, persona: str, user: str, assistant: str, listed: list[tuple[Device, DeviceState]]
     ) -> Example:
-        system = system_prompt(self.pile, persona, listed, self.rng)
+        system = system_prompt(self.pile, persona, listed, self.rng, self.compact)
         for text in (system, user, assistant):
             check_filled(text, f"{self.pile.language} {kind}")
         sentence = assistant if kind in ("status", "refusal") else ""

@@ -64,6 +64,7 @@ class GenerateConfig:
     seed: int = DEFAULT_SEED
     merge: Path | None = None
     max_devices: int = DEFAULT_MAX_DEVICES
+    compact_prompt: bool = False  # persona sentence + device list only (see prompts.system_prompt)
     train_count: int | None = None  # overrides the size (per language); tests use it to stay fast
     progress: bool | None = None  # None: show the bar only on a terminal
 
@@ -177,7 +178,7 @@ def _build_part(
     for language, pile in piles.items():
         rng = random.Random(seeds[language][part])
         split = "test" if part == "test" else "train"
-        builder = ExampleBuilder(pile, split, rng, config.max_devices)
+        builder = ExampleBuilder(pile, split, rng, config.max_devices, config.compact_prompt)
         if part == "dpo":
             items = _dpo_records(builder, per_language, rng, bar)
         else:

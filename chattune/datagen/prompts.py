@@ -40,9 +40,20 @@ def services_line(domains: set[str]) -> str:
 
 
 def system_prompt(
-    pile: LanguagePile, persona: str, listed: list[tuple[Device, DeviceState]], rng: random.Random
+    pile: LanguagePile,
+    persona: str,
+    listed: list[tuple[Device, DeviceState]],
+    rng: random.Random,
+    compact: bool = False,
 ) -> str:
-    """The whole system prompt for one example."""
+    """The whole system prompt for one example.
+
+    `compact` keeps only the persona's first sentence and the device list: a quarter of the tokens, for
+    tiny models trained on a CPU (the demo). Real models should see the full prompt.
+    """
+    if compact:
+        first_sentence = pile.personas[persona].split(". ")[0].rstrip(".") + "."
+        return "\n".join([first_sentence, DEVICES_LABEL, *(device_line(d, s) for d, s in listed)])
     lines = [
         pile.personas[persona],
         date_line(pile, rng),

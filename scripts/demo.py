@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""The offline demo: generate data -> train a tokenizer -> initialise a small Llama -> train.py -> evaluate.py.
+
+Everything is built here from nothing: no model, tokenizer or dataset is downloaded. On 2 CPU cores it
+takes about a quarter of an hour, most of it in train.py. Each step is a command a user could type; the
+script prints them as it runs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", default=str(REPO / "demo"), help="where data, tokenizer and models go")
+    parser.add_argument("--train_minutes", type=float, default=9.0, help="training time budget (sets max steps)")
+    parser.add_argument("--max_steps", type=int, default=None, help="optimizer steps (default: from the budget)")
+    parser.add_argument("--max_devices", type=int, default=4, help="devices listed per system prompt")
+    parser.add_argument("--vocab_size", type=int, default=2048)
+    parser.add_argument("--hidden_size", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--eval_examples", type=int, default=None, help="evaluate on the first N test examples")
+    return parser.parse_args()
+
+
+def run(*args: str) -> None:
+    print("\n$ " + " ".join(shlex.quote(a) for a in args), flush=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    subprocess.run([sys.executable, *args], cwd=REPO, env=env, check=True)
+
+
+def build_tokenizer(train_file: Path, out: Path, vocab_size: int) -> None:
+    """A byte-level BPE trained on the generated conversations, saved with a ChatML chat template."""
+    from chattune.build_tokenizer import train_bpe_tokenizer
+
+    def texts():
+        with train_file.open(encoding="utf-8") as rows:
+            for line in rows:
+                for turn in json.loads(line)["conversations"]:
+                    yield turn["content"]
+
+    tokenizer = train_bpe_tokenizer(texts(), vocab_size=vocab_size, save_to=out)
+    print(f"tokenizer: {len(tokenizer)} tokens, ChatML template -> {out}")
+
+
+def build_model(tokenizer_dir: Path, out: Path, hidden: int, layers: int) -> None:
+    """A small Llama-architecture model with random weights."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 3,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
+        max_position_embeddings=1024,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    print(f"model: Llama, {layers} layers x {hidden}, {model.num_parameters() / 1e6:.1f}M parameters -> {out}")
+
+
+def main() -> int:
+    args = parse_args()
+    work = Path(args.workdir)
+    data, tokenizer_dir, base = work / "data", work / "tokenizer", work / "base-model"
+    start = time.time()
+
+    run("data/generate_home_assistant_data.py", "--train", "--test", "--small", "--language", "english",
+        "--max_devices", str(args.max_devices), "--compact_prompt", "--output_dir", str(data))
+    build_tokenizer(data / "home_assistant_train.jsonl", tokenizer_dir, args.vocab_size)
+    build_model(tokenizer_dir, base, args.hidden_size, args.layers)
+
+    steps = args.max_steps or int(args.train_minutes * 60 / SECONDS_PER_STEP)
+    run("train.py", "--run_name", "home-demo", "--base_model", str(base),
+        "--train_dataset", str(data / "home_assistant_train.jsonl"),
+        "--output_dir", str(work), "--overwrite_output_dir",
+        "--ctx_size", "1024", "--batch_size", "32", "--micro_batch_size", "16",
+        "--learning_rate", "2e-3", "--learning_rate_warmup", "0.05", "--weight_decay", "0.01",
+        "--max_steps", str(steps), "--save_steps", str(steps), "--save_total_limit", "1", "--logging_steps", "20")
+    model_dir = work / "models" / "home-demo"
+    evaluate = ["evaluate.py", str(model_dir), "--test_dataset", str(data / "home_assistant_test.jsonl"),
+                "--batch_size", "32"]
+    if args.eval_examples:
+        evaluate += ["--max_examples", str(args.eval_examples)]
+    run(*evaluate)
+
+    print(f"\ndemo finished in {(time.time() - start) / 60:.1f} min")
+    print(f"model: {model_dir}  (TensorBoard logs: {work / 'runs' / 'home-demo'})")
+    print(f"try it: python3 find_split.py {model_dir}")
+    return 0
+
+
+SECONDS_PER_STEP = 1.0  # measured on 2 CPU cores for the default model size; sets max_steps from the budget
+
+if __name__ == "__main__":
+    sys.exit(main())
