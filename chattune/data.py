@@ -203,6 +203,7 @@ def tokenize_dataset(
             raise DataError(f"{source}: chat data needs a chat template, and the tokenizer has none")
     function = Tokenize(tokenizer, masker, column, ctx_size, prefix_ids, suffix_ids)
     num_proc = num_proc if num_proc and num_proc > 1 and len(dataset) >= 256 else None
+    cached_before = _cache_listing(dataset)
     tokenized = dataset.map(
         function,
         batched=True,
@@ -211,9 +212,18 @@ def tokenize_dataset(
         remove_columns=dataset.column_names,
         desc=f"Tokenizing {Path(source).name}",
     )
+    if tokenized.cache_files and all(Path(f["filename"]).name in cached_before for f in tokenized.cache_files):
+        logger.info("%s: reusing the cached tokenization (same data, tokenizer and settings)", source)
     counts = Counter({STATUS_NAMES[code]: n for code, n in Counter(tokenized["status"]).items()})
     kept = tokenized.filter(lambda status: [s == KEPT for s in status], input_columns="status", batched=True)
     return kept.remove_columns("status"), counts
+
+
+def _cache_listing(dataset: Dataset) -> set[str]:
+    """Names of the files in the dataset's cache folder, to tell afterwards whether `map` reused one."""
+    if not dataset.cache_files:
+        return set()
+    return {p.name for p in Path(dataset.cache_files[0]["filename"]).parent.iterdir()}
 
 
 def _check_first_row(dataset: Dataset, column: str, source: str) -> None:

@@ -51,29 +51,28 @@ def set_stop_tokens(model: Any, tokenizer: Any, end_of_turn: str | None) -> None
     model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
-def save_model(model: Any, tokenizer: Any, target: Path) -> Path:
+def save_model(model: Any, tokenizer: Any, target: Path, state_dict: dict | None = None) -> Path:
     with atomic_folder(target) as staging:
-        model.save_pretrained(staging)
+        model.save_pretrained(staging, state_dict=state_dict)
         tokenizer.save_pretrained(staging)
     logger.info("saved %s", target)
     return target
 
 
-def merge_adapter(peft_model: Any, base_model_path: str, quantized: bool, dtype: torch.dtype) -> Any:
+def merge_adapter(peft_model: Any, base_model_path: str, reload: bool, dtype: torch.dtype, adapter_dir: Path) -> Any:
     """Fold the LoRA weights into the base weights.
 
-    A quantized base cannot absorb a LoRA delta exactly, so it is reloaded in full precision first and the
-    trained adapter (and any fully trained modules) is applied to that copy.
+    With `reload`, the base is loaded again in full precision and the saved adapter (with any fully
+    trained modules) applied to it: a quantized base cannot absorb a LoRA delta exactly, and under FSDP or
+    ZeRO-3 this process does not hold the full weights.
     """
-    if not quantized:
+    if not reload:
         return peft_model.merge_and_unload()
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    with tempfile.TemporaryDirectory() as adapter_dir:
-        peft_model.save_pretrained(adapter_dir)
-        base = AutoModelForCausalLM.from_pretrained(base_model_path, dtype=dtype)
-        rows = peft_model.get_input_embeddings().weight.shape[0]
-        if base.get_input_embeddings().weight.shape[0] != rows:
-            base.resize_token_embeddings(rows)
-        return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    base = AutoModelForCausalLM.from_pretrained(base_model_path, dtype=dtype)
+    rows = peft_model.get_input_embeddings().weight.shape[0]
+    if base.get_input_embeddings().weight.shape[0] != rows:
+        base.resize_token_embeddings(rows)
+    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()

@@ -113,6 +113,10 @@ class TrainFlags:
     )
     lora_merge: bool = _flag(False, "Also write the merged model to models/<run_name>.")
 
+    export_gguf: str | None = _flag(
+        None, "Also write a GGUF file of the final model for llama.cpp/Ollama: f16, q8_0 or f32 (docs/export.md)."
+    )
+
     # --- DPO ------------------------------------------------------------------------------------------------
     dpo: bool = _flag(False, "Align with DPO on preference pairs instead of SFT.")
     beta: float = _flag(0.1, "DPO beta: strength of the pull towards the reference model.")
@@ -133,6 +137,10 @@ class TrainFlags:
                 "a quantized base model cannot be trained in full: add --use_lora (QLoRA trains an adapter on "
                 "top of the frozen quantized weights)"
             )
+        if self.export_gguf and self.export_gguf not in ("f16", "q8_0", "f32"):
+            raise FlagError(f"--export_gguf must be f16, q8_0 or f32, not {self.export_gguf!r}")
+        if self.export_gguf and self.use_lora and not self.lora_merge:
+            raise FlagError("--export_gguf needs a full model: add --lora_merge to export the merged model")
         if bool(self.prefix_ids) != bool(self.suffix_ids) and not self.prefix_ids:
             raise FlagError("--suffix_ids needs --prefix_ids (or drop both to use automatic masking)")
         _parse_ids("--prefix_ids", self.prefix_ids)  # validate the id lists before any work

@@ -25,7 +25,10 @@ logger = logging.getLogger("chattune")
 
 def main(argv: list[str] | None = None) -> int:
     flags = parse_flags(argv)
-    state = PartialState()
+    # Without a GPU, processes started by torchrun/accelerate talk over gloo (accelerate's MULTI_CPU).
+    import torch
+
+    state = PartialState(cpu=not torch.cuda.is_available())
     setup_logging(state.is_main_process)
     try:
         return train(flags, state)
@@ -230,19 +233,25 @@ def planned_outputs(flags: TrainFlags) -> list[Path]:
 
 def save_outputs(flags: TrainFlags, trainer: Any, tokenizer: Any, dtype: Any) -> list[Path]:
     """Full model -> models/<run>; LoRA -> loras/<run> (+ merged -> models/<run> with --lora_merge)."""
-    trainer.accelerator.wait_for_everyone()
-    model = trainer.accelerator.unwrap_model(trainer.model)
+    accelerator = trainer.accelerator
+    accelerator.wait_for_everyone()
+    # Every process takes part in gathering the weights (FSDP and ZeRO-3 shard them); rank 0 writes.
+    state_dict = accelerator.get_state_dict(trainer.model)
+    model = accelerator.unwrap_model(trainer.model)
     outputs = []
-    if not trainer.is_world_process_zero():
-        return outputs
-    if not flags.use_lora:
-        outputs.append(save_model(model, tokenizer, flags.model_dir))
-        return outputs
-    outputs.append(save_model(model, tokenizer, flags.lora_dir))
-    if flags.lora_merge:
-        merged = merge_adapter(model, flags.base_model, flags.quantized, dtype)
-        merged.generation_config = model.generation_config
-        outputs.append(save_model(merged, tokenizer, flags.model_dir))
+    if trainer.is_world_process_zero():
+        target = flags.lora_dir if flags.use_lora else flags.model_dir
+        outputs.append(save_model(model, tokenizer, target, state_dict))
+        if flags.use_lora and flags.lora_merge:
+            reload = flags.quantized or accelerator.num_processes > 1  # the local copy holds no full weights
+            merged = merge_adapter(model, flags.base_model, reload, dtype, adapter_dir=flags.lora_dir)
+            merged.generation_config = model.generation_config
+            outputs.append(save_model(merged, tokenizer, flags.model_dir))
+        if flags.export_gguf:
+            from chattune.export_gguf import export_gguf
+
+            outputs.append(export_gguf(flags.model_dir, outtype=flags.export_gguf))
+    accelerator.wait_for_everyone()
     return outputs
 
 
