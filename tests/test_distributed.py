@@ -1,0 +1,113 @@
+"""Multi-process training through the real entry point, on CPU with 2 processes over gloo."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from conftest import REPO, chat_rows, run_script, write_jsonl
+
+TRAIN = str(REPO / "train.py")
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
+def accelerate(*launch_args: str) -> list[str]:
+    """`accelerate launch ...` as a module of this interpreter (torchrun underneath; gloo on CPU)."""
+    accelerate_cli = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    assert accelerate_cli, "accelerate is not installed next to this Python"
+    return [
+        accelerate_cli,
+        "launch",
+        "--main_process_ip",
+        "127.0.0.1",
+        "--main_process_port",
+        free_port(),
+        *launch_args,
+    ]
+
+
+def training_flags(base, data, out, micro: int, *extra: str) -> list[str]:
+    return [
+        "--run_name",
+        "run",
+        "--base_model",
+        str(base),
+        "--train_dataset",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--batch_size",
+        "4",
+        "--micro_batch_size",
+        str(micro),
+        "--max_steps",
+        "3",
+        "--learning_rate",
+        "1e-3",
+        "--save_steps",
+        "3",
+        "--report_to",
+        "none",
+        "--seed",
+        "3",
+        *extra,
+    ]
+
+
+def launch(*args: str):
+    import os
+    import subprocess
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(list(args), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", chat_rows(32))
+
+
+def test_ddp_two_processes_match_one_process(tiny_model_dir, data, tmp_path):
+    single = run_script(TRAIN, *training_flags(tiny_model_dir, data, tmp_path / "one", 4))
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = launch(
+        *accelerate("--multi_gpu", "--num_processes", "2"),
+        TRAIN,
+        *training_flags(tiny_model_dir, data, tmp_path / "two", 2),
+    )
+    assert double.returncode == 0, double.stderr[-3000:]
+    assert "2 x 1 accumulation x 2 process(es)" in double.stderr
+    assert double.stderr.count("examples\n") == 1, "the data summary is printed by the main process only"
+
+    one = load_file(tmp_path / "one" / "models" / "run" / "model.safetensors")
+    two = load_file(tmp_path / "two" / "models" / "run" / "model.safetensors")
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
+    start = load_file(Path(tiny_model_dir) / "model.safetensors")
+    assert max((one[k] - start[k]).abs().max().item() for k in one) > 1e-4, "training changed nothing"
+
+
+def test_fsdp_with_the_shipped_config(tiny_model_dir, data, tmp_path):
+    result = launch(
+        *accelerate("--config_file", str(REPO / "fsdp_config.yaml"), "--num_processes", "2", "--mixed_precision", "no"),
+        TRAIN,
+        *training_flags(tiny_model_dir, data, tmp_path, 2, "--use_lora", "--lora_merge"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    merged = tmp_path / "models" / "run"
+    model = AutoModelForCausalLM.from_pretrained(merged)  # a normal, full model folder
+    assert sum(p.numel() for p in model.parameters()) == sum(
+        p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters()
+    )
+    assert (tmp_path / "loras" / "run" / "adapter_model.safetensors").is_file()
