@@ -41,6 +41,9 @@ class AtomicCheckpointMixin:
         finally:
             self.args.output_dir = str(run_dir)
         self.accelerator.wait_for_everyone()
+        best = getattr(self.state, "best_model_checkpoint", None)
+        if best and Path(best).parent == staging_root:  # recorded while output_dir pointed at the staging root
+            self.state.best_model_checkpoint = str(run_dir / Path(best).name)
         if self.is_world_process_zero():
             target = run_dir / name
             if target.exists():
@@ -50,7 +53,12 @@ class AtomicCheckpointMixin:
                 staging_root.rmdir()
             from transformers.trainer_utils import rotate_checkpoints
 
-            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit, use_mtime=False)
+            rotate_checkpoints(
+                output_dir=str(run_dir),
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=getattr(self.state, "best_model_checkpoint", None),
+                use_mtime=False,
+            )
         self.accelerator.wait_for_everyone()
 
 

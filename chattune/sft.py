@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+import math
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from accelerate import PartialState
+from transformers import EarlyStoppingCallback
 
 from chattune import data as data_lib
 from chattune.collation import plan_batching
@@ -16,9 +19,10 @@ from chattune.flags import FlagError, TrainFlags, parse_flags
 from chattune.masking import ChatMasker, MaskingError, trim_suffix_overlap
 from chattune.modeling import choose_attention, choose_dtype, load_model, lora_config
 from chattune.preference import build_preference_trainer, load_pairs
+from chattune.progress import ThroughputCallback, run_first, summary
 from chattune.safety import GracefulStop, clear_staging
 from chattune.tokens import NO_TEMPLATE_HELP, add_tokens, load_tokenizer, resize_embeddings
-from chattune.trainer import build_trainer
+from chattune.trainer import build_trainer, check_integrations
 
 logger = logging.getLogger("chattune")
 
@@ -41,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(flags: TrainFlags, state: PartialState) -> int:
+    started = time.time()
+    check_integrations(flags)
     resume = resolve_resume(flags)
     if resume is None:
         check_outputs_are_free(flags)
@@ -61,7 +67,8 @@ def train(flags: TrainFlags, state: PartialState) -> int:
     with state.main_process_first():
         read = load_pairs if flags.dpo else lambda source: prepare(flags, tokenizer, masker, source)
         train_data = read(flags.train_dataset)
-        eval_data = read(flags.test_dataset) if flags.test_dataset else None
+        full_eval = read(flags.test_dataset) if flags.test_dataset else None
+    eval_data = sample_eval(full_eval, flags.eval_fraction, flags.seed)
 
     # 3. model
     dtype = choose_dtype(flags.bf16)
@@ -83,16 +90,21 @@ def train(flags: TrainFlags, state: PartialState) -> int:
 
     # 4. train; Ctrl-C or SIGTERM saves a checkpoint and stops
     stop = GracefulStop()
+    throughput = ThroughputCallback(model.num_parameters(), state.num_processes, flags.flops_baseline)
+    callbacks = [stop, throughput]
+    if flags.early_stopping_patience is not None:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=flags.early_stopping_patience))
     if flags.dpo:
         trainer = build_preference_trainer(
-            flags, model, tokenizer, train_data, eval_data, dtype, peft_config, callbacks=[stop]
+            flags, model, tokenizer, train_data, eval_data, dtype, peft_config, callbacks=callbacks
         )
     else:
         plan = plan_batching(model, flags.packing)
         logger.info("batching: %s", plan.reason)
         trainer = build_trainer(
-            flags, model, tokenizer, train_data, eval_data, plan, dtype, peft_config, callbacks=[stop]
+            flags, model, tokenizer, train_data, eval_data, plan, dtype, peft_config, callbacks=callbacks
         )
+    run_first(trainer, throughput)
     clear_staging(flags.run_dir)
     trainer.train(resume_from_checkpoint=resume)
     if stop.stopped:
@@ -105,12 +117,23 @@ def train(flags: TrainFlags, state: PartialState) -> int:
         )
         return 130 if stop.signal_name == "SIGINT" else 143
 
+    final_eval = trainer.evaluate(full_eval) if full_eval is not None and eval_data is not full_eval else None
+
     # 5. save
     outputs = save_outputs(flags, trainer, tokenizer, dtype)
+    if flags.push_to_hub and state.is_main_process:
+        trainer.push_to_hub()
     if state.is_main_process:
-        for path in outputs:
-            print(f"saved: {path}")
+        print(summary(trainer.state, started, outputs, final_eval))
     return 0
+
+
+def sample_eval(dataset: Any, fraction: float, seed: int) -> Any:
+    """The periodic evaluations see a fixed random share of the test set; the end of the run sees all of it."""
+    if dataset is None or fraction >= 1:
+        return dataset
+    size = max(1, math.ceil(len(dataset) * fraction))
+    return dataset.shuffle(seed=seed).select(range(size))
 
 
 def prepare(flags: TrainFlags, tokenizer: Any, masker: ChatMasker | None, source: str) -> Any:

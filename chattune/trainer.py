@@ -10,7 +10,7 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from chattune.collation import BatchingPlan
-from chattune.flags import TrainFlags
+from chattune.flags import FlagError, TrainFlags
 from chattune.safety import AtomicCheckpointMixin
 
 logger = logging.getLogger(__name__)
@@ -20,11 +20,58 @@ def report_targets(report_to: str) -> list[str]:
     return [] if report_to.strip().lower() == "none" else [t.strip() for t in report_to.split(",") if t.strip()]
 
 
+def check_integrations(flags: TrainFlags) -> None:
+    """Fail before any work when a logger's package or Hub credentials are missing."""
+    import importlib.util
+
+    for target in report_targets(flags.report_to):
+        package = LOGGER_PACKAGES.get(target, target)
+        if importlib.util.find_spec(package) is None:
+            raise FlagError(f"--report_to {target} needs the {package} package: pip install {package}")
+    if flags.push_to_hub:
+        from huggingface_hub import get_token
+
+        if get_token() is None:
+            raise FlagError("--push_to_hub needs Hub credentials: run `hf auth login` or set HF_TOKEN")
+
+
+LOGGER_PACKAGES = {
+    "tensorboard": "tensorboard",
+    "wandb": "wandb",
+    "mlflow": "mlflow",
+    "comet_ml": "comet_ml",
+    "clearml": "clearml",
+    "neptune": "neptune",
+    "dvclive": "dvclive",
+    "trackio": "trackio",
+    "swanlab": "swanlab",
+    "azure_ml": "azureml",
+}
+
+
+def evaluation_args(flags: TrainFlags, has_eval: bool) -> dict[str, Any]:
+    if not has_eval:
+        return {"eval_strategy": "no"}
+    if flags.early_stopping_patience is None:
+        return {"eval_strategy": "steps" if flags.eval_steps else "epoch", "eval_steps": flags.eval_steps}
+    # Early stopping keeps the best checkpoint, so every evaluation must land on a saved step.
+    eval_steps = flags.eval_steps or flags.save_steps
+    if flags.save_steps % eval_steps:
+        raise FlagError(
+            f"--early_stopping_patience needs --save_steps ({flags.save_steps}) to be a multiple of "
+            f"--eval_steps ({eval_steps})"
+        )
+    return {
+        "eval_strategy": "steps",
+        "eval_steps": eval_steps,
+        "load_best_model_at_end": True,
+        "metric_for_best_model": "eval_loss",
+        "greater_is_better": False,
+    }
+
+
 def training_args(flags: TrainFlags, dtype: torch.dtype, has_eval: bool) -> dict[str, Any]:
     """The TrainingArguments shared by SFT and preference training."""
-    eval_strategy = "no"
-    if has_eval:
-        eval_strategy = "steps" if flags.eval_steps else "epoch"
     return dict(
         output_dir=str(flags.run_dir),
         run_name=flags.run_name,
@@ -50,12 +97,13 @@ def training_args(flags: TrainFlags, dtype: torch.dtype, has_eval: bool) -> dict
         save_strategy="steps",
         save_steps=flags.save_steps,
         save_total_limit=flags.save_total_limit,
-        eval_strategy=eval_strategy,
-        eval_steps=flags.eval_steps,
+        **evaluation_args(flags, has_eval),
         logging_steps=flags.logging_steps,
         logging_first_step=True,
         report_to=report_targets(flags.report_to),
         disable_tqdm=False,
+        push_to_hub=flags.push_to_hub,
+        hub_model_id=flags.hub_model_id or (flags.run_name if flags.push_to_hub else None),
     )
 
 

@@ -77,3 +77,58 @@ def test_missing_required_flag_names_it(capsys):
         parse_flags(["--run_name", "r"])
     err = capsys.readouterr().err
     assert "--base_model" in err and "--train_dataset" in err
+
+
+def test_docs_flag_reference_is_current():
+    from chattune.flags import flags_markdown
+    from conftest import REPO
+
+    assert (REPO / "docs" / "flags.md").read_text() == flags_markdown(), "regenerate: python3 -m chattune.flags"
+
+
+def test_missing_logger_package_and_hub_credentials(monkeypatch):
+    import importlib.util
+
+    from chattune.trainer import check_integrations
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(FlagError, match="pip install wandb"):
+        check_integrations(parse_flags([*REQUIRED, "--report_to", "tensorboard,wandb"]))
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
+    with pytest.raises(FlagError, match="hf auth login"):
+        check_integrations(parse_flags([*REQUIRED, "--report_to", "none", "--push_to_hub"]))
+
+
+def test_early_stopping_needs_aligned_steps():
+    from chattune.trainer import evaluation_args
+
+    flags = parse_flags(
+        [
+            *REQUIRED,
+            "--test_dataset",
+            "t.jsonl",
+            "--early_stopping_patience",
+            "2",
+            "--save_steps",
+            "50",
+            "--eval_steps",
+            "20",
+        ]
+    )
+    with pytest.raises(FlagError, match="multiple"):
+        evaluation_args(flags, has_eval=True)
+    flags = parse_flags(
+        [
+            *REQUIRED,
+            "--test_dataset",
+            "t.jsonl",
+            "--early_stopping_patience",
+            "2",
+            "--save_steps",
+            "40",
+            "--eval_steps",
+            "20",
+        ]
+    )
+    assert evaluation_args(flags, has_eval=True)["load_best_model_at_end"] is True

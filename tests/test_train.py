@@ -188,3 +188,50 @@ def test_refusals(tiny_model_dir, dataset, tmp_path):
     (tmp_path / "runs" / "r" / "something").write_text("x")
     result = run_script(TRAIN, *common, "--train_dataset", str(dataset))
     assert result.returncode == 2 and "not empty" in result.stderr and "--resume_from_checkpoint" in result.stderr
+
+
+def test_early_stopping_eval_fraction_throughput_and_summary(tiny_model_dir, dataset, tmp_path):
+    result = run_script(
+        TRAIN,
+        "--run_name",
+        "run",
+        "--base_model",
+        str(tiny_model_dir),
+        "--train_dataset",
+        str(dataset),
+        "--test_dataset",
+        str(dataset),
+        "--output_dir",
+        str(tmp_path),
+        "--max_steps",
+        "20",
+        "--batch_size",
+        "4",
+        "--micro_batch_size",
+        "2",
+        "--learning_rate",
+        "0",
+        "--eval_steps",
+        "2",
+        "--save_steps",
+        "2",
+        "--eval_fraction",
+        "0.25",
+        "--early_stopping_patience",
+        "1",
+        "--logging_steps",
+        "1",
+        "--flops_baseline",
+        "1e12",
+        "--report_to",
+        "none",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "steps:          4" in result.stdout  # lr 0: the second evaluation does not improve, so it stops
+    assert "best eval loss" in result.stdout and "final eval loss (whole test set)" in result.stdout
+    assert f"saved: {tmp_path / 'models' / 'run'}" in result.stdout
+    state = json.loads((tmp_path / "runs" / "run" / "checkpoint-4" / "trainer_state.json").read_text())
+    evals = [entry for entry in state["log_history"] if "eval_loss" in entry]
+    assert evals[0]["eval_samples_per_second"] and len(evals) == 2
+    logged = [entry for entry in state["log_history"] if "loss" in entry]
+    assert all(entry["tokens_per_second"] > 0 and 0 < entry["mfu"] < 1 for entry in logged[1:])

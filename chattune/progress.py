@@ -1,0 +1,64 @@
+"""What a run reports while it trains (throughput, MFU) and when it ends (the summary)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+
+class ThroughputCallback(TrainerCallback):
+    """Adds `tokens_per_second` (non-padding tokens through the model) and, given the hardware's peak
+    FLOP/s, `mfu` (model FLOPs utilisation: 6 x parameters x tokens/s / peak) to every log line."""
+
+    def __init__(self, n_parameters: int, processes: int, flops_baseline: float | None = None) -> None:
+        self.n_parameters = n_parameters
+        self.processes = processes
+        self.flops_baseline = flops_baseline
+        self._last: tuple[float, int] | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last = (time.perf_counter(), state.num_input_tokens_seen)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "loss" not in logs or self._last is None:
+            return
+        now, tokens = time.perf_counter(), state.num_input_tokens_seen
+        elapsed, seen = now - self._last[0], tokens - self._last[1]
+        self._last = (now, tokens)
+        if elapsed <= 0 or seen <= 0:
+            return
+        extra = {"tokens_per_second": round(seen / elapsed, 1)}
+        if self.flops_baseline:
+            per_device = seen / elapsed / self.processes
+            extra["mfu"] = round(6 * self.n_parameters * per_device / self.flops_baseline, 4)
+        logs.update(extra)  # what the loggers that run after this callback see
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(extra)  # the trainer stored its copy before calling back
+
+
+def run_first(trainer: Any, callback: TrainerCallback) -> None:
+    """Move `callback` ahead of the reporting callbacks (TensorBoard, W&B) so they log what it adds."""
+    trainer.callback_handler.callbacks.remove(callback)
+    trainer.callback_handler.callbacks.insert(0, callback)
+
+
+def summary(state: Any, started: float, outputs: list[Path], final_eval: dict | None) -> str:
+    """The lines printed when a run ends."""
+    eval_losses = [entry["eval_loss"] for entry in state.log_history if "eval_loss" in entry]
+    train_losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
+    lines = [
+        f"steps:          {state.global_step}",
+        f"tokens seen:    {state.num_input_tokens_seen:,}",
+        f"wall time:      {(time.time() - started) / 60:.1f} min",
+    ]
+    if train_losses:
+        lines.append(f"last loss:      {train_losses[-1]:.4f}")
+    if eval_losses:
+        lines.append(f"best eval loss: {min(eval_losses):.4f}")
+    if final_eval and "eval_loss" in final_eval:
+        lines.append(f"final eval loss (whole test set): {final_eval['eval_loss']:.4f}")
+    lines += [f"saved: {path}" for path in outputs]
+    return "\n".join(lines)
