@@ -454,7 +454,7 @@ def export_gguf(model_dir: str | Path, outtype: str = "f16", out: str | Path | N
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python3 -m chattune.export_gguf",
         description="Export a Hugging Face model folder (Llama or Qwen2, byte-level BPE tokenizer) to GGUF.",
@@ -462,7 +462,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model_dir", type=Path, help="folder with config.json, weights and tokenizer")
     parser.add_argument("--outtype", choices=list(OUTTYPES), default="f16", help="weight storage (default: f16)")
     parser.add_argument("--out", type=Path, default=None, help="output file (default: MODEL_DIR/<name>-<outtype>.gguf)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         path = export_gguf(args.model_dir, args.outtype, args.out)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
+import re
 import shlex
 import subprocess
 import sys
@@ -38,6 +40,54 @@ def run(*args: str) -> None:
     print("\n$ " + " ".join(shlex.quote(a) for a in args), flush=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     subprocess.run([sys.executable, *args], cwd=REPO, env=env, check=True)
+
+
+DEVICE_LINE = re.compile(r"^(\w+)\.(\w+) '([^']+)' = ", re.MULTILINE)
+
+
+def rename_devices(train_file: Path, seed: int = 0) -> None:
+    """Give every device a fresh name in each training example (same meaning, new words).
+
+    A tiny model shown the same ~150 device names thousands of times memorises them and never learns to
+    read the device list; the test split's held-out names then defeat it. Renaming forces it to copy the
+    entity id from the list, which is the skill the test measures. Names are recombined from the words of
+    the pile's device names, keeping the last word (Light, Fan, Blinds, ...) so requests still make sense.
+    Devices that are asked for but not listed (refusals) are renamed the same way.
+    """
+    rng = random.Random(seed)
+    names = sorted(pile_device_names(), key=len, reverse=True)
+    words = sorted({word for name in names for word in name.split()[:-1]})
+    find_name = re.compile("|".join(re.escape(name) for name in names))
+    rows = [json.loads(line) for line in train_file.read_text(encoding="utf-8").splitlines()]
+    for row in rows:
+        turns = row["conversations"]
+        renames = {}
+        for name in sorted({m for turn in turns for m in find_name.findall(turn["content"])}):
+            renames[name] = " ".join(rng.sample(words, rng.randint(1, 2)) + name.split()[-1:])
+        for domain, slug, name in DEVICE_LINE.findall(turns[0]["content"]):
+            if name in renames:
+                renames[f"{domain}.{slug}"] = f"{domain}.{slugify(renames[name])}"
+        if not renames:
+            continue
+        pattern = re.compile("|".join(re.escape(old) for old in sorted(renames, key=len, reverse=True)))
+        for turn in turns:
+            turn["content"] = pattern.sub(lambda m, table=renames: table[m.group(0)], turn["content"])
+    train_file.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+
+
+def slugify(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def pile_device_names(language: str = "english") -> set[str]:
+    """The training split's device names (the test split's stay unseen, words included)."""
+    import csv
+
+    names = set()
+    for path in (REPO / "data" / "piles" / language).glob("devices_*.csv"):
+        rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line and not line.startswith("#")]
+        names |= {row["friendly_name"] for row in csv.DictReader(rows) if row["split"] == "train"}
+    return names
 
 
 def build_tokenizer(train_file: Path, out: Path, vocab_size: int) -> None:
@@ -87,8 +137,9 @@ def main() -> int:
     data, tokenizer_dir, base = work / "data", work / "tokenizer", work / "base-model"
     start = time.time()
 
-    run("data/generate_home_assistant_data.py", "--train", "--test", "--small", "--language", "english",
+    run("data/generate_home_assistant_data.py", "--train", "--test", "--medium", "--language", "english",
         "--max_devices", str(args.max_devices), "--compact_prompt", "--output_dir", str(data))
+    rename_devices(data / "home_assistant_train.jsonl")
     build_tokenizer(data / "home_assistant_train.jsonl", tokenizer_dir, args.vocab_size)
     build_model(tokenizer_dir, base, args.hidden_size, args.layers)
 
