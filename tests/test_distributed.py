@@ -82,14 +82,16 @@ def data(tmp_path_factory):
 def test_ddp_two_processes_match_one_process(tiny_model_dir, data, tmp_path):
     single = run_script(TRAIN, *training_flags(tiny_model_dir, data, tmp_path / "one", 4))
     assert single.returncode == 0, single.stderr[-3000:]
+    fresh = write_jsonl(tmp_path / "fresh_copy.jsonl", chat_rows(32))  # not in the datasets cache yet
     double = launch(
         *accelerate("--multi_gpu", "--num_processes", "2"),
         TRAIN,
-        *training_flags(tiny_model_dir, data, tmp_path / "two", 2),
+        *training_flags(tiny_model_dir, fresh, tmp_path / "two", 2),
     )
     assert double.returncode == 0, double.stderr[-3000:]
-    assert "2 x 1 accumulation x 2 process(es)" in double.stderr
-    assert double.stderr.count("examples\n") == 1, "the data summary is printed by the main process only"
+    assert "2 per micro-batch x 1 accumulation x 2 process(es)" in double.stderr
+    # Prepared once: rank 0 tokenizes, rank 1 waits and then reads the cache (no second progress bar).
+    assert double.stderr.count("Tokenizing fresh_copy.jsonl: 100%") == 1
 
     one = load_file(tmp_path / "one" / "models" / "run" / "model.safetensors")
     two = load_file(tmp_path / "two" / "models" / "run" / "model.safetensors")

@@ -2,7 +2,8 @@
 
 Commands that need a hub model cannot run offline, so each one is checked with the parser of its entry
 point: a renamed or removed flag in the code, or a typo in the docs, fails here. Commands that elide
-arguments with `...` and usage lines with `[optional]` parts are skipped (the distributed ones run in tests/test_distributed.py).
+arguments with `...` and usage lines with `[optional]` parts are skipped (the distributed ones run in
+tests/test_distributed.py).
 """
 
 from __future__ import annotations

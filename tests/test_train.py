@@ -235,3 +235,9 @@ def test_early_stopping_eval_fraction_throughput_and_summary(tiny_model_dir, dat
     assert evals[0]["eval_samples_per_second"] and len(evals) == 2
     logged = [entry for entry in state["log_history"] if "loss" in entry]
     assert all(entry["tokens_per_second"] > 0 and 0 < entry["mfu"] < 1 for entry in logged[1:])
+
+
+def test_export_gguf_after_training(test_tokenizer_dir, dataset, tmp_path):
+    base = make_tiny_model(test_tokenizer_dir, tmp_path / "base", arch="qwen2")
+    train(base, dataset, tmp_path, "--use_lora", "--lora_merge", "--export_gguf", "q8_0")
+    assert (tmp_path / "models" / "run" / "run-q8_0.gguf").stat().st_size > 0
