@@ -63,7 +63,9 @@ class ChatMasker:
         if not self.chat_template:
             raise MaskingError("the tokenizer has no chat template")
         specials = _special_token_strings(tokenizer)
-        self._special_re = re.compile("|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)))
+        # Longest first so that `<|im_end|>` wins over a prefix of it; ties broken by text, so the pattern
+        # (and with it the datasets cache fingerprint) is the same in every process.
+        self._special_re = re.compile("|".join(re.escape(s) for s in sorted(specials, key=lambda s: (-len(s), s))))
         self._generated_header = self._header_text_left_to_the_model()
 
     def render(self, messages: Sequence[dict], tools: list | None = None, **kwargs: Any) -> str:
