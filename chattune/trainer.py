@@ -11,6 +11,7 @@ from trl import SFTConfig, SFTTrainer
 
 from chattune.collation import BatchingPlan
 from chattune.flags import FlagError, TrainFlags
+from chattune.loss import LabelledLogitsLossMixin
 from chattune.safety import AtomicCheckpointMixin
 
 logger = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ def sft_config(flags: TrainFlags, plan: BatchingPlan, dtype: torch.dtype, has_ev
     )
 
 
-class SFTTrainerWithAtomicCheckpoints(AtomicCheckpointMixin, SFTTrainer):
+class SFTTrainerWithAtomicCheckpoints(AtomicCheckpointMixin, LabelledLogitsLossMixin, SFTTrainer):
     pass
 
 
