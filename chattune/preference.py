@@ -16,6 +16,7 @@ from datasets import Dataset
 
 from chattune.data import DataError, load_rows
 from chattune.flags import TrainFlags
+from chattune.safety import AtomicCheckpointMixin
 from chattune.trainer import training_args
 
 logger = logging.getLogger(__name__)
@@ -78,6 +79,13 @@ def build_preference_trainer(
 ) -> Any:
     """DPO by default; SimPO (reference-free, length-normalised, margin gamma) with --simpo."""
     common = training_args(flags, dtype, has_eval=eval_data is not None)
+    shared = dict(
+        train_dataset=train_data,
+        eval_dataset=eval_data,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=callbacks,
+    )
     if flags.simpo:
         from trl.experimental.cpo import CPOConfig, CPOTrainer
 
@@ -89,28 +97,17 @@ def build_preference_trainer(
             simpo_gamma=flags.simpo_gamma,
             max_length=flags.ctx_size,
         )
-        return CPOTrainer(
-            model=model,
-            args=config,
-            train_dataset=train_data,
-            eval_dataset=eval_data,
-            processing_class=tokenizer,
-            peft_config=peft_config,
-        )
+        return with_atomic_checkpoints(CPOTrainer)(model=model, args=config, **shared)
     from trl import DPOConfig, DPOTrainer
 
     config = DPOConfig(**common, beta=flags.beta, loss_type=[flags.dpo_loss], max_length=flags.ctx_size)
     # The reference is the starting model. With LoRA, TRL disables the adapter instead of keeping a copy.
     reference = None if peft_config is not None else _frozen_copy(model)
-    return DPOTrainer(
-        model=model,
-        ref_model=reference,
-        args=config,
-        train_dataset=train_data,
-        eval_dataset=eval_data,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-    )
+    return with_atomic_checkpoints(DPOTrainer)(model=model, ref_model=reference, args=config, **shared)
+
+
+def with_atomic_checkpoints(trainer_class: type) -> type:
+    return type(trainer_class.__name__, (AtomicCheckpointMixin, trainer_class), {})
 
 
 def _frozen_copy(model: Any) -> Any:

@@ -41,10 +41,8 @@ class ThroughputCallback(TrainerCallback):
 
 def run_first(trainer: Any, callback: TrainerCallback) -> None:
     """Move `callback` ahead of the reporting callbacks (TensorBoard, W&B) so they log what it adds."""
-    callbacks = trainer.callback_handler.callbacks
-    for registered in [c for c in callbacks if c is callback or type(c) is type(callback)]:
-        callbacks.remove(registered)  # some trainers register a copy of the callbacks they are given
-    callbacks.insert(0, callback)
+    trainer.callback_handler.callbacks.remove(callback)
+    trainer.callback_handler.callbacks.insert(0, callback)
 
 
 def summary(state: Any, started: float, outputs: list[Path], final_eval: dict | None) -> str:
