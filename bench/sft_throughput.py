@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import shutil
 import subprocess
 import sys
@@ -66,7 +67,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--compact_prompt", action="store_true", help="short system prompts (generator flag)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument(
+        "--chattune_flags",
+        default="",
+        help="extra train.py flags for the chattune arm, e.g. --chattune_flags=--gradient_checkpointing (TRL's "
+        "SFTConfig turns activation checkpointing on by default; chattune leaves it off)",
+    )
     parser.add_argument("--bf16", action="store_true", help="train in bfloat16 (both arms)")
+    parser.add_argument(
+        "--peak_tflops",
+        type=float,
+        default=None,
+        help="the device's peak dense TFLOP/s in the training dtype (H100 SXM bf16: 989); adds `mfu` to each arm",
+    )
     parser.add_argument("--workdir", default=None, help="keep data, model and logs here (default: a temp dir)")
     parser.add_argument("--arm", choices=("chattune", "baseline"), help=argparse.SUPPRESS)  # in a subprocess
     args = parser.parse_args(argv)
@@ -121,7 +134,7 @@ class Probe:
         trainer.data_collator = self.counting(trainer.data_collator)
         trainer.add_callback(StepClock())
 
-    def result(self, accumulation: int) -> dict:
+    def result(self, accumulation: int, peak_tflops: float | None = None) -> dict:
         """Steps 2..N only: the first step pays for lazy initialisation (optimizer state, kernels)."""
         steps = len(self.step_ends)
         window = self.batches[accumulation : accumulation * steps]
@@ -129,6 +142,7 @@ class Probe:
         elapsed = self.step_ends[-1] - self.step_ends[0] if steps > 1 else float("nan")
         losses = [entry["loss"] for entry in self.trainer.state.log_history if "loss" in entry]
         all_real, all_total = sum(b[0] for b in self.batches), sum(b[1] for b in self.batches)
+        parameters = self.trainer.model.num_parameters()
         return {
             "tokens_per_s": round(real / elapsed, 1),
             "padding_share": round(1 - all_real / all_total, 4),
@@ -143,6 +157,9 @@ class Probe:
             "real_tokens_timed": real,
             "labelled_tokens_timed": labelled,
             "micro_batches": len(self.batches),
+            "activation_checkpointing": bool(getattr(self.trainer.args, "activation_checkpointing", False)),
+            # 6 x parameters x tokens/s: the usual estimate, attention's own FLOPs left out
+            "mfu": round(6 * parameters * real / elapsed / (peak_tflops * 1e12), 4) if peak_tflops else None,
         }
 
 
@@ -177,11 +194,12 @@ def run_chattune(args: argparse.Namespace, work: Path) -> dict:
         *("--seed", str(args.seed), "--logging_steps", "1", "--save_steps", str(args.steps + 1000)),
         *("--report_to", "none"),
         *(["--bf16"] if args.bf16 else []),
+        *shlex.split(args.chattune_flags),
     ]
     code = sft.main(argv)
     if code != 0:
         raise SystemExit(f"train.py failed with exit code {code}")
-    result = probe.result(args.batch_size // args.micro_batch_size)
+    result = probe.result(args.batch_size // args.micro_batch_size, args.peak_tflops)
     result["lean_loss"] = os.environ.get("CHATTUNE_LEAN_LOSS", "auto")
     return result
 
@@ -244,7 +262,7 @@ def run_baseline(args: argparse.Namespace, work: Path) -> dict:
     )
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
     trainer.train()
-    result = probe.result(args.batch_size // args.micro_batch_size)
+    result = probe.result(args.batch_size // args.micro_batch_size, args.peak_tflops)
     result["loss_mask"] = mode
     return result
 
@@ -254,6 +272,10 @@ def run_arm(args: argparse.Namespace) -> int:
     result = run_chattune(args, work) if args.arm == "chattune" else run_baseline(args, work)
     # refreshed at the very end: the peak of the whole arm, training included
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    import torch
+
+    if torch.cuda.is_available():
+        result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     result["peak_rss_worker_mb"] = round(children / 1024, 1)  # largest tokenizing worker, if any
     (work / f"{args.arm}-{os.environ.get('CHATTUNE_LEAN_LOSS', 'auto')}-{RESULT_FILE}").write_text(json.dumps(result))
@@ -404,6 +426,7 @@ def config_summary(args: argparse.Namespace) -> dict:
         "layers": args.layers,
         "max_devices": args.max_devices,
         "compact_prompt": args.compact_prompt,
+        "chattune_flags": args.chattune_flags,
         "cpu_count": os.cpu_count(),
     }
 

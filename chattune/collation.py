@@ -3,7 +3,8 @@
 TRL's collator does the work; this module only decides which mode is safe for the model at hand.
 Packed and padding-free batches carry per-example `position_ids`; transformers' native models turn
 those into attention that never crosses examples (varlen kernels with flash-attention, a block-diagonal
-mask with SDPA/eager), so no example sees another.
+mask with eager), so no example sees another. Without flash-attn, SDPA models switch to chattune's
+per-example SDPA (chattune.attention), which costs what padded batches cost minus the padding.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from chattune.attention import VARLEN_SDPA, use_varlen_sdpa
+
 logger = logging.getLogger(__name__)
 
-ISOLATING_ATTENTION = {"flash_attention_2", "flash_attention_3", "sdpa", "eager", "flex_attention"}
+ISOLATING_ATTENTION = {"flash_attention_2", "flash_attention_3", "sdpa", "eager", "flex_attention", VARLEN_SDPA}
 
 
 @dataclass(frozen=True)
@@ -34,13 +37,17 @@ def isolates_packed_examples(model: Any) -> tuple[bool, str]:
     return True, f"attention backend {attention!r} isolates examples by position ids"
 
 
-def plan_batching(model: Any, packing: bool | None) -> BatchingPlan:
+def plan_batching(model: Any, packing: bool | None, per_example_attention: bool = True) -> BatchingPlan:
     """Padding-free micro-batches by default: zero padding, and --batch_size keeps counting examples.
 
     --packing fills rows of ctx_size instead (TRL's best-fit-decreasing packing); then a micro-batch is a
-    number of rows, each holding as many examples as fit.
+    number of rows, each holding as many examples as fit. An SDPA model is switched to per-example SDPA
+    for either (unless `per_example_attention` is off, or the model has sliding-window layers: then SDPA's
+    block-diagonal mask keeps the examples apart).
     """
     safe, why = isolates_packed_examples(model)
+    if safe and per_example_attention and use_varlen_sdpa(model):
+        why = "flash-attn is not in use, so each example is attended on its own with SDPA (no padding, no mask)"
     if not safe:
         if packing:
             logger.warning("--packing ignored: %s; using padded batches", why)

@@ -38,7 +38,8 @@ class TrainFlags:
     attn_implementation: str | None = _flag(
         None,
         "Attention kernel: sdpa, eager or flash_attention_2 (default: flash_attention_2 when installed on a "
-        "GPU, else sdpa).",
+        "GPU, else sdpa with each example of a padding-free batch attended on its own; an explicit sdpa keeps "
+        "transformers' block-diagonal mask over the whole row).",
     )
     load_in_8bit: bool = _flag(False, "Load the base model in 8 bits with bitsandbytes (implies --use_lora).")
     load_in_4bit: bool = _flag(

@@ -99,7 +99,8 @@ def train(flags: TrainFlags, state: PartialState) -> int:
             flags, model, tokenizer, train_data, eval_data, dtype, peft_config, callbacks=callbacks
         )
     else:
-        plan = plan_batching(model, flags.packing)
+        # an explicit --attn_implementation is taken as asked; by default SDPA attends per example
+        plan = plan_batching(model, flags.packing, per_example_attention=flags.attn_implementation is None)
         logger.info("batching: %s", plan.reason)
         trainer = build_trainer(
             flags, model, tokenizer, train_data, eval_data, plan, dtype, peft_config, callbacks=callbacks

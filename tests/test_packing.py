@@ -15,6 +15,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from chattune.attention import VARLEN_SDPA, has_sliding_window, use_varlen_sdpa
 from chattune.collation import plan_batching
 from chattune.data import tokenize_dataset
 from chattune.flags import TrainFlags
@@ -40,9 +41,12 @@ def dataset(tokenizer) -> Dataset:
     return data
 
 
-@pytest.fixture(scope="module")
-def model(tiny_model_dir):
-    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+@pytest.fixture(scope="module", params=["sdpa", "eager"])
+def model(tiny_model_dir, request):
+    """sdpa becomes chattune's per-example SDPA in plan_batching; eager keeps transformers' block mask."""
+    return AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, dtype=torch.float32, attn_implementation=request.param
+    ).eval()
 
 
 def make_trainer(model, tokenizer, dataset, out, packing: bool = False, group_by_length: bool = False):
@@ -58,8 +62,10 @@ def make_trainer(model, tokenizer, dataset, out, packing: bool = False, group_by
         group_by_length=group_by_length,
         report_to="none",
     )
+    attention = model.config._attn_implementation
     plan = plan_batching(model, packing)
     assert plan.padding_free and plan.packing == packing
+    assert model.config._attn_implementation == (VARLEN_SDPA if attention in ("sdpa", VARLEN_SDPA) else attention)
     return build_trainer(flags, model, tokenizer, dataset, None, plan, torch.float32)
 
 
@@ -182,3 +188,40 @@ def test_train_py_runs(tiny_model_dir, tmp_path, flag):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "models" / "run" / "model.safetensors").is_file()
     assert ("packed rows" if flag == "--packing" else "padding-free micro-batches") in result.stderr
+
+
+def test_varlen_sdpa_matches_the_block_diagonal_mask_and_its_gradients(tiny_model_dir, tokenizer, dataset, tmp_path):
+    """Per-example SDPA against transformers' own packed-sequence mask: same logits, same gradients."""
+    stock = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    varlen = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    assert use_varlen_sdpa(varlen) and stock.config._attn_implementation == "sdpa"
+    batch = next(iter(make_trainer(stock, tokenizer, dataset, tmp_path).get_train_dataloader()))
+    assert len(example_spans(batch)) > 1
+    losses = []
+    for model in (stock, varlen):
+        output = model(**batch, use_cache=False)
+        output.loss.backward()
+        losses.append(output)
+    torch.testing.assert_close(losses[0].logits, losses[1].logits, atol=TOLERANCE, rtol=TOLERANCE)
+    for (name, a), (_, b) in zip(stock.named_parameters(), varlen.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=TOLERANCE, rtol=1e-4, msg=name)
+
+
+def test_varlen_sdpa_generates_like_sdpa_with_left_padding(tiny_model_dir, tokenizer):
+    """Evaluation during training may generate: padded batches and the KV cache take SDPA's own path."""
+    stock = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    varlen = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    use_varlen_sdpa(varlen)
+    tokenizer.padding_side = "left"
+    inputs = tokenizer(["turn on the light", "hi"], return_tensors="pt", padding=True)
+    assert (inputs["attention_mask"] == 0).any()
+    settings = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
+    assert stock.generate(**inputs, **settings).tolist() == varlen.generate(**inputs, **settings).tolist()
+
+
+def test_sliding_window_models_keep_the_stock_mask(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    model.config.sliding_window = 64
+    assert has_sliding_window(model.config) and not use_varlen_sdpa(model)
+    assert model.config._attn_implementation == "sdpa"
+    assert plan_batching(model, packing=False).padding_free and model.config._attn_implementation == "sdpa"

@@ -1,0 +1,178 @@
+"""Variable-length attention without the flash-attn package.
+
+A padding-free row holds several examples, told apart by `position_ids` restarting at 0. flash-attn's
+varlen kernel attends each example separately; stock SDPA instead builds one block-diagonal mask over
+the whole row and pays for the full (row length)^2 score matrix, most of it masked out. On a CPU that makes
+packing slower than padding. `chattune_varlen_sdpa` is registered with transformers' AttentionInterface:
+for a packed row it attends each example on its own (cost: the sum of the squared example lengths, as with
+padding, but no padding), and for anything else it is plain SDPA.
+
+On CUDA it uses PyTorch's own varlen flash kernel (`torch.nn.attention.varlen`, one call per layer);
+elsewhere, or where that kernel refuses the inputs, one SDPA call per example.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import weakref
+from typing import Any
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+logger = logging.getLogger(__name__)
+
+VARLEN_SDPA = "chattune_varlen_sdpa"
+# cuDNN's attention plans a graph per new sequence length: per-example calls would re-plan all the time
+WITHOUT_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def example_bounds(position_ids: torch.Tensor) -> list[tuple[int, int]]:
+    """(start, end) of each example in a single row whose position ids restart at 0 for every example."""
+    starts = (position_ids == 0).nonzero().flatten().tolist()
+    if not starts or starts[0] != 0:
+        starts = [0, *starts]
+    return list(zip(starts, [*starts[1:], position_ids.shape[-1]]))
+
+
+def _torch_varlen_kernel() -> Any | None:
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # torch < 2.10
+        return None
+    return varlen_attn
+
+
+TORCH_VARLEN = _torch_varlen_kernel()
+_bounds_cache: dict[str, Any] = {}
+
+
+def cumulative_lengths(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """flash-attention's `cu_seqlens` (int32, starts of each example plus the total) and the longest example.
+
+    Computed once per forward pass: every layer gets the same position_ids tensor, and a weak reference
+    makes sure a later batch that happens to reuse its memory is never mistaken for it.
+    """
+    cached = _bounds_cache.get("entry")
+    if cached is not None and cached[0]() is position_ids:
+        return cached[1]
+    flat = position_ids.flatten()
+    starts = (flat == 0).nonzero().flatten()
+    if starts.numel() == 0 or int(starts[0]) != 0:
+        starts = torch.cat([starts.new_zeros(1), starts])
+    cu_seqlens = torch.cat([starts, starts.new_full((1,), flat.numel())]).to(torch.int32)
+    result = (cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max()))
+    _bounds_cache["entry"] = (weakref.ref(position_ids), result)
+    return result
+
+
+def _torch_varlen_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, position_ids: torch.Tensor, scaling: float | None
+) -> torch.Tensor:
+    """PyTorch's varlen flash kernel over the flattened batch; returns (batch, tokens, heads, head_dim)."""
+    batch, heads, tokens, dim = query.shape
+    cu_seqlens, longest = cumulative_lengths(position_ids)
+    if position_ids.shape[0] != batch:  # one row of position ids shared by every row of the batch
+        row_starts = cu_seqlens[:-1]
+        offsets = torch.arange(batch, device=row_starts.device, dtype=row_starts.dtype)[:, None] * tokens
+        total = cu_seqlens.new_full((1,), batch * tokens)
+        cu_seqlens = torch.cat([(row_starts[None] + offsets).flatten(), total])
+    options = inspect.signature(TORCH_VARLEN).parameters
+    causal = {"window_size": (-1, 0)} if "window_size" in options else {"is_causal": True}
+    if key.shape[1] != heads:
+        if "enable_gqa" in options:
+            causal["enable_gqa"] = True
+        else:
+            key = key.repeat_interleave(heads // key.shape[1], dim=1)
+            value = value.repeat_interleave(heads // value.shape[1], dim=1)
+
+    def flat(states: torch.Tensor) -> torch.Tensor:  # (batch, heads, tokens, dim) -> (batch * tokens, heads, dim)
+        return states.transpose(1, 2).reshape(batch * tokens, states.shape[1], dim)
+
+    output = TORCH_VARLEN(
+        flat(query), flat(key), flat(value), cu_seqlens, cu_seqlens, longest, longest, scale=scaling, **causal
+    )
+    return output.reshape(batch, tokens, heads, dim)
+
+
+_torch_varlen_failed: list[str] = []
+
+
+def varlen_sdpa_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """SDPA per example when the row is packed (no mask, position ids restart), plain SDPA otherwise."""
+    causal_without_mask = attention_mask is None and query.shape[2] > 1 and key.shape[2] == query.shape[2]
+    if not causal_without_mask:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if position_ids is None:
+        # the mask was skipped on the promise that position ids tell the examples apart
+        raise RuntimeError(
+            f"{type(module).__name__} does not pass position_ids to its attention, so {VARLEN_SDPA} cannot keep "
+            "packed examples apart; train with --attn_implementation sdpa"
+        )
+    if query.is_cuda and TORCH_VARLEN is not None and not _torch_varlen_failed and not kwargs.get("dropout"):
+        try:
+            return _torch_varlen_attention(query, key, value, position_ids, kwargs.get("scaling")), None
+        except (RuntimeError, TypeError, ValueError) as error:  # an older kernel, a dtype or head size it refuses
+            _torch_varlen_failed.append(str(error))
+            logger.warning("torch varlen attention refused these inputs (%s); attending per example with SDPA", error)
+    rows = []
+    for row in range(query.shape[0]):
+        bounds = example_bounds(position_ids[min(row, position_ids.shape[0] - 1)])
+        with sdpa_kernel(WITHOUT_CUDNN):
+            pieces = [
+                sdpa_attention_forward(
+                    module,
+                    query[row : row + 1, :, start:end],
+                    key[row : row + 1, :, start:end],
+                    value[row : row + 1, :, start:end],
+                    None,
+                    **kwargs,
+                )[0]
+                for start, end in bounds
+            ]
+        rows.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1))
+    return (rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)), None
+
+
+def varlen_sdpa_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor | None:
+    """No mask at all for unpadded training rows (the attention reads the examples from position ids).
+
+    With padding or a KV cache (generation, evaluation) this is SDPA's own mask.
+    """
+    no_padding = attention_mask is None or bool(attention_mask.all())
+    if no_padding and kwargs.get("q_offset", 0) == 0 and kwargs.get("kv_length") == kwargs.get("q_length"):
+        return None
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
+AttentionInterface.register(VARLEN_SDPA, varlen_sdpa_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN_SDPA, varlen_sdpa_mask)
+
+
+def has_sliding_window(config: Any) -> bool:
+    """Sliding-window layers need their window in the mask; varlen_sdpa only knows full causal attention."""
+    if "sliding_attention" in (getattr(config, "layer_types", None) or []):
+        return True
+    window = getattr(config, "sliding_window", None)
+    return bool(window) and getattr(config, "use_sliding_window", True)
+
+
+def use_varlen_sdpa(model: Any) -> bool:
+    """Switch an SDPA model to per-example attention for padding-free batches; False where that is unsafe."""
+    config = model.config
+    if getattr(config, "_attn_implementation", None) != "sdpa" or has_sliding_window(config):
+        return False
+    model.set_attn_implementation(VARLEN_SDPA)
+    return True
