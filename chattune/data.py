@@ -146,38 +146,53 @@ class Tokenize:
     ctx_size: int
     prefix_ids: list[int] | None = None
     suffix_ids: list[int] | None = None
+    train_on_prompts: bool = False
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         out: dict[str, list] = {"input_ids": [], "labels": [], "status": []}
         tools_column = batch.get("tools") or [None] * len(batch[self.column])
-        for value, tools in zip(batch[self.column], tools_column):
-            ids, labels, status = self.encode_one(value, tools)
+        if self.column != "text" and not self.prefix_ids:  # automatic masking: one tokenizer call per batch
+            conversations = [
+                (normalize_messages(value), parse_tools(tools))
+                for value, tools in zip(batch[self.column], tools_column)
+            ]
+            encoded = [
+                ([], [], TEMPLATE_MISMATCH)
+                if isinstance(item, MaskingError)
+                else self.finish(item.input_ids, item.labels)
+                for item in self.masker.encode_many(conversations)
+            ]
+        else:
+            encoded = [self.encode_one(value, tools) for value, tools in zip(batch[self.column], tools_column)]
+        for ids, labels, status in encoded:
             out["input_ids"].append(ids)
             out["labels"].append(labels)
             out["status"].append(status)
         return out
 
     def encode_one(self, value: Any, tools: Any) -> tuple[list[int], list[int], int]:
+        """Plain text, or a conversation masked by --prefix_ids/--suffix_ids."""
         tokenizer = self.tokenizer
         if self.column == "text":
             ids = tokenizer(value, add_special_tokens=True)["input_ids"]
             if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
                 ids.append(tokenizer.eos_token_id)
-            labels = list(ids)
-        else:
-            messages = normalize_messages(value)
-            try:
-                if self.prefix_ids:
-                    text = self.masker.render(messages, parse_tools(tools))
-                    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-                    labels = explicit_labels(ids, self.prefix_ids, self.suffix_ids)
-                else:
-                    encoded = self.masker.encode(messages, parse_tools(tools))
-                    ids, labels = encoded.input_ids, encoded.labels
-            except MaskingError:
-                return [], [], TEMPLATE_MISMATCH
+            return self.finish(ids, list(ids))
+        messages = normalize_messages(value)
+        try:
+            text = self.masker.render(messages, parse_tools(tools))
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            labels = explicit_labels(ids, self.prefix_ids, self.suffix_ids)
+        except MaskingError:
+            return [], [], TEMPLATE_MISMATCH
+        return self.finish(ids, labels)
+
+    def finish(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int], int]:
+        """Skip rows with nothing to learn; label the prompt too with --train_on_prompts; cut to ctx_size."""
         if all(label == IGNORE_INDEX for label in labels):
             return [], [], NO_RESPONSE
+        if self.train_on_prompts:  # still after the check: a conversation without a reply is still skipped
+            labels = list(ids)
         ids, labels = ids[: self.ctx_size], labels[: self.ctx_size]
         if all(label == IGNORE_INDEX for label in labels):
             return [], [], TOO_LONG
@@ -194,6 +209,7 @@ def tokenize_dataset(
     num_proc: int | None = None,
     prefix_ids: list[int] | None = None,
     suffix_ids: list[int] | None = None,
+    train_on_prompts: bool = False,
 ) -> tuple[Dataset, Counter]:
     """Tokenize and mask every row (batched, multi-process, cached by `datasets`); drop unusable rows."""
     column = detect_format(dataset, source)
@@ -201,7 +217,7 @@ def tokenize_dataset(
         _check_first_row(dataset, column, source)
         if masker is None:
             raise DataError(f"{source}: chat data needs a chat template, and the tokenizer has none")
-    function = Tokenize(tokenizer, masker, column, ctx_size, prefix_ids, suffix_ids)
+    function = Tokenize(tokenizer, masker, column, ctx_size, prefix_ids, suffix_ids, train_on_prompts)
     num_proc = num_proc if num_proc and num_proc > 1 and len(dataset) >= 256 else None
     cached_before = _cache_listing(dataset)
     tokenized = dataset.map(

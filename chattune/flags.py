@@ -113,6 +113,12 @@ class TrainFlags:
     suffix_ids: str | None = _flag(
         None, "Token ids that close an assistant response (explicit masking, with --prefix_ids)."
     )
+    train_on_prompts: bool = _flag(
+        False,
+        "Also compute the loss on system and user turns (the whole conversation), not only on the assistant's "
+        "replies: for models trained from random weights or continued pre-training, not for fine-tuning a chat "
+        "model.",
+    )
 
     # --- LoRA -------------------------------------------------------------------------------------------------
     use_lora: bool = _flag(False, "Train a LoRA adapter instead of all weights.")

@@ -16,6 +16,7 @@ Two modes:
 
 from __future__ import annotations
 
+import bisect
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -98,13 +99,34 @@ class ChatMasker:
         return text, spans
 
     def encode(self, messages: Sequence[dict], tools: list | None = None) -> Encoded:
-        text, spans = self.assistant_spans(messages, tools)
-        encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        offsets = [tuple(o) for o in encoding["offset_mapping"]]
-        ids = list(encoding["input_ids"])
-        labels = labels_from_spans(ids, offsets, [(s.label_start, s.label_end) for s in spans])
-        closed = all(s.label_end > s.content_end for s in spans)
-        return Encoded(text, ids, labels, offsets, spans, closed)
+        result = self.encode_many([(messages, tools)])[0]
+        if isinstance(result, MaskingError):
+            raise result
+        return result
+
+    def encode_many(self, conversations: Sequence[tuple[Sequence[dict], list | None]]) -> list[Encoded | MaskingError]:
+        """Encode (messages, tools) pairs with one tokenizer call; a conversation that fails gets its error."""
+        rendered: list[tuple[str, list[TurnSpan]] | MaskingError] = []
+        for messages, tools in conversations:
+            try:
+                rendered.append(self.assistant_spans(messages, tools))
+            except MaskingError as error:
+                rendered.append(error)
+        texts = [item[0] for item in rendered if not isinstance(item, MaskingError)]
+        batch = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True) if texts else {}
+        encodings = zip(batch.get("input_ids", []), batch.get("offset_mapping", []))
+        results: list[Encoded | MaskingError] = []
+        for item in rendered:
+            if isinstance(item, MaskingError):
+                results.append(item)
+                continue
+            text, spans = item
+            ids, offsets = next(encodings)
+            offsets = [tuple(offset) for offset in offsets]
+            labels = labels_from_spans(ids, offsets, [(s.label_start, s.label_end) for s in spans])
+            closed = all(s.label_end > s.content_end for s in spans)
+            results.append(Encoded(text, ids, labels, offsets, spans, closed))
+        return results
 
     def _header_text_left_to_the_model(self) -> str:
         """Template text before an assistant message that the generation prompt does not supply.
@@ -175,19 +197,20 @@ def _align(text: str, pieces: list[str]) -> list[tuple[int, int]]:
 def labels_from_spans(
     input_ids: Sequence[int], offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]
 ) -> list[int]:
-    """Label each token whose characters overlap a span; one pass over tokens and spans."""
+    """Label each token whose characters overlap a span (or, zero-width, sit inside one).
+
+    Offsets come in text order, so each span's tokens are found by bisection and only they are visited:
+    the prompt, usually most of the tokens, is never walked.
+    """
     labels = [IGNORE_INDEX] * len(input_ids)
-    span_index = 0
-    for i, (start, end) in enumerate(offsets):
-        while span_index < len(spans) and spans[span_index][1] <= start:
-            span_index += 1
-        if span_index == len(spans):
-            break
-        span_start, span_end = spans[span_index]
-        if start < span_end and end > span_start:
-            labels[i] = input_ids[i]
-        elif start == end and span_start <= start < span_end:  # zero-width token inside a span
-            labels[i] = input_ids[i]
+    ends = [end for _, end in offsets]
+    for span_start, span_end in spans:
+        index = bisect.bisect_left(ends, span_start)  # the first token that ends at or after the span's start
+        while index < len(offsets) and offsets[index][0] < span_end:
+            start, end = offsets[index]
+            if end > span_start or (start == end and start >= span_start):
+                labels[index] = input_ids[index]
+            index += 1
     return labels
 
 

@@ -152,6 +152,7 @@ def prepare(flags: TrainFlags, tokenizer: Any, masker: ChatMasker | None, source
         num_proc=flags.dataset_processing_threads or default_processes(),
         prefix_ids=prefix,
         suffix_ids=suffix,
+        train_on_prompts=flags.train_on_prompts,
     )
     logger.info("%s", data_lib.summarize(counts, source))
     if len(dataset) == 0:

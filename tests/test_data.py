@@ -96,6 +96,23 @@ def test_text_rows_train_on_every_token_and_end_with_eos(test_tokenizer, tmp_pat
     assert data[0]["input_ids"][-1] == test_tokenizer.eos_token_id
 
 
+def test_train_on_prompts_labels_the_whole_conversation(test_tokenizer, tmp_path):
+    masker = ChatMasker(
+        test_tokenizer, "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    )
+    no_answer = {"messages": [{"role": "user", "content": "hello"}]}
+    rows = load_rows(write_jsonl(tmp_path / "chat.jsonl", [OPENAI_ROW, no_answer]))
+    replies, _ = tokenize_dataset(rows, test_tokenizer, masker, source="chat", ctx_size=64)
+    everything, counts = tokenize_dataset(
+        rows, test_tokenizer, masker, source="chat", ctx_size=64, train_on_prompts=True
+    )
+    assert everything["input_ids"] == replies["input_ids"]
+    assert everything[0]["labels"] == everything[0]["input_ids"]
+    labelled_replies = [label for label in replies[0]["labels"] if label != IGNORE_INDEX]
+    assert 0 < len(labelled_replies) < len(everything[0]["labels"])
+    assert counts["skipped: no assistant response found"] == 1  # a conversation without a reply is still skipped
+
+
 def test_multiprocess_map_gives_the_same_labels(test_tokenizer, tmp_path):
     masker = ChatMasker(
         test_tokenizer, "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

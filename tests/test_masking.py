@@ -141,6 +141,17 @@ def test_two_renders_per_conversation_whatever_its_length(test_tokenizer):
         assert len(calls) == 2
 
 
+def test_encode_many_matches_encode_and_keeps_errors_in_place(test_tokenizer):
+    masker = ChatMasker(test_tokenizer, INLINE_TEMPLATES["chatml"][0])
+    broken = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "\ue000\ue001"}]
+    conversations = [MULTI[:2], broken, MULTI, MULTI[:2] * 3]
+    results = masker.encode_many([(messages, None) for messages in conversations])
+    assert isinstance(results[1], MaskingError)
+    for messages, result in zip(conversations[::2] + conversations[3:], results[::2] + results[3:]):
+        single = masker.encode(messages)
+        assert (result.input_ids, result.labels, result.offsets) == (single.input_ids, single.labels, single.offsets)
+
+
 def test_trimmed_content_follows_the_rendered_text(test_tokenizer):
     masker = ChatMasker(test_tokenizer, INLINE_TEMPLATES["llama3"][0])
     encoded = masker.encode([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  spaced out \n"}])
@@ -182,3 +193,31 @@ def test_llama3_style_suffix_loses_the_next_header():
     assert trim_suffix_overlap(prefix, suffix) == [128009]
     assert trim_suffix_overlap(prefix, [128009, 128006]) == [128009]
     assert trim_suffix_overlap(prefix, [128009]) == [128009]
+
+
+@st.composite
+def tokens_and_spans(draw):
+    """Offsets in text order (zero-width tokens included) and disjoint sorted spans over the same text."""
+    widths = draw(st.lists(st.integers(0, 4), min_size=1, max_size=40))
+    offsets, position = [], 0
+    for width in widths:
+        offsets.append((position, position + width))
+        position += width
+    cuts = sorted(draw(st.lists(st.integers(0, position), max_size=6, unique=True)))
+    spans = [(a, b) for a, b in zip(cuts[::2], cuts[1::2]) if a < b]
+    return offsets, spans
+
+
+@given(tokens_and_spans())
+def test_labels_from_spans_matches_the_overlap_rule(case):
+    offsets, spans = case
+    ids = list(range(100, 100 + len(offsets)))
+
+    def labelled(start: int, end: int) -> bool:
+        return any(
+            (start < span_end and end > span_start) or (start == end and span_start <= start < span_end)
+            for span_start, span_end in spans
+        )
+
+    expected = [i if labelled(*offset) else IGNORE_INDEX for i, offset in zip(ids, offsets)]
+    assert labels_from_spans(ids, offsets, spans) == expected
