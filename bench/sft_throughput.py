@@ -375,6 +375,12 @@ def targets(chattune: dict, baseline: dict) -> dict:
             "chattune padding_share <= 2%": chattune["padding_share"] <= 0.02,
             "preprocess_ratio >= 2": baseline["preprocess_s"] >= 2 * chattune["preprocess_s"],
             "peak_rss not higher": chattune["peak_rss_mb"] <= baseline["peak_rss_mb"],
+            # on a GPU the memory that limits the batch is the device's
+            **(
+                {"peak_gpu_mb not higher": chattune["peak_gpu_mb"] <= baseline["peak_gpu_mb"]}
+                if "peak_gpu_mb" in chattune and "peak_gpu_mb" in baseline
+                else {}
+            ),
             "final losses within 2%": loss_gap <= 0.02,
         },
         "final_loss_gap": round(loss_gap, 4),
