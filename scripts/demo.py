@@ -48,6 +48,12 @@ def parse_args() -> argparse.Namespace:
         default=True,
         help="loss on the whole conversation: a model from random weights learns the device list too",
     )
+    parser.add_argument(
+        "--name_first",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="list devices as `'Name' entity_id = state` in both splits, so the id follows the name it is found by",
+    )
     parser.add_argument("--eval_examples", type=int, default=None, help="evaluate on the first N test examples")
     return parser.parse_args()
 
@@ -93,6 +99,16 @@ def rename_devices(train_file: Path, seed: int = 0) -> None:
         for turn in turns:
             turn["content"] = pattern.sub(lambda m, table=renames: table[m.group(0)], turn["content"])
     train_file.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+
+
+def names_first(path: Path) -> None:
+    """Rewrite every Devices line `entity_id 'Name' = state` as `'Name' entity_id = state`."""
+    line = re.compile(r"^(\w+\.\w+) '([^']+)' = ", re.MULTILINE)
+    rows = [json.loads(text) for text in path.read_text(encoding="utf-8").splitlines()]
+    for row in rows:
+        system = row["conversations"][0]
+        system["content"] = line.sub(lambda m: f"'{m.group(2)}' {m.group(1)} = ", system["content"])
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
 
 
 def new_entity_slug(name: str, words: list[str], rng: random.Random) -> str:
@@ -180,6 +196,9 @@ def main() -> int:
         "--max_devices", str(args.max_devices), "--compact_prompt", "--output_dir", str(data))
     if args.rename_devices:
         rename_devices(data / "home_assistant_train.jsonl")
+    if args.name_first:
+        for split in ("train", "test"):
+            names_first(data / f"home_assistant_{split}.jsonl")
     build_tokenizer(data / "home_assistant_train.jsonl", tokenizer_dir, args.vocab_size)
     build_model(tokenizer_dir, base, args.hidden_size, args.layers)
 

@@ -54,3 +54,15 @@ def test_rename_words_exclude_test_device_words():
     test_words = {word for name in demo.pile_device_names(split="test") for word in name.split()}
     assert test_words and not words & test_words
     assert len(words) > 1000
+
+
+def test_names_first_rewrites_only_the_device_lines(tmp_path):
+    path = tmp_path / "test.jsonl"
+    path.write_text(json.dumps(ROW) + "\n")
+    demo.names_first(path)
+    system, user, assistant = (turn["content"] for turn in json.loads(path.read_text())["conversations"])
+    assert system.splitlines()[2:] == [
+        "'Kitchen Ceiling Light' light.kitchen_ceiling = off",
+        "'Front Door Lock' lock.front_door = locked",
+    ]
+    assert (user, assistant) == (ROW["conversations"][1]["content"], ROW["conversations"][2]["content"])
