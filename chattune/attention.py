@@ -48,6 +48,8 @@ def _torch_varlen_kernel() -> Any | None:
 
 
 TORCH_VARLEN = _torch_varlen_kernel()
+# its keyword arguments changed between torch releases (is_causal -> window_size, enable_gqa added)
+TORCH_VARLEN_OPTIONS = frozenset(inspect.signature(TORCH_VARLEN).parameters) if TORCH_VARLEN else frozenset()
 _bounds_cache: dict[str, Any] = {}
 
 
@@ -81,10 +83,9 @@ def _torch_varlen_attention(
         offsets = torch.arange(batch, device=row_starts.device, dtype=row_starts.dtype)[:, None] * tokens
         total = cu_seqlens.new_full((1,), batch * tokens)
         cu_seqlens = torch.cat([(row_starts[None] + offsets).flatten(), total])
-    options = inspect.signature(TORCH_VARLEN).parameters
-    causal = {"window_size": (-1, 0)} if "window_size" in options else {"is_causal": True}
+    causal = {"window_size": (-1, 0)} if "window_size" in TORCH_VARLEN_OPTIONS else {"is_causal": True}
     if key.shape[1] != heads:
-        if "enable_gqa" in options:
+        if "enable_gqa" in TORCH_VARLEN_OPTIONS:
             causal["enable_gqa"] = True
         else:
             key = key.repeat_interleave(heads // key.shape[1], dim=1)
