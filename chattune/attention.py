@@ -31,14 +31,6 @@ VARLEN_SDPA = "chattune_varlen_sdpa"
 WITHOUT_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def example_bounds(position_ids: torch.Tensor) -> list[tuple[int, int]]:
-    """(start, end) of each example in a single row whose position ids restart at 0 for every example."""
-    starts = (position_ids == 0).nonzero().flatten().tolist()
-    if not starts or starts[0] != 0:
-        starts = [0, *starts]
-    return list(zip(starts, [*starts[1:], position_ids.shape[-1]]))
-
-
 def _torch_varlen_kernel() -> Any | None:
     try:
         from torch.nn.attention.varlen import varlen_attn
@@ -72,17 +64,34 @@ def cumulative_lengths(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     return result
 
 
-def _torch_varlen_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, position_ids: torch.Tensor, scaling: float | None
-) -> torch.Tensor:
-    """PyTorch's varlen flash kernel over the flattened batch; returns (batch, tokens, heads, head_dim)."""
-    batch, heads, tokens, dim = query.shape
+def batch_lengths(position_ids: torch.Tensor, batch: int, tokens: int) -> tuple[torch.Tensor, int]:
+    """`cumulative_lengths` over the (batch * tokens) flattened batch, also when one row of position ids is
+    shared by every row of the batch. Examples never cross rows: each row starts with position 0."""
     cu_seqlens, longest = cumulative_lengths(position_ids)
-    if position_ids.shape[0] != batch:  # one row of position ids shared by every row of the batch
+    if position_ids.shape[0] != batch:
         row_starts = cu_seqlens[:-1]
         offsets = torch.arange(batch, device=row_starts.device, dtype=row_starts.dtype)[:, None] * tokens
         total = cu_seqlens.new_full((1,), batch * tokens)
         cu_seqlens = torch.cat([(row_starts[None] + offsets).flatten(), total])
+    return cu_seqlens, longest
+
+
+def flat_tokens(states: torch.Tensor) -> torch.Tensor:
+    """(batch, heads, tokens, head_dim) -> (batch * tokens, heads, head_dim), the varlen layout."""
+    batch, heads, tokens, dim = states.shape
+    return states.transpose(1, 2).reshape(batch * tokens, heads, dim)
+
+
+def _torch_varlen_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    longest: int,
+    scaling: float | None,
+) -> torch.Tensor:
+    """PyTorch's varlen flash kernel over the flattened batch; returns (batch * tokens, heads, head_dim)."""
+    heads = query.shape[1]
     causal = {"window_size": (-1, 0)} if "window_size" in TORCH_VARLEN_OPTIONS else {"is_causal": True}
     if key.shape[1] != heads:
         if "enable_gqa" in TORCH_VARLEN_OPTIONS:
@@ -90,14 +99,17 @@ def _torch_varlen_attention(
         else:
             key = key.repeat_interleave(heads // key.shape[1], dim=1)
             value = value.repeat_interleave(heads // value.shape[1], dim=1)
-
-    def flat(states: torch.Tensor) -> torch.Tensor:  # (batch, heads, tokens, dim) -> (batch * tokens, heads, dim)
-        return states.transpose(1, 2).reshape(batch * tokens, states.shape[1], dim)
-
-    output = TORCH_VARLEN(
-        flat(query), flat(key), flat(value), cu_seqlens, cu_seqlens, longest, longest, scale=scaling, **causal
+    return TORCH_VARLEN(
+        flat_tokens(query),
+        flat_tokens(key),
+        flat_tokens(value),
+        cu_seqlens,
+        cu_seqlens,
+        longest,
+        longest,
+        scale=scaling,
+        **causal,
     )
-    return output.reshape(batch, tokens, heads, dim)
 
 
 _torch_varlen_failed: list[str] = []
@@ -122,29 +134,26 @@ def varlen_sdpa_attention(
             f"{type(module).__name__} does not pass position_ids to its attention, so {VARLEN_SDPA} cannot keep "
             "packed examples apart; train with --attn_implementation sdpa"
         )
+    batch, heads, tokens, dim = query.shape
+    cu_seqlens, longest = batch_lengths(position_ids, batch, tokens)
     if query.is_cuda and TORCH_VARLEN is not None and not _torch_varlen_failed and not kwargs.get("dropout"):
         try:
-            return _torch_varlen_attention(query, key, value, position_ids, kwargs.get("scaling")), None
+            output = _torch_varlen_attention(query, key, value, cu_seqlens, longest, kwargs.get("scaling"))
+            return output.reshape(batch, tokens, heads, dim), None
         except (RuntimeError, TypeError, ValueError) as error:  # an older kernel, a dtype or head size it refuses
             _torch_varlen_failed.append(str(error))
             logger.warning("torch varlen attention refused these inputs (%s); attending per example with SDPA", error)
-    rows = []
-    for row in range(query.shape[0]):
-        bounds = example_bounds(position_ids[min(row, position_ids.shape[0] - 1)])
-        with sdpa_kernel(WITHOUT_CUDNN):
-            pieces = [
-                sdpa_attention_forward(
-                    module,
-                    query[row : row + 1, :, start:end],
-                    key[row : row + 1, :, start:end],
-                    value[row : row + 1, :, start:end],
-                    None,
-                    **kwargs,
-                )[0]
-                for start, end in bounds
-            ]
-        rows.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1))
-    return (rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)), None
+    # one SDPA call per example of the flattened batch: (1, heads, length, head_dim) slices
+    query, key, value = (flat_tokens(states).transpose(0, 1)[None] for states in (query, key, value))
+    bounds = cu_seqlens.tolist()
+    with sdpa_kernel(WITHOUT_CUDNN):
+        pieces = [
+            sdpa_attention_forward(
+                module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], None, **kwargs
+            )[0]
+            for start, end in zip(bounds[:-1], bounds[1:])
+        ]
+    return torch.cat(pieces, dim=1).reshape(batch, tokens, heads, dim), None
 
 
 def varlen_sdpa_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor | None:
