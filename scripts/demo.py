@@ -17,6 +17,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,9 +85,8 @@ def rename_devices(train_file: Path, seed: int = 0) -> None:
     names = sorted(pile_device_names(), key=len, reverse=True)
     words = pile_words()
     find_name = re.compile("|".join(re.escape(name) for name in names))
-    rows = [json.loads(line) for line in train_file.read_text(encoding="utf-8").splitlines()]
-    for row in rows:
-        turns = row["conversations"]
+
+    def rename(turns: list[dict]) -> None:
         renames = {}
         for name in sorted({m for turn in turns for m in find_name.findall(turn["content"])}):
             renames[name] = " ".join(rng.sample(words, rng.randint(1, 2)) + name.split()[-1:])
@@ -94,20 +94,28 @@ def rename_devices(train_file: Path, seed: int = 0) -> None:
             if name in renames:
                 renames[f"{domain}.{slug}"] = f"{domain}.{new_entity_slug(renames[name], words, rng)}"
         if not renames:
-            continue
+            return
         pattern = re.compile("|".join(re.escape(old) for old in sorted(renames, key=len, reverse=True)))
         for turn in turns:
-            turn["content"] = pattern.sub(lambda m, table=renames: table[m.group(0)], turn["content"])
-    train_file.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+            turn["content"] = pattern.sub(lambda m: renames[m.group(0)], turn["content"])
+
+    rewrite_conversations(train_file, rename)
 
 
 def names_first(path: Path) -> None:
     """Rewrite every Devices line `entity_id 'Name' = state` as `'Name' entity_id = state`."""
-    line = re.compile(r"^(\w+\.\w+) '([^']+)' = ", re.MULTILINE)
-    rows = [json.loads(text) for text in path.read_text(encoding="utf-8").splitlines()]
+
+    def swap(turns: list[dict]) -> None:
+        turns[0]["content"] = DEVICE_LINE.sub(lambda m: f"'{m[3]}' {m[1]}.{m[2]} = ", turns[0]["content"])
+
+    rewrite_conversations(path, swap)
+
+
+def rewrite_conversations(path: Path, edit: Callable[[list[dict]], None]) -> None:
+    """Apply `edit` to the turns of every row of a generated JSONL file, in place."""
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     for row in rows:
-        system = row["conversations"][0]
-        system["content"] = line.sub(lambda m: f"'{m.group(2)}' {m.group(1)} = ", system["content"])
+        edit(row["conversations"])
     path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
 
 
@@ -136,13 +144,10 @@ def pile_words() -> list[str]:
 
 def pile_device_names(language: str = "english", split: str = "train") -> set[str]:
     """The device names of one split of the piles."""
-    import csv
+    from chattune.datagen.piles import load_language
 
-    names = set()
-    for path in (REPO / "data" / "piles" / language).glob("devices_*.csv"):
-        rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line and not line.startswith("#")]
-        names |= {row["friendly_name"] for row in csv.DictReader(rows) if row["split"] == split}
-    return names
+    pile = load_language(REPO / "data" / "piles", language)
+    return {device.name for devices in pile.devices.values() for device in devices if device.split == split}
 
 
 def build_tokenizer(train_file: Path, out: Path, vocab_size: int) -> None:
