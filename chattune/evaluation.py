@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from chattune import data as data_lib
+from chattune.gguf_models import GGUFError, resolve_model
 from chattune.masking import IGNORE_INDEX, ChatMasker, MaskingError, labels_from_spans
 from chattune.metrics import METRIC_KEYS, ExampleScore, score_example, summarize
 
@@ -68,7 +69,7 @@ class Settings:
     test_dataset: str = DEFAULT_TEST_DATASET
     batch_size: int = 8
     max_examples: int | None = None
-    max_new_tokens: int = 256
+    max_new_tokens: int | None = None  # None: sized from the references
     device: str = "auto"
     dtype: str = "auto"
     output_dir: str | None = None
@@ -79,8 +80,11 @@ class Settings:
 
 
 def inspect_model_folder(path: str | os.PathLike) -> ModelSource:
-    """Tell a full model folder from a LoRA adapter folder, with an error that lists what was expected."""
-    folder = Path(path)
+    """Tell a full model folder from a LoRA adapter folder, with an error that lists what was expected.
+
+    A GGUF file (or a folder holding one) is converted once to a model folder and evaluated as one.
+    """
+    folder = Path(resolve_model(str(path)))
     if not folder.exists():
         raise EvalError(f"{folder}: no such file or folder; {EXPECTED_FOLDER_HELP}")
     if not folder.is_dir():
@@ -202,7 +206,7 @@ def _load_adapter(source: ModelSource, tokenizer: Any, dtype: Any) -> Any:
     from chattune.tokens import resize_embeddings
 
     try:
-        base = AutoModelForCausalLM.from_pretrained(source.base, dtype=dtype)
+        base = AutoModelForCausalLM.from_pretrained(resolve_model(source.base), dtype=dtype)
     except OSError as error:
         raise EvalError(
             f"{source.path}: cannot load the base model {source.base!r} named in adapter_config.json: {error}"
@@ -270,23 +274,122 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device: str) -> tu
 
 
 def generate_replies(
-    model: Any, tokenizer: Any, prompts: Sequence[list[int]], batch_size: int, max_new_tokens: int, device: str
-) -> list[str]:
-    """Greedy replies, returned in the order of `prompts`."""
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[list[int]],
+    batch_size: int,
+    max_new_tokens: int,
+    device: str,
+    continuations: Sequence[tuple[list[int], list[int]] | None] | None = None,
+) -> tuple[list[str], list[tuple[float, int] | None]]:
+    """Greedy replies in the order of `prompts`, and the reference NLL of each example with a continuation.
+
+    A continuation is the reference turn's ids after the prompt, with its labels. Each batch runs one forward
+    pass over prompt + reference: the reference logits give its NLL, and the key/value cache of the prompt
+    part, cut back to the prompt, is where generation starts. Scoring the references then costs the few
+    reference tokens instead of a second pass over every prompt.
+    """
     import torch
     from tqdm import tqdm
 
     stops = stop_token_ids(model, tokenizer)
     config = greedy_config(model, tokenizer, stops, max_new_tokens)
     replies: list[str] = [""] * len(prompts)
+    nlls: list[tuple[float, int] | None] = [None] * len(prompts)
     batches = list(length_sorted_batches([len(p) for p in prompts], batch_size))
     for batch in tqdm(batches, desc="generating", unit="batch", file=sys.stderr):
         ids, mask = left_pad([prompts[i] for i in batch], tokenizer.pad_token_id, device)
+        extra: dict[str, Any] = {}
         with torch.inference_mode():
-            output = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+            wanted = [continuations[i] if continuations else None for i in batch]
+            if any(c is not None for c in wanted):
+                sums, cache = _prefill_with_references(model, ids, mask, wanted, tokenizer)
+                extra[cache_argument(model)] = cache
+                for index, result in zip(batch, sums):
+                    nlls[index] = result
+            output = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, **extra)
         for row, index in enumerate(batch):
             replies[index] = decode_reply(tokenizer, output[row, ids.shape[1] :].tolist(), stops)
-    return replies
+    return replies, nlls
+
+
+def _prefill_with_references(
+    model: Any, ids: Any, mask: Any, continuations: Sequence[tuple[list[int], list[int]] | None], tokenizer: Any
+) -> tuple[list[tuple[float, int] | None], Any]:
+    """One pass over [left-padded prompt | reference | right padding]: reference NLLs and the prompt's cache."""
+    import torch
+
+    rows, width = ids.shape
+    longest = max(len(c[0]) for c in continuations if c is not None)
+    full_ids = torch.full((rows, width + longest), tokenizer.pad_token_id, dtype=ids.dtype, device=ids.device)
+    full_mask = torch.zeros_like(full_ids)
+    labels = torch.full_like(full_ids, IGNORE_INDEX)
+    full_ids[:, :width], full_mask[:, :width] = ids, mask
+    for row, continuation in enumerate(continuations):
+        if continuation is not None:
+            tokens, targets = continuation
+            end = width + len(tokens)
+            full_ids[row, width:end] = torch.tensor(tokens, device=ids.device)
+            full_mask[row, width:end] = 1
+            labels[row, width:end] = torch.tensor(targets, device=ids.device)
+    positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+    # logits for the last prompt position (predicting the first reference token) and every reference position
+    output = model(
+        input_ids=full_ids, attention_mask=full_mask, position_ids=positions, use_cache=True, logits_to_keep=longest + 1
+    )
+    logits = output.logits[:, :-1].float()
+    targets = labels[:, width:]
+    nll = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view(targets.shape)
+    counted = targets != IGNORE_INDEX
+    sums = [
+        (float(nll[row][counted[row]].sum()), int(counted[row].sum())) if continuations[row] is not None else None
+        for row in range(rows)
+    ]
+    cache = output.past_key_values
+    # generate() feeds the last prompt token itself, so its cache must hold everything before it. A negative
+    # crop removes that many positions in every transformers 5 release.
+    cache.crop(-(cache.get_seq_length() - (width - 1)))
+    return sums, cache
+
+
+def cache_argument(model: Any) -> str:
+    """The name forward() takes a key/value cache under: `cache` in recent transformers, else the older one."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def reference_continuations(
+    masker: ChatMasker, examples: Sequence[Example], prompts: Sequence[list[int]]
+) -> list[tuple[list[int], list[int]] | None]:
+    """Per example, the reference turn's ids and labels that follow its rendered prompt exactly.
+
+    None where the template renders the conversation so that the prompt is not its prefix (those
+    references are scored by a separate teacher-forced pass) or where the reference cannot be masked.
+    """
+    continuations: list[tuple[list[int], list[int]] | None] = []
+    for example, prompt in zip(examples, prompts):
+        encoded = reference_token_ids(masker, example)
+        usable = (
+            encoded is not None
+            and encoded[0][: len(prompt)] == prompt
+            and all(label == IGNORE_INDEX for label in encoded[1][: len(prompt)])
+            and any(label != IGNORE_INDEX for label in encoded[1][len(prompt) :])
+        )
+        continuations.append((encoded[0][len(prompt) :], encoded[1][len(prompt) :]) if usable else None)
+    return continuations
+
+
+def auto_max_new_tokens(tokenizer: Any, examples: Sequence[Example]) -> int:
+    """A reply budget from the references: a quarter more than the longest one, plus a few tokens.
+
+    A model that does not stop (an untuned base model) then costs what a correct reply would, not 256 steps
+    per batch; a reply that long is far off the reference anyway.
+    """
+    longest = max(len(tokenizer(e.reference, add_special_tokens=False)["input_ids"]) for e in examples)
+    return longest * 5 // 4 + 8
 
 
 def greedy_config(model: Any, tokenizer: Any, stops: list[int], max_new_tokens: int) -> Any:
@@ -458,7 +561,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     parser.add_argument("--test_dataset", default=DEFAULT_TEST_DATASET, help="Chat rows: .jsonl/.json or folder.")
     parser.add_argument("--batch_size", type=_positive, default=8, help="Prompts generated together.")
     parser.add_argument("--max_examples", type=_positive, default=None, help="Evaluate only the first N rows.")
-    parser.add_argument("--max_new_tokens", type=_positive, default=256, help="Longest reply generated.")
+    parser.add_argument(
+        "--max_new_tokens",
+        type=_positive,
+        default=None,
+        help="Longest reply generated (default: 1.25 x the longest reference reply + 8 tokens).",
+    )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when present.")
     parser.add_argument(
         "--dtype",
@@ -491,8 +599,16 @@ def run(settings: Settings) -> dict:
 
     started = time.monotonic()
     prompts = render_prompts(tokenizer, examples)
-    replies = generate_replies(model, tokenizer, prompts, settings.batch_size, settings.max_new_tokens, device)
-    nlls = reference_nll(model, tokenizer, examples, settings.batch_size, device)
+    continuations = reference_continuations(ChatMasker(tokenizer), examples, prompts)
+    max_new_tokens = settings.max_new_tokens or auto_max_new_tokens(tokenizer, examples)
+    replies, nlls = generate_replies(
+        model, tokenizer, prompts, settings.batch_size, max_new_tokens, device, continuations
+    )
+    apart = [i for i, continuation in enumerate(continuations) if continuation is None]
+    if apart:  # references the prompt is not a prefix of: one teacher-forced pass of their own
+        separate = reference_nll(model, tokenizer, [examples[i] for i in apart], settings.batch_size, device)
+        for index, result in zip(apart, separate):
+            nlls[index] = result
     scores = [score_example(e.reference, reply) for e, reply in zip(examples, replies)]
     for score, nll in zip(scores, nlls):
         if nll is not None:
@@ -507,7 +623,7 @@ def run(settings: Settings) -> dict:
         "n_examples": len(examples),
         "batch_size": settings.batch_size,
         "max_examples": settings.max_examples,
-        "max_new_tokens": settings.max_new_tokens,
+        "max_new_tokens": max_new_tokens,
         "device": device,
         "dtype": str(dtype).replace("torch.", ""),
         "decoding": "greedy",
@@ -529,7 +645,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # With --json the summary must be the last stdout line: anything a library prints goes to stderr.
         with contextlib.redirect_stdout(sys.stderr if settings.json else stdout):
             summary = run(settings)
-    except (EvalError, data_lib.DataError) as error:
+    except (EvalError, GGUFError, data_lib.DataError) as error:
         # Printed rather than logged: it must reach the user even when logging is configured elsewhere.
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -8,12 +8,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from chattune.gguf_models import GGUFError, load_tokenizer
 from chattune.split_finder import SplitReport, find_split
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="find_split.py", description=sys.modules["__main__"].__doc__)
-    parser.add_argument("model", help="hub id or local folder of the model (only its tokenizer is loaded)")
+    parser.add_argument("model", help="hub id, local folder or .gguf file of the model (only its tokenizer is loaded)")
     parser.add_argument("--template", help="a Jinja chat template file to try instead of the tokenizer's own")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     return parser.parse_args(argv)
@@ -21,7 +22,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from transformers import AutoTokenizer
 
     if (
         ("/" in args.model or args.model.startswith("."))
@@ -31,7 +31,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.model}: no such folder (and not a hub id of the form owner/name)", file=sys.stderr)
         return 2
     try:
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        tokenizer = load_tokenizer(args.model)
+    except GGUFError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     except (OSError, ValueError) as error:
         print(f"error: cannot load a tokenizer from {args.model!r}: {error}", file=sys.stderr)
         return 2

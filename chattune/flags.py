@@ -128,6 +128,11 @@ class TrainFlags:
     lora_modules: str | None = _flag(
         None, "Comma-separated module names to adapt (default: every linear projection of the blocks)."
     )
+    lora_layers: int | None = _flag(
+        None,
+        "Adapt only the last N transformer blocks (default: all). The blocks below get no gradient, so the "
+        "backward pass stops at the lowest adapted block: with 10 of 30 it costs a third.",
+    )
     lora_modules_to_save: str | None = _flag(
         None, "Comma-separated modules trained in full next to the adapter, e.g. embed_tokens,lm_head."
     )
@@ -157,6 +162,8 @@ class TrainFlags:
                 "a quantized base model cannot be trained in full: add --use_lora (QLoRA trains an adapter on "
                 "top of the frozen quantized weights)"
             )
+        if self.lora_layers is not None and (self.lora_layers < 1 or not self.use_lora):
+            raise FlagError("--lora_layers needs --use_lora and a number of blocks of at least 1")
         if not 0 < self.eval_fraction <= 1:
             raise FlagError("--eval_fraction must be in (0, 1]")
         if self.early_stopping_patience is not None and not self.test_dataset:

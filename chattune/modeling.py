@@ -111,6 +111,8 @@ def lora_config(flags: TrainFlags, model: Any, tokens_added: bool) -> Any:
     from peft import LoraConfig
 
     targets: Any = _split(flags.lora_modules) or "all-linear"
+    if flags.lora_layers is not None and targets == "all-linear":
+        targets = block_linear_names(model)  # peft takes a layer subset only with named modules
     to_save = _split(flags.lora_modules_to_save) or []
     if tokens_added:
         missing = [n for n in embedding_module_names(model) if n not in to_save]
@@ -122,6 +124,7 @@ def lora_config(flags: TrainFlags, model: Any, tokens_added: bool) -> Any:
                 ", ".join(missing),
             )
     return LoraConfig(
+        layers_to_transform=last_layers(model, flags.lora_layers),
         r=flags.lora_rank,
         lora_alpha=flags.lora_alpha,
         lora_dropout=flags.lora_dropout,
@@ -129,6 +132,27 @@ def lora_config(flags: TrainFlags, model: Any, tokens_added: bool) -> Any:
         modules_to_save=to_save or None,
         task_type="CAUSAL_LM",
     )
+
+
+def block_linear_names(model: Any) -> list[str]:
+    """Short names of the linear projections inside the transformer blocks (q_proj, ..., down_proj)."""
+    output = model.get_output_embeddings()
+    names = [
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and module is not output
+    ]
+    return list(dict.fromkeys(names))
+
+
+def last_layers(model: Any, count: int | None) -> list[int] | None:
+    """Indices of the last `count` transformer blocks (None: every block)."""
+    if count is None:
+        return None
+    total = model.config.num_hidden_layers
+    if count > total:
+        raise FlagError(f"--lora_layers {count}: the model has only {total} blocks")
+    return list(range(total - count, total))
 
 
 def _split(text: str | None) -> list[str]:

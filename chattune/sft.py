@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import sys
@@ -16,6 +17,7 @@ from chattune import data as data_lib
 from chattune.collation import plan_batching
 from chattune.export import merge_adapter, save_model, set_stop_tokens
 from chattune.flags import FlagError, TrainFlags, parse_flags
+from chattune.gguf_models import GGUFError, resolve_model
 from chattune.masking import ChatMasker, MaskingError, trim_suffix_overlap
 from chattune.modeling import choose_attention, choose_dtype, load_model, lora_config
 from chattune.preference import build_preference_trainer, load_pairs
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(state.is_main_process)
     try:
         return train(flags, state)
-    except (FlagError, data_lib.DataError, MaskingError) as error:
+    except (FlagError, GGUFError, data_lib.DataError, MaskingError) as error:
         logger.error("error: %s", error)
         return 2
     except KeyboardInterrupt:
@@ -47,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
 def train(flags: TrainFlags, state: PartialState) -> int:
     started = time.time()
     check_integrations(flags)
+    with state.main_process_first():  # a GGUF file is converted once, by the main process
+        base_folder = resolve_model(flags.base_model)
+    gguf_source = flags.base_model if base_folder != flags.base_model else None
+    flags = dataclasses.replace(flags, base_model=base_folder)
     resume = resolve_resume(flags)
     if resume is None:
         check_outputs_are_free(flags)
@@ -73,6 +79,8 @@ def train(flags: TrainFlags, state: PartialState) -> int:
     # 3. model
     dtype = choose_dtype(flags.bf16)
     model = load_model(flags, dtype, choose_attention(flags.attn_implementation))
+    if gguf_source:  # adapters name the GGUF file they were trained on, not its converted copy
+        model.config._name_or_path = str(Path(gguf_source).resolve())
     grew = resize_embeddings(model, tokenizer)
     set_stop_tokens(model, tokenizer, masker.end_of_turn_token() if masker else None)
     peft_config = lora_config(flags, model, tokens_added=grew or bool(new_tokens)) if flags.use_lora else None

@@ -291,9 +291,38 @@ def test_batched_generation_matches_one_at_a_time(loaded_tiny, tmp_path):
     tokenizer, model = loaded_tiny
     examples = evaluation.load_examples(str(write_jsonl(tmp_path / "t.jsonl", conversations(4))))
     prompts = evaluation.render_prompts(tokenizer, examples)
-    batched = evaluation.generate_replies(model, tokenizer, prompts, 4, 6, "cpu")
-    assert batched == evaluation.generate_replies(model, tokenizer, prompts, 1, 6, "cpu")
+    batched, _ = evaluation.generate_replies(model, tokenizer, prompts, 4, 6, "cpu")
+    assert batched == evaluation.generate_replies(model, tokenizer, prompts, 1, 6, "cpu")[0]
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") in evaluation.stop_token_ids(model, tokenizer)
+
+
+def test_generation_from_the_reference_pass_matches_plain_generation(loaded_tiny, tmp_path):
+    """Replies generated from the cache of the prompt+reference pass are the plain replies, and the NLLs
+    that pass yields are the separate teacher-forced ones."""
+    from chattune import evaluation
+    from chattune.masking import ChatMasker
+
+    tokenizer, model = loaded_tiny
+    examples = evaluation.load_examples(str(write_jsonl(tmp_path / "t.jsonl", conversations())))
+    prompts = evaluation.render_prompts(tokenizer, examples)
+    continuations = evaluation.reference_continuations(ChatMasker(tokenizer), examples, prompts)
+    assert all(c is not None for c in continuations)
+    plain, no_nlls = evaluation.generate_replies(model, tokenizer, prompts, 3, 8, "cpu")
+    replies, nlls = evaluation.generate_replies(model, tokenizer, prompts, 3, 8, "cpu", continuations)
+    assert replies == plain and no_nlls == [None] * len(examples)
+    separate = evaluation.reference_nll(model, tokenizer, examples, 3, "cpu")
+    for (nll, tokens), (expected, expected_tokens) in zip(nlls, separate):
+        assert tokens == expected_tokens
+        assert nll == pytest.approx(expected, rel=1e-4)
+
+
+def test_reply_budget_follows_the_longest_reference(loaded_tiny, tmp_path):
+    from chattune import evaluation
+
+    tokenizer, _ = loaded_tiny
+    examples = evaluation.load_examples(str(write_jsonl(tmp_path / "t.jsonl", conversations())))
+    longest = max(len(tokenizer(e.reference, add_special_tokens=False)["input_ids"]) for e in examples)
+    assert evaluation.auto_max_new_tokens(tokenizer, examples) == longest * 5 // 4 + 8
 
 
 # --- the CLI, end to end ---------------------------------------------------------------------------------
