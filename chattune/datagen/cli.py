@@ -69,7 +69,7 @@ def build_parser(default_output_dir: Path) -> argparse.ArgumentParser:
     parser.add_argument(
         "--compact_prompt",
         action="store_true",
-        help="short system prompts (the persona's first sentence and the device list) for tiny models",
+        help="short system prompts (the persona's first sentence, the Services line and the device list)",
     )
     parser.set_defaults(size="small", fmt="sharegpt")
     return parser

@@ -48,12 +48,14 @@ def system_prompt(
 ) -> str:
     """The whole system prompt for one example.
 
-    `compact` keeps only the persona's first sentence and the device list: a quarter of the tokens, for
-    tiny models trained on a CPU (the demo). Real models should see the full prompt.
+    `compact` keeps the persona's first sentence, the Services line and the device list: half the tokens,
+    for training on a CPU (the demo). The Services line stays because a pretrained model copies the service
+    names from it instead of having to learn them by heart.
     """
     if compact:
         first_sentence = pile.personas[persona].split(". ")[0].rstrip(".") + "."
-        return "\n".join([first_sentence, DEVICES_LABEL, *(device_line(d, s) for d, s in listed)])
+        services = services_line({device.domain for device, _ in listed})
+        return "\n".join([first_sentence, services, DEVICES_LABEL, *(device_line(d, s) for d, s in listed)])
     lines = [
         pile.personas[persona],
         date_line(pile, rng),
