@@ -55,13 +55,13 @@ def parse(command: str) -> None:
         from chattune.export_gguf import build_parser
 
         build_parser().parse_args(args[1:])
-    elif script == "bench/sft_throughput.py":
+    elif script.startswith("bench/") or script == "scripts/demo.py":
         import importlib.util
 
-        spec = importlib.util.spec_from_file_location("sft_throughput", REPO / "bench" / "sft_throughput.py")
-        bench = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(bench)
-        bench.parse_args(args)
+        spec = importlib.util.spec_from_file_location(Path(script).stem, REPO / script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.parse_args(args)
     elif script == "-m" and args[0] == "chattune.flags":
         pass
     else:
