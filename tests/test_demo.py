@@ -20,7 +20,7 @@ def test_demo_runs_every_step_in_quick_mode(tiny_model_dir, tmp_path, monkeypatc
     quick = ["--max_steps", "2", "--batch_size", "2", "--lora_layers", "1", "--eval_examples", "2"]
     result = run_script("scripts/demo.py", "--workdir", str(work), "--base_model", str(gguf_file), *quick)
     assert result.returncode == 0, result.stderr[-3000:]
-    for step in ("generate_home_assistant_data.py", "evaluate.py " + str(gguf_file), "train.py", "evaluate.py"):
+    for step in ("data/generate_home_assistant_data.py", "evaluate.py " + str(gguf_file), "train.py", "evaluate.py"):
         assert f"$ python3 {step}" in result.stdout
     for name in ("base", "tuned"):
         summary = json.loads((work / "eval" / name / "eval_results.json").read_text())["summary"]
