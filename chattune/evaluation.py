@@ -337,16 +337,8 @@ def _prefill_with_references(
     output = model(
         input_ids=full_ids, attention_mask=full_mask, position_ids=positions, use_cache=True, logits_to_keep=longest + 1
     )
-    logits = output.logits[:, :-1].float()
-    targets = labels[:, width:]
-    nll = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
-    ).view(targets.shape)
-    counted = targets != IGNORE_INDEX
-    sums = [
-        (float(nll[row][counted[row]].sum()), int(counted[row].sum())) if continuations[row] is not None else None
-        for row in range(rows)
-    ]
+    summed = summed_nll(output.logits[:, :-1], labels[:, width:])
+    sums = [result if continuations[row] is not None else None for row, result in enumerate(summed)]
     cache = output.past_key_values
     # generate() feeds the last prompt token itself, so its cache must hold everything before it. A negative
     # crop removes that many positions in every transformers 5 release.
@@ -451,7 +443,6 @@ def reference_nll(
 
 
 def _batch_nll(model: Any, pairs: Sequence[tuple[list[int], list[int]]], pad_id: int, device: str) -> list:
-    import torch
 
     ids, mask = left_pad([p[0] for p in pairs], pad_id, device)
     labels, _ = left_pad([p[1] for p in pairs], IGNORE_INDEX, device)
@@ -461,13 +452,18 @@ def _batch_nll(model: Any, pairs: Sequence[tuple[list[int], list[int]]], pad_id:
     keep = min(answer_length + 1, ids.shape[1])
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
-    logits = logits[:, :-1].float()
-    targets = labels[:, -(keep - 1) :]
+    return summed_nll(logits[:, :-1], labels[:, -(keep - 1) :])
+
+
+def summed_nll(logits: Any, targets: Any) -> list[tuple[float, int]]:
+    """Per row, the summed NLL of the labelled `targets` under `logits` (fp32) and how many were labelled."""
+    import torch
+
     nll = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
     ).view(targets.shape)
     counted = targets != IGNORE_INDEX
-    return [(float(nll[row][counted[row]].sum()), int(counted[row].sum())) for row in range(len(pairs))]
+    return [(float(nll[row][counted[row]].sum()), int(counted[row].sum())) for row in range(targets.shape[0])]
 
 
 # --- outputs ---------------------------------------------------------------------------------------------
