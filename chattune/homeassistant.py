@@ -64,9 +64,7 @@ def parse_reply(text: str) -> ParsedReply:
     body = text[body_start:] if end < 0 else text[body_start:end]
     calls, valid = _parse_block(body)
     # A block that never closes means generation stopped mid-way: its JSON cannot be trusted as complete.
-    return ParsedReply(
-        sentence=text[:start].strip(), calls=calls, json_valid=valid and end >= 0, has_block=True
-    )
+    return ParsedReply(sentence=text[:start].strip(), calls=calls, json_valid=valid and end >= 0, has_block=True)
 
 
 def _parse_block(body: str) -> tuple[list[dict], bool]:

@@ -84,16 +84,12 @@ def small_config(tmp_path: Path, **overrides) -> GenerateConfig:
 def medium(tmp_path_factory) -> dict[str, dict[str, list[dict]]]:
     """A --medium train and test set for every language folder, generated once: {split: {language: rows}}."""
     out = tmp_path_factory.mktemp("medium")
-    config = GenerateConfig(
-        output_dir=out, piles_dir=PILES, languages=LANGUAGES, size="medium", progress=False
-    )
+    config = GenerateConfig(output_dir=out, piles_dir=PILES, languages=LANGUAGES, size="medium", progress=False)
     generate(config)
     result: dict[str, dict[str, list[dict]]] = {}
     for split in ("train", "test"):
         rows = read_jsonl(out / f"home_assistant_{split}.jsonl")
-        result[split] = {
-            language: [row for row in rows if row["language"] == language] for language in LANGUAGES
-        }
+        result[split] = {language: [row for row in rows if row["language"] == language] for language in LANGUAGES}
     return result
 
 
@@ -149,9 +145,7 @@ def _value_shown(name: str, value: str, state_text: str) -> bool:
         return f"00:{int(value):02d}:00" in fields
     if name == "count":
         return state_text == value
-    return any(
-        field in (value, f"{value}%", f"{value}°C") or field.startswith(f"{value} (") for field in fields
-    )
+    return any(field in (value, f"{value}%", f"{value}°C") or field.startswith(f"{value} (") for field in fields)
 
 
 def _status_row_fits(row, question: str, answer: str, listed: dict, devices: dict) -> bool:
@@ -163,9 +157,7 @@ def _status_row_fits(row, question: str, answer: str, listed: dict, devices: dic
     for entity_id, (_, state_text) in listed.items():
         device = devices[entity_id]
         names = device.placeholder_values()
-        if device.domain != row.domain or any(
-            groups[key] != names.get(key) for key in groups if key in names
-        ):
+        if device.domain != row.domain or any(groups[key] != names.get(key) for key in groups if key in names):
             continue
         if any(key.startswith("device") and key not in names for key in groups):
             continue
@@ -448,9 +440,7 @@ def test_dpo_pairs(tmp_path):
 def test_dpo_uses_train_devices_only(tmp_path):
     generate(small_config(tmp_path, dpo=True, train=False, test=False))
     pile = load_language(PILES, "english")
-    test_ids = {
-        device.entity_id for group in pile.devices.values() for device in group if device.split == "test"
-    }
+    test_ids = {device.entity_id for group in pile.devices.values() for device in group if device.split == "test"}
     for row in read_jsonl(tmp_path / "out" / "home_assistant_dpo.jsonl"):
         assert not set(parse_system(row["system"])[1]) & test_ids
 

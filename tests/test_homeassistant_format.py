@@ -50,9 +50,7 @@ def test_calls_equal_ignores_call_order():
 
 def test_calls_equal_ignores_key_order_and_json_whitespace():
     text = (
-        "ok\n```homeassistant\n"
-        '{ "brightness":80,"target_device" : "light.kitchen",   "service":"light.turn_on" }\n'
-        "```"
+        'ok\n```homeassistant\n{ "brightness":80,"target_device" : "light.kitchen",   "service":"light.turn_on" }\n```'
     )
     assert calls_equal(parse_reply(text).calls, [KITCHEN_ON])
 

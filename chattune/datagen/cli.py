@@ -18,15 +18,9 @@ def build_parser(default_output_dir: Path) -> argparse.ArgumentParser:
         description="Generate Home Assistant chat datasets from the phrase piles in data/piles/.",
     )
     parser.add_argument("--train", action="store_true", help="write home_assistant_train.jsonl")
-    parser.add_argument(
-        "--test", action="store_true", help="write home_assistant_test.jsonl (held-out piles)"
-    )
-    parser.add_argument(
-        "--sample", action="store_true", help="write home_assistant_sample.jsonl (a few dozen)"
-    )
-    parser.add_argument(
-        "--dpo", action="store_true", help="write home_assistant_dpo.jsonl (preference pairs)"
-    )
+    parser.add_argument("--test", action="store_true", help="write home_assistant_test.jsonl (held-out piles)")
+    parser.add_argument("--sample", action="store_true", help="write home_assistant_sample.jsonl (a few dozen)")
+    parser.add_argument("--dpo", action="store_true", help="write home_assistant_dpo.jsonl (preference pairs)")
     sizes = parser.add_mutually_exclusive_group()
     for size in SIZES:
         sizes.add_argument(
@@ -57,9 +51,7 @@ def build_parser(default_output_dir: Path) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     parser.add_argument("--merge", type=Path, metavar="FILE", help="Alpaca JSON/JSONL to mix into train")
     parser.add_argument("--output_dir", type=Path, default=default_output_dir)
-    parser.add_argument(
-        "--piles_dir", type=Path, default=DATA_DIR / "piles", help="pile folder (default: data/piles)"
-    )
+    parser.add_argument("--piles_dir", type=Path, default=DATA_DIR / "piles", help="pile folder (default: data/piles)")
     parser.add_argument(
         "--max_devices",
         type=int,

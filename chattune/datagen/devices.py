@@ -70,9 +70,7 @@ SERVICES: dict[str, tuple[ServiceSpec, ...]] = {
     "todo": _services("todo", ("add_item", ("item",), ("item",))),
 }
 DOMAINS: tuple[str, ...] = tuple(SERVICES)
-SERVICE_BY_NAME: dict[str, ServiceSpec] = {
-    spec.full_name: spec for specs in SERVICES.values() for spec in specs
-}
+SERVICE_BY_NAME: dict[str, ServiceSpec] = {spec.full_name: spec for specs in SERVICES.values() for spec in specs}
 
 # States a device of each domain can be listed in; status phrasings are written per state.
 # todo's state is the number of open items, written `count` in the piles.

@@ -98,9 +98,7 @@ class ExampleBuilder:
         self.pile, self.split, self.rng = pile, split, rng
         self.max_devices = max(1, max_devices)
         self.personas = list(pile.personas)
-        self.devices = {
-            domain: [d for d in devices if d.split == split] for domain, devices in pile.devices.items()
-        }
+        self.devices = {domain: [d for d in devices if d.split == split] for domain, devices in pile.devices.items()}
         self.all_devices = [device for devices in self.devices.values() for device in devices]
         self.actions = _group([t for t in pile.actions if t.split == split], lambda t: t.service.full_name)
         self.services = list(self.actions)
@@ -141,9 +139,7 @@ class ExampleBuilder:
         device = self.rng.choice(self.devices[template.service.domain])
         slot, texts = self._make_slot(device, template.service, template.arguments, template.request)
         request = fill(template.request, {**device.placeholder_values(), **texts}, template.where)
-        return self._action_example(
-            "template_action", persona, request, self.sentence(persona, [slot]), [slot]
-        )
+        return self._action_example("template_action", persona, request, self.sentence(persona, [slot]), [slot])
 
     def _specific_action(self) -> Example:
         row = self.rng.choice(self.specific)
@@ -170,9 +166,7 @@ class ExampleBuilder:
             values.update(device.placeholder_values(f"device{number}"))
             values.update(texts)
         request = fill(template.request, values, template.where)
-        return self._action_example(
-            "multi_device_action", persona, request, self.sentence(persona, slots), slots
-        )
+        return self._action_example("multi_device_action", persona, request, self.sentence(persona, slots), slots)
 
     def _status(self) -> Example:
         row = self.rng.choice(self.status[self.rng.choice(self.status_domains)])

@@ -74,9 +74,7 @@ def _check_record(where: str, record: Any) -> None:
         raise DataGenError(f"{where}: expected an object with keys {', '.join(ALPACA_KEYS)}")
     missing = [key for key in ("instruction", "output") if key not in record]
     if missing:
-        raise DataGenError(
-            f"{where}: missing key(s) {', '.join(missing)} (expected {', '.join(ALPACA_KEYS)})"
-        )
+        raise DataGenError(f"{where}: missing key(s) {', '.join(missing)} (expected {', '.join(ALPACA_KEYS)})")
     for key in ALPACA_KEYS:
         if key in record and not isinstance(record[key], str):
             raise DataGenError(f"{where}: {key!r} must be a string")

@@ -122,9 +122,7 @@ def discover_languages(piles_dir: Path) -> list[str]:
     """Language folders under `piles_dir`, sorted so the listing never depends on the file system."""
     if not piles_dir.is_dir():
         return []
-    return sorted(
-        path.name for path in piles_dir.iterdir() if path.is_dir() and not path.name.startswith(".")
-    )
+    return sorted(path.name for path in piles_dir.iterdir() if path.is_dir() and not path.name.startswith("."))
 
 
 def load_language(piles_dir: Path, language: str) -> LanguagePile:
@@ -158,9 +156,7 @@ def load_language(piles_dir: Path, language: str) -> LanguagePile:
 # ---------------------------------------------------------------- placeholders
 
 
-def _check_template(
-    where: str, template: str, allowed_values: Iterable[str], device_slots: Iterable[Any]
-) -> None:
+def _check_template(where: str, template: str, allowed_values: Iterable[str], device_slots: Iterable[Any]) -> None:
     """Every placeholder must be well-formed and allowed here; stray braces are errors too."""
     allowed = set(allowed_values)
     slots = set(device_slots)
@@ -217,18 +213,14 @@ def _persona(where: str, name: str, personas: dict[str, str], allow_any: bool) -
 def _check_required_args(where: str, spec: ServiceSpec, given: Iterable[str]) -> None:
     missing = [arg for arg in spec.required if arg not in set(given)]
     if missing:
-        raise PileError(
-            f"{where}: {spec.full_name} needs {', '.join(missing)} (a placeholder or the arguments column)"
-        )
+        raise PileError(f"{where}: {spec.full_name} needs {', '.join(missing)} (a placeholder or the arguments column)")
 
 
 def _require_splits(path: Path, what: str, splits_by_key: dict[str, set[str]], keys: Iterable[str]) -> None:
     for key in keys:
         missing = [split for split in SPLITS if split not in splits_by_key.get(key, set())]
         if missing:
-            raise PileError(
-                f"{path}: {what} {key!r} has no {' or '.join(missing)} rows (every one needs both)"
-            )
+            raise PileError(f"{path}: {what} {key!r} has no {' or '.join(missing)} rows (every one needs both)")
 
 
 # ---------------------------------------------------------------- files
@@ -279,9 +271,7 @@ def _check_device_files(root: Path, devices: dict[str, tuple[Device, ...]]) -> N
         for device in domain_devices:
             for key in (device.entity_id, device.name.casefold()):
                 if key in seen:
-                    raise PileError(
-                        f"{root}: {key!r} is used by two devices ({seen[key]} and {device.entity_id})"
-                    )
+                    raise PileError(f"{root}: {key!r} is used by two devices ({seen[key]} and {device.entity_id})")
                 seen[key] = device.entity_id
 
 
@@ -350,9 +340,7 @@ def _multi_slot_placeholders(where: str, service: str) -> list[str]:
     names = [set(placeholders_for(spec)) for spec in specs]
     common = sorted(set.intersection(*names))
     if any(spec.required for spec in specs) and len(domains) > 1:
-        raise PileError(
-            f"{where}: {service!r} needs arguments: name it with its domain, e.g. light.{service}"
-        )
+        raise PileError(f"{where}: {service!r} needs arguments: name it with its domain, e.g. light.{service}")
     for spec in specs:
         if any(arg not in _args_of(common) for arg in spec.required):
             raise PileError(f"{where}: {spec.full_name} needs arguments that multi_actions.csv cannot give")
@@ -366,9 +354,7 @@ def _load_specific(path: Path, personas: dict[str, str], types: set[str]) -> tup
     for row in rows:
         spec = _service(row.where, row["service"])
         if row["device_type"] not in types:
-            raise PileError(
-                f"{row.where}: no device has type {row['device_type']!r} (see the devices_*.csv files)"
-            )
+            raise PileError(f"{row.where}: no device has type {row['device_type']!r} (see the devices_*.csv files)")
         arguments = parse_arguments(row["arguments"], spec, row.where)
         allowed = [name for name in placeholders_for(spec) if name not in _placeholders_of(arguments)]
         _check_template(row.where, row["request"], allowed, [None])

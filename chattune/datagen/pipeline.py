@@ -211,9 +211,7 @@ def _unique_example(builder: ExampleBuilder, kind: str, seen: set[tuple[str, str
         if key not in seen:
             seen.add(key)
             return example
-    raise DataGenError(
-        f"{builder.pile.language}: too many duplicate {kind} examples; the piles are too small"
-    )
+    raise DataGenError(f"{builder.pile.language}: too many duplicate {kind} examples; the piles are too small")
 
 
 def _dpo_records(builder: ExampleBuilder, total: int, rng: random.Random, bar: tqdm) -> list[dict[str, Any]]:
@@ -225,9 +223,7 @@ def _dpo_records(builder: ExampleBuilder, total: int, rng: random.Random, bar: t
     return records
 
 
-def _write(
-    config: GenerateConfig, outputs: dict[str, list[dict[str, Any]]], shuffle_seed: int
-) -> dict[str, Path]:
+def _write(config: GenerateConfig, outputs: dict[str, list[dict[str, Any]]], shuffle_seed: int) -> dict[str, Path]:
     files = {}
     for part, records in outputs.items():
         # Shuffle so languages and kinds are interleaved; a fixed per-part seed keeps it reproducible.

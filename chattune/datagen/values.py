@@ -98,9 +98,7 @@ def parse_arguments(text: str, spec: ServiceSpec, where: str) -> dict[str, Any]:
         key, raw = key.strip(), raw.strip()
         if not sep or key not in spec.args:
             allowed = ", ".join(spec.args) or "none"
-            raise DataGenError(
-                f"{where}: bad argument {part!r} for {spec.full_name} (key=value; keys: {allowed})"
-            )
+            raise DataGenError(f"{where}: bad argument {part!r} for {spec.full_name} (key=value; keys: {allowed})")
         result[key] = _parse_value(key, raw, where)
     return result
 
@@ -132,9 +130,7 @@ def _parse_value(key: str, raw: str, where: str) -> Any:
             red, green, blue = (int(x) for x in raw.split("/"))
             return [red, green, blue]
     except (ValueError, KeyError) as exc:
-        raise DataGenError(
-            f"{where}: bad value {raw!r} for argument {key} ({_VALUE_HELP.get(key, 'text')})"
-        ) from exc
+        raise DataGenError(f"{where}: bad value {raw!r} for argument {key} ({_VALUE_HELP.get(key, 'text')})") from exc
     if not raw:
         raise DataGenError(f"{where}: empty value for argument {key}")
     return raw

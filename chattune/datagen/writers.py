@@ -53,16 +53,13 @@ def count_table(title: str, counts: Counter, languages: Sequence[str], kinds: Se
     rows = []
     for language in [*languages, "total"]:
         values = [
-            sum(n for (lang, kind), n in counts.items() if kind == k and language in (lang, "total"))
-            for k in kinds
+            sum(n for (lang, kind), n in counts.items() if kind == k and language in (lang, "total")) for k in kinds
         ]
         rows.append([language, *map(str, values), str(sum(values))])
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:
-        return "  ".join(
-            cell.ljust(widths[0]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(cells)
-        )
+        return "  ".join(cell.ljust(widths[0]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(cells))
 
     rule = "-" * len(line(header))
     return "\n".join([title, line(header), rule, *map(line, rows[:-1]), rule, line(rows[-1])])
