@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM
 
-from chattune.flags import FlagError, TrainFlags
+from chattune.config.flags import FlagError, TrainFlags
 
 logger = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from datasets import Dataset
 
+from chattune.config.flags import TrainFlags
 from chattune.data import DataError, load_rows
-from chattune.flags import TrainFlags
 from chattune.safety import AtomicCheckpointMixin
 from chattune.trainer import training_args
 

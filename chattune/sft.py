@@ -15,8 +15,8 @@ from transformers import EarlyStoppingCallback
 
 from chattune import data as data_lib
 from chattune.collation import plan_batching
+from chattune.config.flags import FlagError, TrainFlags, parse_flags
 from chattune.export import merge_adapter, save_model, set_stop_tokens
-from chattune.flags import FlagError, TrainFlags, parse_flags
 from chattune.gguf_models import GGUFError, resolve_model
 from chattune.masking import ChatMasker, MaskingError, trim_suffix_overlap
 from chattune.modeling import choose_attention, choose_dtype, load_model, lora_config

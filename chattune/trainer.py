@@ -10,7 +10,7 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from chattune.collation import BatchingPlan
-from chattune.flags import FlagError, TrainFlags
+from chattune.config.flags import FlagError, TrainFlags
 from chattune.loss import LabelledLogitsLossMixin
 from chattune.safety import AtomicCheckpointMixin
 

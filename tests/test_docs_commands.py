@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from chattune.flags import parse_flags
+from chattune.config.flags import parse_flags
 from conftest import REPO
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -62,7 +62,7 @@ def parse(command: str) -> None:
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         module.parse_args(args)
-    elif script == "-m" and args[0] == "chattune.flags":
+    elif script == "-m" and args[0] == "chattune.config.flags":
         pass
     else:
         pytest.fail(f"no parser known for {command!r}")

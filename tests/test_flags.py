@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from chattune.flags import FlagError, TrainFlags, flag_names, parse_flags
+from chattune.config.flags import FlagError, TrainFlags, flag_names, parse_flags
 
 REQUIRED = ["--run_name", "r", "--base_model", "m", "--train_dataset", "d.jsonl"]
 HOME_LLM_FLAGS = (
@@ -80,10 +80,10 @@ def test_missing_required_flag_names_it(capsys):
 
 
 def test_docs_flag_reference_is_current():
-    from chattune.flags import flags_markdown
+    from chattune.config.flags import flags_markdown
     from conftest import REPO
 
-    assert (REPO / "docs" / "flags.md").read_text() == flags_markdown(), "regenerate: python3 -m chattune.flags"
+    assert (REPO / "docs" / "flags.md").read_text() == flags_markdown(), "regenerate: python3 -m chattune.config.flags"
 
 
 def test_missing_logger_package_and_hub_credentials(monkeypatch):

@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaConfig, PhiConfig, Qwen2Config, StableLmConfig
 from transformers.models.phi3 import Phi3Config
 
-from chattune.flags import parse_flags
+from chattune.config.flags import parse_flags
 from conftest import REPO
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))

@@ -1,0 +1,1 @@
+"""Configuration: every train.py flag in one dataclass, and YAML recipes of those flags."""
