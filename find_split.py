@@ -4,7 +4,7 @@ context, and the --prefix_ids/--suffix_ids flags that reproduce train.py's autom
 
 import sys
 
-from chattune.find_split_cli import main
+from chattune.data.find_split_cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -5,7 +5,7 @@
     python3 bench/sft_throughput.py --vocab 150000  # peak RSS of train.py with and without the lean loss
 
 Everything is built here: Home Assistant data from data/generate_home_assistant_data.py, a byte-level BPE
-tokenizer trained on it (chattune.build_tokenizer) with TRL's Qwen2.5 chat template, and a small
+tokenizer trained on it (chattune.data.build_tokenizer) with TRL's Qwen2.5 chat template, and a small
 random-weight Llama (fixed seed). Nothing is downloaded.
 
 Arms, each in its own subprocess so that its peak RSS is its own:
@@ -179,13 +179,14 @@ def instrument_common(probe: Probe) -> None:
 
 
 def run_chattune(args: argparse.Namespace, work: Path) -> dict:
-    import chattune.data
+    import chattune.data.tokenization
     from chattune import sft
 
     probe = Probe()
     instrument_common(probe)
-    # chattune.sft.prepare calls chattune.data.tokenize_dataset: template + tokenize + mask (+ filter)
-    chattune.data.tokenize_dataset = probe.timed("chattune_tokenize_dataset", chattune.data.tokenize_dataset)
+    # chattune.sft.prepare calls chattune.data.tokenization.tokenize_dataset: template + tokenize + mask (+ filter)
+    tokenization = chattune.data.tokenization
+    tokenization.tokenize_dataset = probe.timed("chattune_tokenize_dataset", tokenization.tokenize_dataset)
     argv = [
         *("--run_name", "bench", "--base_model", str(work / "base"), "--train_dataset", str(train_file(work))),
         *("--output_dir", str(work / "out-chattune"), "--overwrite_output_dir"),
@@ -305,7 +306,7 @@ def build_base_model(work: Path, args: argparse.Namespace) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
     from trl.chat_template_utils import qwen2_5_chat_template
 
-    from chattune.build_tokenizer import train_bpe_tokenizer
+    from chattune.data.build_tokenizer import train_bpe_tokenizer
 
     def texts():
         with train_file(work).open(encoding="utf-8") as rows:

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from chattune import data as data_lib
+from chattune.data import formats
+from chattune.data.masking import IGNORE_INDEX, ChatMasker, MaskingError, labels_from_spans
 from chattune.gguf_models import GGUFError, resolve_model
-from chattune.masking import IGNORE_INDEX, ChatMasker, MaskingError, labels_from_spans
 from chattune.metrics import METRIC_KEYS, ExampleScore, score_example, summarize
 
 logger = logging.getLogger("chattune.evaluate")
@@ -113,10 +113,10 @@ def _adapter_base(folder: Path) -> str:
 
 def load_examples(path: str, max_examples: int | None = None) -> list[Example]:
     """Chat rows -> prompts and references. Raises DataError naming the file (and row) on bad input."""
-    rows = data_lib.load_rows(path)
-    column = data_lib.detect_format(rows, path)
+    rows = formats.load_rows(path)
+    column = formats.detect_format(rows, path)
     if column == "text":
-        raise data_lib.DataError(
+        raise formats.DataError(
             f"{path}: plain `text` rows have no reference answer to compare with; evaluation needs "
             "`conversations` (ShareGPT) or `messages` (OpenAI) rows ending in an assistant message"
         )
@@ -127,25 +127,25 @@ def load_examples(path: str, max_examples: int | None = None) -> list[Example]:
         where = f"{path}: row {index + 1}: "
         turns = row[column]
         if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
-            raise data_lib.DataError(f"{where}column `{column}` must hold a list of turns; {data_lib.FORMATS_HELP}")
-        examples.append(_split_conversation(data_lib.normalize_messages(turns, where), row, where))
+            raise formats.DataError(f"{where}column `{column}` must hold a list of turns; {formats.FORMATS_HELP}")
+        examples.append(_split_conversation(formats.normalize_messages(turns, where), row, where))
     if not examples:
-        raise data_lib.DataError(f"{path}: no examples to evaluate")
+        raise formats.DataError(f"{path}: no examples to evaluate")
     return examples
 
 
 def _split_conversation(messages: list[dict], row: dict, where: str) -> Example:
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
     if last is None:
-        raise data_lib.DataError(f"{where}no assistant message to use as the reference")
+        raise formats.DataError(f"{where}no assistant message to use as the reference")
     if last == 0:
-        raise data_lib.DataError(f"{where}the assistant message has no prompt before it")
+        raise formats.DataError(f"{where}the assistant message has no prompt before it")
     return Example(
         prompt=messages[:last],
         reference=str(messages[last]["content"]),
         language=str(row.get("language") or "unknown"),
         kind=str(row.get("kind") or "unknown"),
-        tools=data_lib.parse_tools(row.get("tools")),
+        tools=formats.parse_tools(row.get("tools")),
     )
 
 
@@ -203,7 +203,7 @@ def _load_adapter(source: ModelSource, tokenizer: Any, dtype: Any) -> Any:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    from chattune.tokens import resize_embeddings
+    from chattune.data.tokenizer import resize_embeddings
 
     try:
         base = AutoModelForCausalLM.from_pretrained(resolve_model(source.base), dtype=dtype)
@@ -641,7 +641,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # With --json the summary must be the last stdout line: anything a library prints goes to stderr.
         with contextlib.redirect_stdout(sys.stderr if settings.json else stdout):
             summary = run(settings)
-    except (EvalError, GGUFError, data_lib.DataError) as error:
+    except (EvalError, GGUFError, formats.DataError) as error:
         # Printed rather than logged: it must reach the user even when logging is configured elsewhere.
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -15,7 +15,7 @@ import torch
 from datasets import Dataset
 
 from chattune.config.flags import TrainFlags
-from chattune.data import DataError, load_rows
+from chattune.data.formats import DataError, load_rows
 from chattune.safety import AtomicCheckpointMixin
 from chattune.trainer import training_args
 

@@ -13,17 +13,17 @@ from typing import Any
 from accelerate import PartialState
 from transformers import EarlyStoppingCallback
 
-from chattune import data as data_lib
 from chattune.collation import plan_batching
 from chattune.config.flags import FlagError, TrainFlags, parse_flags
+from chattune.data import formats, tokenization
+from chattune.data.masking import ChatMasker, MaskingError, trim_suffix_overlap
+from chattune.data.tokenizer import NO_TEMPLATE_HELP, add_tokens, load_tokenizer, resize_embeddings
 from chattune.export import merge_adapter, save_model, set_stop_tokens
 from chattune.gguf_models import GGUFError, resolve_model
-from chattune.masking import ChatMasker, MaskingError, trim_suffix_overlap
 from chattune.modeling import choose_attention, choose_dtype, load_model, lora_config
 from chattune.preference import build_preference_trainer, load_pairs
 from chattune.progress import ThroughputCallback, run_first, summary
 from chattune.safety import GracefulStop, clear_staging
-from chattune.tokens import NO_TEMPLATE_HELP, add_tokens, load_tokenizer, resize_embeddings
 from chattune.trainer import build_trainer, check_integrations
 
 logger = logging.getLogger("chattune")
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(state.is_main_process)
     try:
         return train(flags, state)
-    except (FlagError, GGUFError, data_lib.DataError, MaskingError) as error:
+    except (FlagError, GGUFError, formats.DataError, MaskingError) as error:
         logger.error("error: %s", error)
         return 2
     except KeyboardInterrupt:
@@ -146,12 +146,12 @@ def sample_eval(dataset: Any, fraction: float, seed: int) -> Any:
 
 
 def prepare(flags: TrainFlags, tokenizer: Any, masker: ChatMasker | None, source: str) -> Any:
-    rows = data_lib.load_rows(source)
-    column = data_lib.detect_format(rows, source)
+    rows = formats.load_rows(source)
+    column = formats.detect_format(rows, source)
     if column != "text" and masker is None:
         raise FlagError(NO_TEMPLATE_HELP.format(model=flags.base_model))
     prefix, suffix = explicit_ids(flags)
-    dataset, counts = data_lib.tokenize_dataset(
+    dataset, counts = tokenization.tokenize_dataset(
         rows,
         tokenizer,
         masker,
@@ -162,7 +162,7 @@ def prepare(flags: TrainFlags, tokenizer: Any, masker: ChatMasker | None, source
         suffix_ids=suffix,
         train_on_prompts=flags.train_on_prompts,
     )
-    logger.info("%s", data_lib.summarize(counts, source))
+    logger.info("%s", tokenization.summarize(counts, source))
     if len(dataset) == 0:
         hint = (
             f"--prefix_ids {flags.prefix_ids} never matched; check them with `python3 find_split.py "
@@ -170,7 +170,7 @@ def prepare(flags: TrainFlags, tokenizer: Any, masker: ChatMasker | None, source
             if prefix
             else "check the data format (docs/data.md) and --ctx_size"
         )
-        raise data_lib.DataError(f"{source}: no usable example left; {hint}")
+        raise formats.DataError(f"{source}: no usable example left; {hint}")
     return dataset
 
 

@@ -111,7 +111,7 @@ def training_args(flags: TrainFlags, dtype: torch.dtype, has_eval: bool) -> dict
 def sft_config(flags: TrainFlags, plan: BatchingPlan, dtype: torch.dtype, has_eval: bool) -> SFTConfig:
     return SFTConfig(
         **training_args(flags, dtype, has_eval),
-        # data: already tokenized and masked by chattune.data; TRL packs or flattens it
+        # data: already tokenized and masked by chattune.data.tokenization; TRL packs or flattens it
         max_length=flags.ctx_size if plan.packing else None,  # rows were truncated to ctx_size already
         packing=plan.packing,
         packing_strategy="bfd",

@@ -59,7 +59,7 @@ def shared_tokenizer_path(name: str) -> Path:
 @pytest.fixture(scope="session")
 def test_tokenizer_dir(tmp_path_factory) -> Path:
     """A small byte-level BPE tokenizer trained here, with the special tokens of every tested family."""
-    from chattune.build_tokenizer import train_bpe_tokenizer
+    from chattune.data.build_tokenizer import train_bpe_tokenizer
 
     path = tmp_path_factory.mktemp("test-tokenizer")
     train_bpe_tokenizer(

@@ -7,8 +7,9 @@ import json
 import pytest
 from datasets import Dataset
 
-from chattune.data import DataError, detect_format, load_rows, normalize_messages, tokenize_dataset
-from chattune.masking import IGNORE_INDEX, ChatMasker
+from chattune.data.formats import DataError, detect_format, load_rows, normalize_messages
+from chattune.data.masking import IGNORE_INDEX, ChatMasker
+from chattune.data.tokenization import tokenize_dataset
 from conftest import chat_rows, write_jsonl
 
 OPENAI_ROW = {

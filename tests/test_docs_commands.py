@@ -48,7 +48,7 @@ def parse(command: str) -> None:
 
         parse_args(args)
     elif script == "find_split.py":
-        from chattune.find_split_cli import parse_args
+        from chattune.data.find_split_cli import parse_args
 
         parse_args(args)
     elif script == "-m" and args[0] == "chattune.export_gguf":

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from chattune.config.flags import FlagError, parse_flags
-from chattune.data import DataError
+from chattune.data.formats import DataError
 from chattune.modeling import quantization_config
 from chattune.preference import load_pairs
 from conftest import REPO, chat_rows, run_script, write_jsonl

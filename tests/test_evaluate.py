@@ -269,7 +269,7 @@ def test_batched_perplexity_matches_one_at_a_time(loaded_tiny, tmp_path):
     import torch
 
     from chattune import evaluation
-    from chattune.masking import IGNORE_INDEX, ChatMasker
+    from chattune.data.masking import IGNORE_INDEX, ChatMasker
 
     tokenizer, model = loaded_tiny
     examples = evaluation.load_examples(str(write_jsonl(tmp_path / "t.jsonl", conversations())))
@@ -300,7 +300,7 @@ def test_generation_from_the_reference_pass_matches_plain_generation(loaded_tiny
     """Replies generated from the cache of the prompt+reference pass are the plain replies, and the NLLs
     that pass yields are the separate teacher-forced ones."""
     from chattune import evaluation
-    from chattune.masking import ChatMasker
+    from chattune.data.masking import ChatMasker
 
     tokenizer, model = loaded_tiny
     examples = evaluation.load_examples(str(write_jsonl(tmp_path / "t.jsonl", conversations())))

@@ -7,7 +7,7 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from chattune.split_finder import find_split
+from chattune.data.split_finder import find_split
 from conftest import REPO, make_llama3_like_tokenizer, run_script, shared_tokenizer_path
 from templates import INLINE_TEMPLATES
 
@@ -53,7 +53,7 @@ def test_shared_tokenizers_cli(name, prefix_tokens, suffix_tokens):
 def test_mistral_header_tokenized_alone_never_occurs_in_context():
     """The template writes `[/INST] ` + answer; alone, the trailing space is its own token, in context it
     merges into the answer's first word. Ids computed alone would never match."""
-    from chattune.masking import find_sublist
+    from chattune.data.masking import find_sublist
 
     tokenizer = AutoTokenizer.from_pretrained(shared_tokenizer_path("mistral-v1-instruct"))
     alone = tokenizer("[/INST] ", add_special_tokens=False)["input_ids"]

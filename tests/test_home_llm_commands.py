@@ -12,8 +12,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer, PhiConfig, PhiForCausalLM
 
-from chattune.data import load_rows, tokenize_dataset
-from chattune.masking import ChatMasker, trim_suffix_overlap
+from chattune.data.formats import load_rows
+from chattune.data.masking import ChatMasker, trim_suffix_overlap
+from chattune.data.tokenization import tokenize_dataset
 from conftest import REPO, chat_rows, make_llama3_like_tokenizer, make_tiny_model, run_script, write_jsonl
 
 PHI3 = """--run_name home-phi3-mini-rev1 --base_model {model} --bf16

@@ -11,9 +11,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from trl import SFTConfig
 
 import chattune.loss
-from chattune.data import tokenize_dataset
+from chattune.data.masking import ChatMasker
+from chattune.data.tokenization import tokenize_dataset
 from chattune.loss import LEAN_LOSS_ENV, _trl_head_is_compact, kept_positions, lean_loss_mode
-from chattune.masking import ChatMasker
 from chattune.trainer import SFTTrainerWithAtomicCheckpoints
 from conftest import chat_rows
 

@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from chattune.masking import (
+from chattune.data.masking import (
     IGNORE_INDEX,
     ChatMasker,
     MaskingError,

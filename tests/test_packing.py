@@ -18,8 +18,8 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from chattune.attention import VARLEN_SDPA, has_sliding_window, use_varlen_sdpa
 from chattune.collation import plan_batching
 from chattune.config.flags import TrainFlags
-from chattune.data import tokenize_dataset
-from chattune.masking import IGNORE_INDEX, ChatMasker
+from chattune.data.masking import IGNORE_INDEX, ChatMasker
+from chattune.data.tokenization import tokenize_dataset
 from chattune.trainer import build_trainer
 from conftest import REPO, chat_rows, run_script, write_jsonl
 

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from chattune.data.split_finder import SplitReport, find_split
 from chattune.gguf_models import GGUFError, load_tokenizer
-from chattune.split_finder import SplitReport, find_split
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from chattune.masking import ChatMasker, Encoded, explicit_labels
+from chattune.data.masking import ChatMasker, Encoded, explicit_labels
 
 SYSTEM_PROMPT = "You are a helpful assistant that controls a smart home."
 TURNS = [
