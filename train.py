@@ -3,7 +3,7 @@
 
 import sys
 
-from chattune.sft import main
+from chattune.training.run import main
 
 if __name__ == "__main__":
     sys.exit(main())

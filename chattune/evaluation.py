@@ -22,8 +22,8 @@ from typing import Any
 
 from chattune.data import formats
 from chattune.data.masking import IGNORE_INDEX, ChatMasker, MaskingError, labels_from_spans
-from chattune.gguf_models import GGUFError, resolve_model
 from chattune.metrics import METRIC_KEYS, ExampleScore, score_example, summarize
+from chattune.training.gguf_models import GGUFError, resolve_model
 
 logger = logging.getLogger("chattune.evaluate")
 

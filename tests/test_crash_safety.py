@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from chattune.safety import AtomicCheckpointMixin
+from chattune.training.safety import AtomicCheckpointMixin
 from conftest import REPO, chat_rows, run_script, write_jsonl
 
 TRAIN = str(REPO / "train.py")

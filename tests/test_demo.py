@@ -33,7 +33,7 @@ def test_demo_runs_every_step_in_quick_mode(tiny_model_dir, tmp_path, monkeypatc
 def test_demo_without_the_wheel_says_how_to_install_it(monkeypatch, capsys):
     import importlib.util
 
-    from chattune import gguf_models
+    from chattune.training import gguf_models
 
     spec = importlib.util.spec_from_file_location("demo", REPO / "scripts" / "demo.py")
     demo = importlib.util.module_from_spec(spec)

@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from chattune.config.flags import FlagError, parse_flags
 from chattune.data.formats import DataError
-from chattune.modeling import quantization_config
-from chattune.preference import load_pairs
+from chattune.training.modeling import quantization_config
+from chattune.training.preference import load_pairs
 from conftest import REPO, chat_rows, run_script, write_jsonl
 
 TRAIN = str(REPO / "train.py")

@@ -89,7 +89,7 @@ def test_docs_flag_reference_is_current():
 def test_missing_logger_package_and_hub_credentials(monkeypatch):
     import importlib.util
 
-    from chattune.trainer import check_integrations
+    from chattune.training.arguments import check_integrations
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
@@ -101,7 +101,7 @@ def test_missing_logger_package_and_hub_credentials(monkeypatch):
 
 
 def test_early_stopping_needs_aligned_steps():
-    from chattune.trainer import evaluation_args
+    from chattune.training.arguments import evaluation_args
 
     flags = parse_flags(
         [

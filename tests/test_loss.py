@@ -1,4 +1,4 @@
-"""The labelled-positions loss (chattune/loss.py) against the standard full-logits loss, and its memory."""
+"""The labelled-positions loss (chattune/training/loss.py) against the standard full-logits loss, and its memory."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from trl import SFTConfig
 
-import chattune.loss
+import chattune.training.loss
 from chattune.data.masking import ChatMasker
 from chattune.data.tokenization import tokenize_dataset
-from chattune.loss import LEAN_LOSS_ENV, _trl_head_is_compact, kept_positions, lean_loss_mode
-from chattune.trainer import SFTTrainerWithAtomicCheckpoints
+from chattune.training.loss import LEAN_LOSS_ENV, _trl_head_is_compact, kept_positions, lean_loss_mode
+from chattune.training.sft_trainer import SFTTrainerWithAtomicCheckpoints
 from conftest import chat_rows
 
 TOLERANCE = 1e-5
@@ -62,13 +62,13 @@ def make_trainer(model, tokenizer, examples, tmp_path, padding_free: bool = True
 def lean_calls(monkeypatch) -> list[int]:
     """Counts the labelled-only forwards, so a silent fall-back to TRL's loss cannot pass for the lean one."""
     calls: list[int] = []
-    original = chattune.loss.forward_kept_logits
+    original = chattune.training.loss.forward_kept_logits
 
     def spy(model, inputs, positions):
         calls.append(positions.numel())
         return original(model, inputs, positions)
 
-    monkeypatch.setattr(chattune.loss, "forward_kept_logits", spy)
+    monkeypatch.setattr(chattune.training.loss, "forward_kept_logits", spy)
     return calls
 
 

@@ -1,6 +1,6 @@
 """Padding-free micro-batches and --packing rows never let examples see each other or each other's labels.
 
-The batches come from the trainer chattune builds (chattune.trainer.build_trainer: TRL's collator with
+The batches come from the trainer chattune builds (chattune.training.sft_trainer.build_trainer: TRL's collator with
 padding_free=True; with --packing, TRL's bfd `pack_dataset` into rows of ctx_size, then the same
 collator). Each example of a batch is then run alone through the same tiny random-weight Llama (fp32,
 eval mode), and its summed and mean loss over its labelled tokens must not change.
@@ -15,12 +15,12 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from chattune.attention import VARLEN_SDPA, has_sliding_window, use_varlen_sdpa
-from chattune.collation import plan_batching
 from chattune.config.flags import TrainFlags
 from chattune.data.masking import IGNORE_INDEX, ChatMasker
 from chattune.data.tokenization import tokenize_dataset
-from chattune.trainer import build_trainer
+from chattune.training.attention import VARLEN_SDPA, has_sliding_window, use_varlen_sdpa
+from chattune.training.batching import plan_batching
+from chattune.training.sft_trainer import build_trainer
 from conftest import REPO, chat_rows, run_script, write_jsonl
 
 TOLERANCE = 1e-5

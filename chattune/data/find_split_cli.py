@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from chattune.data.split_finder import SplitReport, find_split
-from chattune.gguf_models import GGUFError, load_tokenizer
+from chattune.training.gguf_models import GGUFError, load_tokenizer
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -16,8 +16,8 @@ from datasets import Dataset
 
 from chattune.config.flags import TrainFlags
 from chattune.data.formats import DataError, load_rows
-from chattune.safety import AtomicCheckpointMixin
-from chattune.trainer import training_args
+from chattune.training.arguments import training_args
+from chattune.training.safety import AtomicCheckpointMixin
 
 logger = logging.getLogger(__name__)
 

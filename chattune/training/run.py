@@ -13,18 +13,19 @@ from typing import Any
 from accelerate import PartialState
 from transformers import EarlyStoppingCallback
 
-from chattune.collation import plan_batching
 from chattune.config.flags import FlagError, TrainFlags, parse_flags
 from chattune.data import formats, tokenization
 from chattune.data.masking import ChatMasker, MaskingError, trim_suffix_overlap
 from chattune.data.tokenizer import NO_TEMPLATE_HELP, add_tokens, load_tokenizer, resize_embeddings
 from chattune.export import merge_adapter, save_model, set_stop_tokens
-from chattune.gguf_models import GGUFError, resolve_model
-from chattune.modeling import choose_attention, choose_dtype, load_model, lora_config
-from chattune.preference import build_preference_trainer, load_pairs
-from chattune.progress import ThroughputCallback, run_first, summary
-from chattune.safety import GracefulStop, clear_staging
-from chattune.trainer import build_trainer, check_integrations
+from chattune.training.arguments import check_integrations
+from chattune.training.batching import plan_batching
+from chattune.training.gguf_models import GGUFError, resolve_model
+from chattune.training.modeling import choose_attention, choose_dtype, load_model, lora_config
+from chattune.training.preference import build_preference_trainer, load_pairs
+from chattune.training.progress import ThroughputCallback, run_first, summary
+from chattune.training.safety import GracefulStop, clear_staging
+from chattune.training.sft_trainer import build_trainer
 
 logger = logging.getLogger("chattune")
 

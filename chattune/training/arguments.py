@@ -1,20 +1,12 @@
-"""Wiring flags into TRL's SFTTrainer."""
+"""Flags into the TrainingArguments that SFT and preference training share, and the integrations they need."""
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
-from datasets import Dataset
-from trl import SFTConfig, SFTTrainer
 
-from chattune.collation import BatchingPlan
 from chattune.config.flags import FlagError, TrainFlags
-from chattune.loss import LabelledLogitsLossMixin
-from chattune.safety import AtomicCheckpointMixin
-
-logger = logging.getLogger(__name__)
 
 
 def report_targets(report_to: str) -> list[str]:
@@ -105,45 +97,4 @@ def training_args(flags: TrainFlags, dtype: torch.dtype, has_eval: bool) -> dict
         disable_tqdm=False,
         push_to_hub=flags.push_to_hub,
         hub_model_id=flags.hub_model_id or (flags.run_name if flags.push_to_hub else None),
-    )
-
-
-def sft_config(flags: TrainFlags, plan: BatchingPlan, dtype: torch.dtype, has_eval: bool) -> SFTConfig:
-    return SFTConfig(
-        **training_args(flags, dtype, has_eval),
-        # data: already tokenized and masked by chattune.data.tokenization; TRL packs or flattens it
-        max_length=flags.ctx_size if plan.packing else None,  # rows were truncated to ctx_size already
-        packing=plan.packing,
-        packing_strategy="bfd",
-        padding_free=plan.padding_free,
-        train_sampling_strategy="group_by_length" if flags.group_by_length else "random",
-        shuffle_dataset=plan.packing,  # shuffle before packing so rows mix examples; the sampler does the rest
-        include_num_input_tokens_seen="non_padding",
-    )
-
-
-class SFTTrainerWithAtomicCheckpoints(AtomicCheckpointMixin, LabelledLogitsLossMixin, SFTTrainer):
-    pass
-
-
-def build_trainer(
-    flags: TrainFlags,
-    model: Any,
-    tokenizer: Any,
-    train_data: Dataset,
-    eval_data: Dataset | None,
-    plan: BatchingPlan,
-    dtype: torch.dtype,
-    peft_config: Any | None = None,
-    callbacks: list | None = None,
-) -> SFTTrainer:
-    config = sft_config(flags, plan, dtype, has_eval=eval_data is not None)
-    return SFTTrainerWithAtomicCheckpoints(
-        model=model,
-        args=config,
-        train_dataset=train_data,
-        eval_dataset=eval_data,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=callbacks,
     )
