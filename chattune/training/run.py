@@ -17,13 +17,15 @@ from chattune.config.flags import FlagError, TrainFlags, parse_flags
 from chattune.data import formats, tokenization
 from chattune.data.masking import ChatMasker, MaskingError, trim_suffix_overlap
 from chattune.data.tokenizer import NO_TEMPLATE_HELP, add_tokens, load_tokenizer, resize_embeddings
-from chattune.export import merge_adapter, save_model, set_stop_tokens
+from chattune.export import set_stop_tokens
 from chattune.training.arguments import check_integrations
 from chattune.training.batching import plan_batching
 from chattune.training.gguf_models import GGUFError, resolve_model
 from chattune.training.modeling import choose_attention, choose_dtype, load_model, lora_config
+from chattune.training.outputs import check_outputs_are_free, save_outputs
 from chattune.training.preference import build_preference_trainer, load_pairs
 from chattune.training.progress import ThroughputCallback, run_first, summary
+from chattune.training.resume import resolve_resume
 from chattune.training.safety import GracefulStop, clear_staging
 from chattune.training.sft_trainer import build_trainer
 
@@ -197,96 +199,6 @@ def default_processes() -> int:
     import os
 
     return max(1, min(4, (os.cpu_count() or 1)))
-
-
-def resolve_resume(flags: TrainFlags) -> str | None:
-    if not flags.resume_from_checkpoint:
-        return None
-    from transformers.trainer_utils import get_last_checkpoint
-
-    path = Path(flags.resume_from_checkpoint)
-    if flags.resume_from_checkpoint == "latest":
-        last = get_last_checkpoint(str(flags.run_dir)) if flags.run_dir.is_dir() else None
-        if last is None:
-            raise FlagError(f"--resume_from_checkpoint latest: no checkpoint-* folder in {flags.run_dir}")
-        path = Path(last)
-    if not (path / "trainer_state.json").is_file():
-        found = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
-        raise FlagError(
-            f"--resume_from_checkpoint {path} is not a checkpoint (no trainer_state.json); found: {found or 'nothing'}"
-        )
-    check_checkpoint_matches(flags, path)
-    return str(path)
-
-
-def check_checkpoint_matches(flags: TrainFlags, checkpoint: Path) -> None:
-    """Refuse to resume a checkpoint of another model or LoRA set-up: it would load, then train nonsense."""
-    import json
-
-    adapter_file = checkpoint / "adapter_config.json"
-    if flags.use_lora != adapter_file.is_file():
-        kind = "a LoRA adapter" if adapter_file.is_file() else "full model weights"
-        raise FlagError(f"{checkpoint} holds {kind}, but this run is {'LoRA' if flags.use_lora else 'full'} training")
-    if flags.use_lora:
-        saved = json.loads(adapter_file.read_text())
-        wanted = {"r": flags.lora_rank, "lora_alpha": flags.lora_alpha}
-        for key, value in wanted.items():
-            if saved.get(key) != value:
-                raise FlagError(f"{checkpoint} was trained with LoRA {key}={saved.get(key)}, this run asks for {value}")
-        return
-    from transformers import AutoConfig
-
-    saved, base = AutoConfig.from_pretrained(checkpoint), AutoConfig.from_pretrained(flags.base_model)
-    for key in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads"):
-        if getattr(saved, key, None) != getattr(base, key, None):
-            raise FlagError(
-                f"{checkpoint} is from another model: {key}={getattr(saved, key, None)}, but --base_model "
-                f"{flags.base_model} has {getattr(base, key, None)}"
-            )
-
-
-def check_outputs_are_free(flags: TrainFlags) -> None:
-    if flags.overwrite_output_dir:
-        return
-    for folder in planned_outputs(flags):
-        if folder.is_dir() and any(folder.iterdir()):
-            raise FlagError(
-                f"{folder} exists and is not empty; pass --overwrite_output_dir to replace it, or "
-                "--resume_from_checkpoint latest to continue the run"
-            )
-
-
-def planned_outputs(flags: TrainFlags) -> list[Path]:
-    folders = [flags.run_dir]
-    if flags.use_lora:
-        folders.append(flags.lora_dir)
-    if not flags.use_lora or flags.lora_merge:
-        folders.append(flags.model_dir)
-    return folders
-
-
-def save_outputs(flags: TrainFlags, trainer: Any, tokenizer: Any, dtype: Any) -> list[Path]:
-    """Full model -> models/<run>; LoRA -> loras/<run> (+ merged -> models/<run> with --lora_merge)."""
-    accelerator = trainer.accelerator
-    accelerator.wait_for_everyone()
-    # Every process takes part in gathering the weights (FSDP and ZeRO-3 shard them); rank 0 writes.
-    state_dict = accelerator.get_state_dict(trainer.model)
-    model = accelerator.unwrap_model(trainer.model)
-    outputs = []
-    if trainer.is_world_process_zero():
-        target = flags.lora_dir if flags.use_lora else flags.model_dir
-        outputs.append(save_model(model, tokenizer, target, state_dict))
-        if flags.use_lora and flags.lora_merge:
-            reload = flags.quantized or accelerator.num_processes > 1  # the local copy holds no full weights
-            merged = merge_adapter(model, flags.base_model, reload, dtype, adapter_dir=flags.lora_dir)
-            merged.generation_config = model.generation_config
-            outputs.append(save_model(merged, tokenizer, flags.model_dir))
-        if flags.export_gguf:
-            from chattune.export_gguf import export_gguf
-
-            outputs.append(export_gguf(flags.model_dir, outtype=flags.export_gguf))
-    accelerator.wait_for_everyone()
-    return outputs
 
 
 def setup_logging(main_process: bool) -> None:

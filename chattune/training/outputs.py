@@ -1,0 +1,53 @@
+"""A run's output folders: which ones it writes, refusing to overwrite them, and the final save into them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from chattune.config.flags import FlagError, TrainFlags
+from chattune.export import merge_adapter, save_model
+
+
+def check_outputs_are_free(flags: TrainFlags) -> None:
+    if flags.overwrite_output_dir:
+        return
+    for folder in planned_outputs(flags):
+        if folder.is_dir() and any(folder.iterdir()):
+            raise FlagError(
+                f"{folder} exists and is not empty; pass --overwrite_output_dir to replace it, or "
+                "--resume_from_checkpoint latest to continue the run"
+            )
+
+
+def planned_outputs(flags: TrainFlags) -> list[Path]:
+    folders = [flags.run_dir]
+    if flags.use_lora:
+        folders.append(flags.lora_dir)
+    if not flags.use_lora or flags.lora_merge:
+        folders.append(flags.model_dir)
+    return folders
+
+
+def save_outputs(flags: TrainFlags, trainer: Any, tokenizer: Any, dtype: Any) -> list[Path]:
+    """Full model -> models/<run>; LoRA -> loras/<run> (+ merged -> models/<run> with --lora_merge)."""
+    accelerator = trainer.accelerator
+    accelerator.wait_for_everyone()
+    # Every process takes part in gathering the weights (FSDP and ZeRO-3 shard them); rank 0 writes.
+    state_dict = accelerator.get_state_dict(trainer.model)
+    model = accelerator.unwrap_model(trainer.model)
+    outputs = []
+    if trainer.is_world_process_zero():
+        target = flags.lora_dir if flags.use_lora else flags.model_dir
+        outputs.append(save_model(model, tokenizer, target, state_dict))
+        if flags.use_lora and flags.lora_merge:
+            reload = flags.quantized or accelerator.num_processes > 1  # the local copy holds no full weights
+            merged = merge_adapter(model, flags.base_model, reload, dtype, adapter_dir=flags.lora_dir)
+            merged.generation_config = model.generation_config
+            outputs.append(save_model(merged, tokenizer, flags.model_dir))
+        if flags.export_gguf:
+            from chattune.export_gguf import export_gguf
+
+            outputs.append(export_gguf(flags.model_dir, outtype=flags.export_gguf))
+    accelerator.wait_for_everyone()
+    return outputs
