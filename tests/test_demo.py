@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from chattune.export_gguf import export_gguf
+from chattune.export.gguf import export_gguf
 from conftest import REPO, run_script
 
 pytestmark = pytest.mark.slow

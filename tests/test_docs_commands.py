@@ -51,8 +51,8 @@ def parse(command: str) -> None:
         from chattune.data.find_split_cli import parse_args
 
         parse_args(args)
-    elif script == "-m" and args[0] == "chattune.export_gguf":
-        from chattune.export_gguf import build_parser
+    elif script == "-m" and args[0] == "chattune.export.gguf":
+        from chattune.export.gguf import build_parser
 
         build_parser().parse_args(args[1:])
     elif script.startswith("bench/") or script == "scripts/demo.py":

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from chattune.export_gguf import (
+from chattune.export.gguf import (
     SUPPORTED_ARCHITECTURES,
     UnsupportedModelError,
     _llama3_rope_factors,

@@ -10,7 +10,7 @@ from pathlib import Path
 import gguf
 import pytest
 
-from chattune.export_gguf import export_gguf
+from chattune.export.gguf import export_gguf
 from chattune.training.gguf_models import GGUFError, cache_folder, find_gguf, gguf_in_package, read_architecture
 from conftest import chat_rows, run_script, write_jsonl
 

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from chattune.config.flags import FlagError, TrainFlags
-from chattune.export import merge_adapter, save_model
+from chattune.export.save import merge_adapter, save_model
 
 
 def check_outputs_are_free(flags: TrainFlags) -> None:
@@ -46,7 +46,7 @@ def save_outputs(flags: TrainFlags, trainer: Any, tokenizer: Any, dtype: Any) ->
             merged.generation_config = model.generation_config
             outputs.append(save_model(merged, tokenizer, flags.model_dir))
         if flags.export_gguf:
-            from chattune.export_gguf import export_gguf
+            from chattune.export.gguf import export_gguf
 
             outputs.append(export_gguf(flags.model_dir, outtype=flags.export_gguf))
     accelerator.wait_for_everyone()

@@ -1,6 +1,6 @@
 """Export a Hugging Face model folder to a single GGUF file for llama.cpp, Ollama and friends.
 
-    python3 -m chattune.export_gguf MODEL_DIR --outtype f16|q8_0|f32 [--out FILE]
+    python3 -m chattune.export.gguf MODEL_DIR --outtype f16|q8_0|f32 [--out FILE]
 
 Supported: Llama and Qwen2 decoders (`LlamaForCausalLM`, `Qwen2ForCausalLM`) with a byte-level BPE
 tokenizer (GPT-2 / Qwen2 / Llama-3 style `tokenizer.json`). Anything else is refused with a message
@@ -456,7 +456,7 @@ def export_gguf(model_dir: str | Path, outtype: str = "f16", out: str | Path | N
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python3 -m chattune.export_gguf",
+        prog="python3 -m chattune.export.gguf",
         description="Export a Hugging Face model folder (Llama or Qwen2, byte-level BPE tokenizer) to GGUF.",
     )
     parser.add_argument("model_dir", type=Path, help="folder with config.json, weights and tokenizer")
