@@ -1,4 +1,4 @@
-"""Tokenizer set-up: extra tokens (pad, ChatML, tool calls), the chat template, embedding resizing."""
+"""Tokenizer set-up: extra tokens (pad, ChatML, tool calls), the chat template, embedding resizing, stop tokens."""
 
 from __future__ import annotations
 
@@ -87,3 +87,14 @@ def resize_embeddings(model: Any, tokenizer: Any) -> bool:
     model.resize_token_embeddings(new_rows, mean_resizing=True)
     logger.info("resized embeddings from %d to %d rows", rows, new_rows)
     return True
+
+
+def set_stop_tokens(model: Any, tokenizer: Any, end_of_turn: str | None) -> None:
+    """Make `generate` stop at the chat template's end-of-turn token as well as at EOS."""
+    ids = [tokenizer.eos_token_id]
+    if end_of_turn is not None:
+        ids.append(tokenizer.convert_tokens_to_ids(end_of_turn))
+    ids = [i for i in dict.fromkeys(ids) if i is not None]
+    if ids:
+        model.generation_config.eos_token_id = ids if len(ids) > 1 else ids[0]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from chattune.config.flags import FlagError, TrainFlags
-from chattune.export.save import merge_adapter, save_model
+from chattune.export.merge import merge_adapter
+from chattune.export.save import save_model
 
 
 def check_outputs_are_free(flags: TrainFlags) -> None:

@@ -16,8 +16,7 @@ from transformers import EarlyStoppingCallback
 from chattune.config.flags import FlagError, TrainFlags, parse_flags
 from chattune.data import formats, tokenization
 from chattune.data.masking import ChatMasker, MaskingError, trim_suffix_overlap
-from chattune.data.tokenizer import NO_TEMPLATE_HELP, add_tokens, load_tokenizer, resize_embeddings
-from chattune.export.save import set_stop_tokens
+from chattune.data.tokenizer import NO_TEMPLATE_HELP, add_tokens, load_tokenizer, resize_embeddings, set_stop_tokens
 from chattune.training.arguments import check_integrations
 from chattune.training.batching import plan_batching
 from chattune.training.gguf_models import GGUFError, resolve_model
