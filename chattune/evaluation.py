@@ -1,6 +1,6 @@
 """The recipe behind evaluate.py: load a model or adapter, generate replies for a test set, score them.
 
-Scoring lives in chattune.metrics; this module does the I/O, the batching and the torch work.
+Scoring lives in chattune.domains.homeassistant.scoring; this module does the I/O, the batching and the torch work.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 from chattune.data import formats
 from chattune.data.masking import IGNORE_INDEX, ChatMasker, MaskingError, labels_from_spans
-from chattune.metrics import METRIC_KEYS, ExampleScore, score_example, summarize
+from chattune.domains.homeassistant.scoring import METRIC_KEYS, ExampleScore, score_example, summarize
 from chattune.training.gguf_models import GGUFError, resolve_model
 
 logger = logging.getLogger("chattune.evaluate")

@@ -1,5 +1,8 @@
 #!/usr/bin/env python3
-"""Generate the Home Assistant chat datasets; see data/README.md. The logic lives in chattune.datagen."""
+"""Generate the Home Assistant chat datasets; see data/README.md.
+
+The logic lives in chattune.domains.homeassistant.datagen.
+"""
 
 import sys
 from pathlib import Path
@@ -8,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a plain script from any folder, without installing chattune
     sys.path.insert(0, str(ROOT))
 
-from chattune.datagen.cli import main  # noqa: E402
+from chattune.domains.homeassistant.datagen.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(default_output_dir=Path(__file__).resolve().parent))

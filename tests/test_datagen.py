@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from chattune.datagen import DataGenError, GenerateConfig, PileError, generate
-from chattune.datagen.piles import discover_languages, load_language
-from chattune.datagen.templates import LEFTOVER_RE, template_regex
-from chattune.homeassistant import parse_reply
+from chattune.domains.homeassistant.datagen import DataGenError, GenerateConfig, PileError, generate
+from chattune.domains.homeassistant.datagen.piles import discover_languages, load_language
+from chattune.domains.homeassistant.datagen.templates import LEFTOVER_RE, template_regex
+from chattune.domains.homeassistant.reply_format import parse_reply
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "data" / "generate_home_assistant_data.py"
@@ -456,7 +456,7 @@ def test_max_devices_caps_the_device_list(tmp_path, max_devices):
 
 
 def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
-    import chattune.datagen.writers as writers
+    import chattune.domains.homeassistant.datagen.writers as writers
 
     target = tmp_path / "out.jsonl"
     target.write_text("old\n", encoding="utf-8")

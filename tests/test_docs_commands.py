@@ -40,7 +40,7 @@ def parse(command: str) -> None:
     if script == "train.py":
         parse_flags(args)
     elif script == "data/generate_home_assistant_data.py":
-        from chattune.datagen.cli import build_parser
+        from chattune.domains.homeassistant.datagen.cli import build_parser
 
         build_parser(Path("data")).parse_args(args)
     elif script == "evaluate.py":

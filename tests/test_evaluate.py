@@ -11,8 +11,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chattune.homeassistant import format_reply
-from chattune.metrics import METRIC_KEYS, ExampleScore, aggregate, bleu, rouge_l, score_example, summarize
+from chattune.domains.homeassistant.reply_format import format_reply
+from chattune.domains.homeassistant.scoring import (
+    METRIC_KEYS,
+    ExampleScore,
+    aggregate,
+    bleu,
+    rouge_l,
+    score_example,
+    summarize,
+)
 from conftest import run_script, write_jsonl
 
 KITCHEN_ON = {"service": "light.turn_on", "target_device": "light.kitchen"}

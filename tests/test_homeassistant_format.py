@@ -7,7 +7,7 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chattune.homeassistant import (
+from chattune.domains.homeassistant.reply_format import (
     calls_equal,
     format_calls,
     format_reply,

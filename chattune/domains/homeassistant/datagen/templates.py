@@ -6,7 +6,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from chattune.datagen.errors import DataGenError
+from chattune.domains.homeassistant.datagen.errors import DataGenError
 
 PLACEHOLDER_RE = re.compile(r"\{([^{}]*)\}")
 # Anything brace-shaped that survived filling; JSON objects start with `{"` and are not matched.

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from chattune.homeassistant import ParsedReply, calls_equal, parse_reply, values_equal
+from chattune.domains.homeassistant.reply_format import ParsedReply, calls_equal, parse_reply, values_equal
 
 # Summary keys, in the order the table prints them.
 METRIC_KEYS = (

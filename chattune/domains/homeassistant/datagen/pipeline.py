@@ -17,12 +17,12 @@ from typing import Any
 
 from tqdm import tqdm
 
-from chattune.datagen.dpo import REJECTIONS, build_pair
-from chattune.datagen.errors import DataGenError
-from chattune.datagen.examples import KINDS, MERGED_KIND, Example, ExampleBuilder
-from chattune.datagen.merge import merged_examples
-from chattune.datagen.piles import LanguagePile, discover_languages, load_language
-from chattune.datagen.writers import FORMATS, count_table, example_record, write_jsonl
+from chattune.domains.homeassistant.datagen.dpo import REJECTIONS, build_pair
+from chattune.domains.homeassistant.datagen.errors import DataGenError
+from chattune.domains.homeassistant.datagen.examples import KINDS, MERGED_KIND, Example, ExampleBuilder
+from chattune.domains.homeassistant.datagen.merge import merged_examples
+from chattune.domains.homeassistant.datagen.piles import LanguagePile, discover_languages, load_language
+from chattune.domains.homeassistant.datagen.writers import FORMATS, count_table, example_record, write_jsonl
 
 # Train examples per language; test is TEST_FRACTION of that, DPO pairs DPO_FRACTION of it.
 SIZES: dict[str, int] = {"small": 3000, "medium": 7500, "large": 15000, "xl": 50000}

@@ -9,11 +9,11 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from chattune.datagen.devices import SERVICES
-from chattune.datagen.errors import DataGenError
-from chattune.datagen.examples import ACTION_KINDS, Example, ExampleBuilder, SkipExample
-from chattune.datagen.values import HVAC_MODES, draw_value
-from chattune.homeassistant import format_reply, values_equal
+from chattune.domains.homeassistant.datagen.devices import SERVICES
+from chattune.domains.homeassistant.datagen.errors import DataGenError
+from chattune.domains.homeassistant.datagen.examples import ACTION_KINDS, Example, ExampleBuilder, SkipExample
+from chattune.domains.homeassistant.datagen.values import HVAC_MODES, draw_value
+from chattune.domains.homeassistant.reply_format import format_reply, values_equal
 
 REJECTIONS: tuple[str, ...] = ("wrong_argument", "missing_call", "extra_call", "wrong_persona")
 MAX_ATTEMPTS = 100

@@ -9,9 +9,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from chattune.datagen.errors import DataGenError
-from chattune.datagen.examples import MERGED_KIND, Example
-from chattune.datagen.piles import LanguagePile
+from chattune.domains.homeassistant.datagen.errors import DataGenError
+from chattune.domains.homeassistant.datagen.examples import MERGED_KIND, Example
+from chattune.domains.homeassistant.datagen.piles import LanguagePile
 
 ALPACA_KEYS = ("instruction", "input", "output")
 

@@ -10,8 +10,8 @@ import random
 import re
 from typing import Any
 
-from chattune.datagen.devices import ServiceSpec, ValueVocab
-from chattune.datagen.errors import DataGenError
+from chattune.domains.homeassistant.datagen.devices import ServiceSpec, ValueVocab
+from chattune.domains.homeassistant.datagen.errors import DataGenError
 
 # Request placeholder -> the service argument it fills.
 ARG_OF_PLACEHOLDER: dict[str, str] = {

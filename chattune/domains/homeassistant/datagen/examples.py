@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from chattune.datagen.devices import (
+from chattune.domains.homeassistant.datagen.devices import (
     LIKELY_BEFORE,
     SERVICE_BY_NAME,
     STATES,
@@ -22,18 +22,23 @@ from chattune.datagen.devices import (
     random_state,
     state_placeholder_values,
 )
-from chattune.datagen.errors import DataGenError
-from chattune.datagen.piles import (
+from chattune.domains.homeassistant.datagen.errors import DataGenError
+from chattune.domains.homeassistant.datagen.piles import (
     ANY_PERSONA,
     ActionTemplate,
     LanguagePile,
     ResponseTemplate,
     slot_domains,
 )
-from chattune.datagen.prompts import system_prompt
-from chattune.datagen.templates import check_filled, fill, parse_placeholder, placeholder_names
-from chattune.datagen.values import ARG_OF_PLACEHOLDER, PLACEHOLDER_OF_ARG, draw_value, text_for_argument
-from chattune.homeassistant import format_reply, values_equal
+from chattune.domains.homeassistant.datagen.prompts import system_prompt
+from chattune.domains.homeassistant.datagen.templates import check_filled, fill, parse_placeholder, placeholder_names
+from chattune.domains.homeassistant.datagen.values import (
+    ARG_OF_PLACEHOLDER,
+    PLACEHOLDER_OF_ARG,
+    draw_value,
+    text_for_argument,
+)
+from chattune.domains.homeassistant.reply_format import format_reply, values_equal
 
 KINDS: tuple[str, ...] = ("specific_action", "template_action", "multi_device_action", "status", "refusal")
 MERGED_KIND = "merged"

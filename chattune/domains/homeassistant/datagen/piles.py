@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from chattune.datagen.csvfiles import SPLITS, Row, read_csv, read_key_values, read_txt
-from chattune.datagen.devices import (
+from chattune.domains.homeassistant.datagen.csvfiles import SPLITS, Row, read_csv, read_key_values, read_txt
+from chattune.domains.homeassistant.datagen.devices import (
     DOMAINS,
     SERVICE_BY_NAME,
     SERVICES,
@@ -23,9 +23,14 @@ from chattune.datagen.devices import (
     ServiceSpec,
     ValueVocab,
 )
-from chattune.datagen.errors import PileError
-from chattune.datagen.templates import PLACEHOLDER_RE, parse_placeholder
-from chattune.datagen.values import ARG_OF_PLACEHOLDER, PLACEHOLDER_OF_ARG, parse_arguments, placeholders_for
+from chattune.domains.homeassistant.datagen.errors import PileError
+from chattune.domains.homeassistant.datagen.templates import PLACEHOLDER_RE, parse_placeholder
+from chattune.domains.homeassistant.datagen.values import (
+    ARG_OF_PLACEHOLDER,
+    PLACEHOLDER_OF_ARG,
+    parse_arguments,
+    placeholders_for,
+)
 
 ANY_PERSONA = "*"
 DEVICE_COLUMNS = ("entity_id", "friendly_name", "type", "split")

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from chattune.datagen.examples import Example
+from chattune.domains.homeassistant.datagen.examples import Example
 
 FORMATS = ("sharegpt", "raw_corpus")
 

@@ -7,10 +7,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from chattune.datagen.errors import DataGenError
-from chattune.datagen.pipeline import DEFAULT_MAX_DEVICES, DEFAULT_SEED, SIZES, GenerateConfig, generate
+from chattune.domains.homeassistant.datagen.errors import DataGenError
+from chattune.domains.homeassistant.datagen.pipeline import (
+    DEFAULT_MAX_DEVICES,
+    DEFAULT_SEED,
+    SIZES,
+    GenerateConfig,
+    generate,
+)
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "data"
+DATA_DIR = Path(__file__).resolve().parents[4] / "data"
 
 
 def build_parser(default_output_dir: Path) -> argparse.ArgumentParser:

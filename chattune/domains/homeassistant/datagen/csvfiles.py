@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from chattune.datagen.errors import PileError
+from chattune.domains.homeassistant.datagen.errors import PileError
 
 SPLITS = ("train", "test")
 

@@ -1,6 +1,6 @@
 """Home Assistant dataset generator: piles of phrasings in, chat-format JSONL out (see data/README.md)."""
 
-from chattune.datagen.errors import DataGenError, PileError
-from chattune.datagen.pipeline import GenerateConfig, GenerateResult, generate
+from chattune.domains.homeassistant.datagen.errors import DataGenError, PileError
+from chattune.domains.homeassistant.datagen.pipeline import GenerateConfig, GenerateResult, generate
 
 __all__ = ["DataGenError", "GenerateConfig", "GenerateResult", "PileError", "generate"]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import random
 from datetime import date, timedelta
 
-from chattune.datagen.devices import DOMAINS, SERVICES, Device, DeviceState, device_line
-from chattune.datagen.piles import LanguagePile
-from chattune.datagen.templates import fill
+from chattune.domains.homeassistant.datagen.devices import DOMAINS, SERVICES, Device, DeviceState, device_line
+from chattune.domains.homeassistant.datagen.piles import LanguagePile
+from chattune.domains.homeassistant.datagen.templates import fill
 
 FIRST_DAY = date(2023, 1, 1)
 DAYS_SPAN = 4 * 365

@@ -1,0 +1,1 @@
+"""The Home Assistant task: the reply format, its scorer, and the dataset generator with its piles."""
