@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 
 from chattune.domains.homeassistant.datagen import DataGenError, GenerateConfig, PileError, generate
-from chattune.domains.homeassistant.datagen.piles import discover_languages, load_language
+from chattune.domains.homeassistant.datagen.piles import PILES_DIR, discover_languages, load_language
 from chattune.domains.homeassistant.datagen.templates import LEFTOVER_RE, template_regex
 from chattune.domains.homeassistant.reply_format import parse_reply
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "data" / "generate_home_assistant_data.py"
-PILES = REPO / "data" / "piles"
+PILES = PILES_DIR
 LANGUAGES = discover_languages(PILES)
 ACTION_KINDS = {"specific_action", "template_action", "multi_device_action"}
 ALL_KINDS = ACTION_KINDS | {"status", "refusal"}
@@ -95,6 +95,14 @@ def medium(tmp_path_factory) -> dict[str, dict[str, list[dict]]]:
 
 def test_languages_are_discovered():
     assert "english" in LANGUAGES
+
+
+def test_the_piles_ship_inside_the_package():
+    """The generator reads package data, not a checkout's data/ folder, so an installed chattune finds them."""
+    import chattune
+
+    assert PILES.is_relative_to(Path(chattune.__file__).resolve().parent)
+    assert set(LANGUAGES) == {"english", "french", "german", "polish", "spanish"}
 
 
 @pytest.mark.parametrize("language", LANGUAGES)

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from chattune.domains.homeassistant.datagen.errors import DataGenError
+from chattune.domains.homeassistant.datagen.piles import PILES_DIR
 from chattune.domains.homeassistant.datagen.pipeline import (
     DEFAULT_MAX_DEVICES,
     DEFAULT_SEED,
@@ -16,12 +17,10 @@ from chattune.domains.homeassistant.datagen.pipeline import (
     generate,
 )
 
-DATA_DIR = Path(__file__).resolve().parents[4] / "data"
-
 
 def build_parser(default_output_dir: Path) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Generate Home Assistant chat datasets from the phrase piles in data/piles/.",
+        description="Generate Home Assistant chat datasets from the phrase piles shipped with chattune.",
     )
     parser.add_argument("--train", action="store_true", help="write home_assistant_train.jsonl")
     parser.add_argument("--test", action="store_true", help="write home_assistant_test.jsonl (held-out piles)")
@@ -52,12 +51,14 @@ def build_parser(default_output_dir: Path) -> argparse.ArgumentParser:
         nargs="+",
         default=["english"],
         metavar="LANG",
-        help="languages (folders under data/piles/), e.g. english german french spanish polish",
+        help="languages (folders of the pile folder), e.g. english german french spanish polish",
     )
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     parser.add_argument("--merge", type=Path, metavar="FILE", help="Alpaca JSON/JSONL to mix into train")
     parser.add_argument("--output_dir", type=Path, default=default_output_dir)
-    parser.add_argument("--piles_dir", type=Path, default=DATA_DIR / "piles", help="pile folder (default: data/piles)")
+    parser.add_argument(
+        "--piles_dir", type=Path, default=PILES_DIR, help="pile folder (default: chattune/domains/homeassistant/piles)"
+    )
     parser.add_argument(
         "--max_devices",
         type=int,
@@ -73,7 +74,8 @@ def build_parser(default_output_dir: Path) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None, default_output_dir: Path = DATA_DIR) -> int:
+def main(argv: Sequence[str] | None = None, default_output_dir: Path = Path("data")) -> int:
+    """The generator's command line; files go to --output_dir, by default `default_output_dir` (./data)."""
     args = build_parser(default_output_dir).parse_args(argv)
     config = GenerateConfig(
         output_dir=args.output_dir,

@@ -1,4 +1,4 @@
-"""Loading and validating one language's piles (data/piles/<language>/, documented in data/README.md).
+"""Loading and validating one language's piles (piles/<language>/ of this domain, documented in data/README.md).
 
 Every check that can fail because of a pile writer's mistake happens here, at load time, with the
 file:line of the offending row, so that generation itself only fails on generator bugs.
@@ -32,6 +32,8 @@ from chattune.domains.homeassistant.datagen.values import (
     placeholders_for,
 )
 
+# The piles shipped with chattune, package data of chattune.domains.homeassistant.
+PILES_DIR = Path(__file__).resolve().parents[1] / "piles"
 ANY_PERSONA = "*"
 DEVICE_COLUMNS = ("entity_id", "friendly_name", "type", "split")
 FORM_COLUMN_RE = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -131,7 +133,7 @@ def discover_languages(piles_dir: Path) -> list[str]:
 
 
 def load_language(piles_dir: Path, language: str) -> LanguagePile:
-    """Load and validate data/piles/<language>/ (raises PileError naming file:line)."""
+    """Load and validate piles_dir/<language>/ (raises PileError naming file:line)."""
     root = piles_dir / language
     personas = _load_personas(root / "system_prompts.csv")
     devices = {domain: _load_devices(root / f"devices_{domain}.csv", domain) for domain in DOMAINS}
