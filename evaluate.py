@@ -3,7 +3,7 @@
 
 import sys
 
-from chattune.evaluation import main
+from chattune.evaluation.run import main
 
 if __name__ == "__main__":
     sys.exit(main())

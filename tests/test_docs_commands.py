@@ -44,7 +44,7 @@ def parse(command: str) -> None:
 
         build_parser(Path("data")).parse_args(args)
     elif script == "evaluate.py":
-        from chattune.evaluation import parse_args
+        from chattune.evaluation.run import parse_args
 
         parse_args(args)
     elif script == "find_split.py":

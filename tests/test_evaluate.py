@@ -188,7 +188,7 @@ def test_summary_by_language_and_kind_hand_checked():
 
 
 def test_table_shows_every_group_and_dashes_for_none():
-    from chattune.evaluation import format_table
+    from chattune.evaluation.run import format_table
 
     table = format_table(summarize(*hand_made_group()))
     for row in ("overall", "language=english", "language=german", "kind=action", "kind=status", "kind=unknown"):
@@ -214,7 +214,7 @@ def test_text_metrics():
 
 
 def test_load_examples_accepts_every_chat_format(tmp_path):
-    from chattune.evaluation import load_examples
+    from chattune.evaluation.run import load_examples
 
     sharegpt = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "a"}, {"from": "gpt", "value": "b"}]
     openai = [
@@ -232,7 +232,7 @@ def test_load_examples_accepts_every_chat_format(tmp_path):
 
 
 def test_unknown_path_exits_2(tmp_path, capsys):
-    from chattune.evaluation import main
+    from chattune.evaluation.run import main
 
     assert main([str(tmp_path / "missing"), "--test_dataset", str(tmp_path / "t.jsonl")]) == 2
     assert "no such file or folder" in capsys.readouterr().err
@@ -266,7 +266,7 @@ def conversations(n: int = 6) -> list[dict]:
 def loaded_tiny(tiny_model_dir):
     import torch
 
-    from chattune import evaluation
+    from chattune.evaluation import run as evaluation
 
     source = evaluation.inspect_model_folder(tiny_model_dir)
     tokenizer = evaluation.load_tokenizer(source)
@@ -276,8 +276,8 @@ def loaded_tiny(tiny_model_dir):
 def test_batched_perplexity_matches_one_at_a_time(loaded_tiny, tmp_path):
     import torch
 
-    from chattune import evaluation
     from chattune.data.masking import IGNORE_INDEX, ChatMasker
+    from chattune.evaluation import run as evaluation
 
     tokenizer, model = loaded_tiny
     examples = evaluation.load_examples(str(write_jsonl(tmp_path / "t.jsonl", conversations())))
@@ -294,7 +294,7 @@ def test_batched_perplexity_matches_one_at_a_time(loaded_tiny, tmp_path):
 
 
 def test_batched_generation_matches_one_at_a_time(loaded_tiny, tmp_path):
-    from chattune import evaluation
+    from chattune.evaluation import run as evaluation
 
     tokenizer, model = loaded_tiny
     examples = evaluation.load_examples(str(write_jsonl(tmp_path / "t.jsonl", conversations(4))))
@@ -307,8 +307,8 @@ def test_batched_generation_matches_one_at_a_time(loaded_tiny, tmp_path):
 def test_generation_from_the_reference_pass_matches_plain_generation(loaded_tiny, tmp_path):
     """Replies generated from the cache of the prompt+reference pass are the plain replies, and the NLLs
     that pass yields are the separate teacher-forced ones."""
-    from chattune import evaluation
     from chattune.data.masking import ChatMasker
+    from chattune.evaluation import run as evaluation
 
     tokenizer, model = loaded_tiny
     examples = evaluation.load_examples(str(write_jsonl(tmp_path / "t.jsonl", conversations())))
@@ -325,7 +325,7 @@ def test_generation_from_the_reference_pass_matches_plain_generation(loaded_tiny
 
 
 def test_reply_budget_follows_the_longest_reference(loaded_tiny, tmp_path):
-    from chattune import evaluation
+    from chattune.evaluation import run as evaluation
 
     tokenizer, _ = loaded_tiny
     examples = evaluation.load_examples(str(write_jsonl(tmp_path / "t.jsonl", conversations())))
