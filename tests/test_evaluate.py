@@ -188,7 +188,7 @@ def test_summary_by_language_and_kind_hand_checked():
 
 
 def test_table_shows_every_group_and_dashes_for_none():
-    from chattune.evaluation.run import format_table
+    from chattune.evaluation.report import format_table
 
     table = format_table(summarize(*hand_made_group()))
     for row in ("overall", "language=english", "language=german", "kind=action", "kind=status", "kind=unknown"):
@@ -214,7 +214,7 @@ def test_text_metrics():
 
 
 def test_load_examples_accepts_every_chat_format(tmp_path):
-    from chattune.evaluation.run import load_examples
+    from chattune.evaluation.inputs import load_examples
 
     sharegpt = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "a"}, {"from": "gpt", "value": "b"}]
     openai = [
@@ -266,25 +266,25 @@ def conversations(n: int = 6) -> list[dict]:
 def loaded_tiny(tiny_model_dir):
     import torch
 
-    from chattune.evaluation import run as evaluation
+    from chattune.evaluation import inputs
 
-    source = evaluation.inspect_model_folder(tiny_model_dir)
-    tokenizer = evaluation.load_tokenizer(source)
-    return tokenizer, evaluation.load_model(source, tokenizer, "cpu", torch.float32)
+    source = inputs.inspect_model_folder(tiny_model_dir)
+    tokenizer = inputs.load_tokenizer(source)
+    return tokenizer, inputs.load_model(source, tokenizer, "cpu", torch.float32)
 
 
 def test_batched_perplexity_matches_one_at_a_time(loaded_tiny, tmp_path):
     import torch
 
     from chattune.data.masking import IGNORE_INDEX, ChatMasker
-    from chattune.evaluation import run as evaluation
+    from chattune.evaluation import generation, inputs
 
     tokenizer, model = loaded_tiny
-    examples = evaluation.load_examples(str(write_jsonl(tmp_path / "t.jsonl", conversations())))
-    batched = evaluation.reference_nll(model, tokenizer, examples, 4, "cpu")
+    examples = inputs.load_examples(str(write_jsonl(tmp_path / "t.jsonl", conversations())))
+    batched = generation.reference_nll(model, tokenizer, examples, 4, "cpu")
     masker = ChatMasker(tokenizer)
     for example, (nll, tokens) in zip(examples, batched):
-        ids, labels = evaluation.reference_token_ids(masker, example)
+        ids, labels = generation.reference_token_ids(masker, example)
         with torch.inference_mode():
             logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
         targets = torch.tensor(labels[1:])
@@ -294,43 +294,43 @@ def test_batched_perplexity_matches_one_at_a_time(loaded_tiny, tmp_path):
 
 
 def test_batched_generation_matches_one_at_a_time(loaded_tiny, tmp_path):
-    from chattune.evaluation import run as evaluation
+    from chattune.evaluation import generation, inputs
 
     tokenizer, model = loaded_tiny
-    examples = evaluation.load_examples(str(write_jsonl(tmp_path / "t.jsonl", conversations(4))))
-    prompts = evaluation.render_prompts(tokenizer, examples)
-    batched, _ = evaluation.generate_replies(model, tokenizer, prompts, 4, 6, "cpu")
-    assert batched == evaluation.generate_replies(model, tokenizer, prompts, 1, 6, "cpu")[0]
-    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in evaluation.stop_token_ids(model, tokenizer)
+    examples = inputs.load_examples(str(write_jsonl(tmp_path / "t.jsonl", conversations(4))))
+    prompts = generation.render_prompts(tokenizer, examples)
+    batched, _ = generation.generate_replies(model, tokenizer, prompts, 4, 6, "cpu")
+    assert batched == generation.generate_replies(model, tokenizer, prompts, 1, 6, "cpu")[0]
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in generation.stop_token_ids(model, tokenizer)
 
 
 def test_generation_from_the_reference_pass_matches_plain_generation(loaded_tiny, tmp_path):
     """Replies generated from the cache of the prompt+reference pass are the plain replies, and the NLLs
     that pass yields are the separate teacher-forced ones."""
     from chattune.data.masking import ChatMasker
-    from chattune.evaluation import run as evaluation
+    from chattune.evaluation import generation, inputs
 
     tokenizer, model = loaded_tiny
-    examples = evaluation.load_examples(str(write_jsonl(tmp_path / "t.jsonl", conversations())))
-    prompts = evaluation.render_prompts(tokenizer, examples)
-    continuations = evaluation.reference_continuations(ChatMasker(tokenizer), examples, prompts)
+    examples = inputs.load_examples(str(write_jsonl(tmp_path / "t.jsonl", conversations())))
+    prompts = generation.render_prompts(tokenizer, examples)
+    continuations = generation.reference_continuations(ChatMasker(tokenizer), examples, prompts)
     assert all(c is not None for c in continuations)
-    plain, no_nlls = evaluation.generate_replies(model, tokenizer, prompts, 3, 8, "cpu")
-    replies, nlls = evaluation.generate_replies(model, tokenizer, prompts, 3, 8, "cpu", continuations)
+    plain, no_nlls = generation.generate_replies(model, tokenizer, prompts, 3, 8, "cpu")
+    replies, nlls = generation.generate_replies(model, tokenizer, prompts, 3, 8, "cpu", continuations)
     assert replies == plain and no_nlls == [None] * len(examples)
-    separate = evaluation.reference_nll(model, tokenizer, examples, 3, "cpu")
+    separate = generation.reference_nll(model, tokenizer, examples, 3, "cpu")
     for (nll, tokens), (expected, expected_tokens) in zip(nlls, separate):
         assert tokens == expected_tokens
         assert nll == pytest.approx(expected, rel=1e-4)
 
 
 def test_reply_budget_follows_the_longest_reference(loaded_tiny, tmp_path):
-    from chattune.evaluation import run as evaluation
+    from chattune.evaluation import generation, inputs
 
     tokenizer, _ = loaded_tiny
-    examples = evaluation.load_examples(str(write_jsonl(tmp_path / "t.jsonl", conversations())))
+    examples = inputs.load_examples(str(write_jsonl(tmp_path / "t.jsonl", conversations())))
     longest = max(len(tokenizer(e.reference, add_special_tokens=False)["input_ids"]) for e in examples)
-    assert evaluation.auto_max_new_tokens(tokenizer, examples) == longest * 5 // 4 + 8
+    assert generation.auto_max_new_tokens(tokenizer, examples) == longest * 5 // 4 + 8
 
 
 # --- the CLI, end to end ---------------------------------------------------------------------------------

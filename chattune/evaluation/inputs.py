@@ -1,0 +1,180 @@
+"""What evaluate.py evaluates: the model or LoRA adapter folder, the test examples, the device and dtype."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from chattune.data import formats
+from chattune.training.gguf_models import resolve_model
+
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+EXPECTED_FOLDER_HELP = (
+    "expected a model folder (config.json + one of " + ", ".join(WEIGHT_FILES) + ") or a LoRA adapter folder "
+    "(adapter_config.json + one of " + ", ".join(ADAPTER_WEIGHT_FILES) + ")"
+)
+
+
+class EvalError(ValueError):
+    """A problem with the user's inputs; reported in one line, exit status 2."""
+
+
+@dataclass
+class Example:
+    prompt: list[dict]  # every message before the last assistant message
+    reference: str  # the last assistant message
+    language: str
+    kind: str
+    tools: list | None = None
+
+
+@dataclass
+class ModelSource:
+    path: Path
+    kind: str  # "model" or "adapter"
+    base: str | None = None  # the base model an adapter was trained on
+
+
+def inspect_model_folder(path: str | os.PathLike) -> ModelSource:
+    """Tell a full model folder from a LoRA adapter folder, with an error that lists what was expected.
+
+    A GGUF file (or a folder holding one) is converted once to a model folder and evaluated as one.
+    """
+    folder = Path(resolve_model(str(path)))
+    if not folder.exists():
+        raise EvalError(f"{folder}: no such file or folder; {EXPECTED_FOLDER_HELP}")
+    if not folder.is_dir():
+        raise EvalError(f"{folder}: is a file, not a folder; {EXPECTED_FOLDER_HELP}")
+    names = sorted(p.name for p in folder.iterdir())
+    if (folder / "adapter_config.json").is_file():
+        if not any(name in names for name in ADAPTER_WEIGHT_FILES):
+            raise EvalError(f"{folder}: adapter_config.json but no adapter weights; {EXPECTED_FOLDER_HELP}")
+        return ModelSource(folder, "adapter", _adapter_base(folder))
+    if (folder / "config.json").is_file() and any(name in names for name in WEIGHT_FILES):
+        return ModelSource(folder, "model")
+    found = ", ".join(names) or "nothing"
+    raise EvalError(f"{folder}: neither a model nor a LoRA adapter; {EXPECTED_FOLDER_HELP}; found: {found}")
+
+
+def _adapter_base(folder: Path) -> str:
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise EvalError(f"{folder / 'adapter_config.json'}: unreadable ({error})") from None
+    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    if not base:
+        raise EvalError(f"{folder / 'adapter_config.json'}: no base_model_name_or_path; cannot load the base model")
+    return str(base)
+
+
+def load_examples(path: str, max_examples: int | None = None) -> list[Example]:
+    """Chat rows -> prompts and references. Raises DataError naming the file (and row) on bad input."""
+    rows = formats.load_rows(path)
+    column = formats.detect_format(rows, path)
+    if column == "text":
+        raise formats.DataError(
+            f"{path}: plain `text` rows have no reference answer to compare with; evaluation needs "
+            "`conversations` (ShareGPT) or `messages` (OpenAI) rows ending in an assistant message"
+        )
+    if max_examples is not None:
+        rows = rows.select(range(min(max_examples, len(rows))))
+    examples = []
+    for index, row in enumerate(rows):
+        where = f"{path}: row {index + 1}: "
+        turns = row[column]
+        if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+            raise formats.DataError(f"{where}column `{column}` must hold a list of turns; {formats.FORMATS_HELP}")
+        examples.append(_split_conversation(formats.normalize_messages(turns, where), row, where))
+    if not examples:
+        raise formats.DataError(f"{path}: no examples to evaluate")
+    return examples
+
+
+def _split_conversation(messages: list[dict], row: dict, where: str) -> Example:
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None:
+        raise formats.DataError(f"{where}no assistant message to use as the reference")
+    if last == 0:
+        raise formats.DataError(f"{where}the assistant message has no prompt before it")
+    return Example(
+        prompt=messages[:last],
+        reference=str(messages[last]["content"]),
+        language=str(row.get("language") or "unknown"),
+        kind=str(row.get("kind") or "unknown"),
+        tools=formats.parse_tools(row.get("tools")),
+    )
+
+
+def pick_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise EvalError("--device cuda: no CUDA GPU is visible to torch")
+    return requested
+
+
+def pick_dtype(requested: str, device: str) -> Any:
+    import torch
+
+    if requested == "auto":
+        # bfloat16 halves GPU memory at no visible cost to greedy decoding; CPUs are fastest in float32.
+        if device == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float16 if device == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
+
+
+def load_tokenizer(source: ModelSource) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(source.path))
+    except (OSError, ValueError) as error:
+        hint = "train.py saves one beside every model and adapter"
+        raise EvalError(f"{source.path}: no usable tokenizer ({hint}): {error}") from None
+    if not tokenizer.chat_template:
+        raise EvalError(f"{source.path}: the tokenizer has no chat template, so prompts cannot be rendered")
+    tokenizer.padding_side = "left"  # generation appends on the right, so prompts must end flush right
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(source: ModelSource, tokenizer: Any, device: str, dtype: Any) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    if source.kind == "model":
+        model = AutoModelForCausalLM.from_pretrained(str(source.path), dtype=dtype)
+    else:
+        model = _load_adapter(source, tokenizer, dtype)
+    return model.to(device).eval()
+
+
+def _load_adapter(source: ModelSource, tokenizer: Any, dtype: Any) -> Any:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from chattune.data.tokenizer import resize_embeddings
+
+    try:
+        base = AutoModelForCausalLM.from_pretrained(resolve_model(source.base), dtype=dtype)
+    except OSError as error:
+        raise EvalError(
+            f"{source.path}: cannot load the base model {source.base!r} named in adapter_config.json: {error}"
+        ) from None
+    # train.py grows the embeddings when it adds tokens; the adapter's saved embeddings have that size.
+    resize_embeddings(base, tokenizer)
+    if (source.path / "generation_config.json").is_file():
+        base.generation_config = GenerationConfig.from_pretrained(str(source.path))
+    return PeftModel.from_pretrained(base, str(source.path))
