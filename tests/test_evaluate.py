@@ -12,15 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chattune.domains.homeassistant.reply_format import format_reply
-from chattune.domains.homeassistant.scoring import (
-    METRIC_KEYS,
-    ExampleScore,
-    aggregate,
-    bleu,
-    rouge_l,
-    score_example,
-    summarize,
-)
+from chattune.domains.homeassistant.scoring import METRIC_KEYS, ExampleScore, aggregate, score_example, summarize
+from chattune.evaluation.metrics import bleu, rouge_l
 from conftest import run_script, write_jsonl
 
 KITCHEN_ON = {"service": "light.turn_on", "target_device": "light.kitchen"}
