@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""Score a fine-tuned model or LoRA adapter on a Home Assistant test set. `python3 evaluate.py --help` lists flags."""
+"""Score a fine-tuned model or LoRA adapter on a Home Assistant test set. `python3 evaluate.py --help` lists flags.
+
+The installed package runs the same as `chattune-eval`."""
 
 import sys
 

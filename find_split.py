@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
-"""Print the token ids that open and close an assistant response in MODEL's chat template, verified in
-context, and the --prefix_ids/--suffix_ids flags that reproduce train.py's automatic mask."""
+"""Print the token ids that open and close an assistant response in a model's chat template, verified in context.
+
+`python3 find_split.py --help` lists flags; the installed package runs the same as `chattune-find-split`.
+"""
 
 import sys
 

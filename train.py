@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""Fine-tune a causal LM on chat data (SFT or DPO, full or LoRA). `python3 train.py --help` lists every flag."""
+"""Fine-tune a causal LM on chat data (SFT or DPO, full or LoRA). `python3 train.py --help` lists every flag.
+
+The installed package runs the same as `chattune-train`."""
 
 import sys
 

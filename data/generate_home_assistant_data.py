@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Generate the Home Assistant chat datasets; see data/README.md.
 
-The logic lives in chattune.domains.homeassistant.datagen.
+The logic lives in chattune.domains.homeassistant.datagen; the installed package runs the same as `chattune-data`
+(which writes to ./data unless --output_dir says otherwise; this script writes beside itself).
 """
 
 import sys

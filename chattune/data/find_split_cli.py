@@ -1,4 +1,5 @@
-"""Command line of find_split.py: load a tokenizer, run the split finder, print what it found."""
+"""Command line of find_split.py (and chattune-find-split): load a tokenizer, run the split finder, print what it
+found."""
 
 from __future__ import annotations
 
@@ -11,9 +12,14 @@ from typing import Any
 from chattune.data.split_finder import SplitReport, find_split
 from chattune.training.gguf_models import GGUFError, load_tokenizer
 
+DESCRIPTION = (
+    "Print the token ids that open and close an assistant response in MODEL's chat template, verified in context, "
+    "and the --prefix_ids/--suffix_ids flags that reproduce train.py's automatic mask."
+)
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="find_split.py", description=sys.modules["__main__"].__doc__)
+    parser = argparse.ArgumentParser(prog="find_split.py", description=DESCRIPTION)
     parser.add_argument("model", help="hub id, local folder or .gguf file of the model (only its tokenizer is loaded)")
     parser.add_argument("--template", help="a Jinja chat template file to try instead of the tokenizer's own")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
