@@ -17,6 +17,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 SHARED_TOKENIZERS = REPO.parent / "shared" / "tokenizers"
 SHARED_NAMES = ("qwen2-instruct", "mistral-v1-instruct", "gpt2-no-template")
+# The installed package's console scripts, and the checkout's entry script each one runs the same as.
+CONSOLE_SCRIPTS = {
+    "chattune-train": "train.py",
+    "chattune-eval": "evaluate.py",
+    "chattune-find-split": "find_split.py",
+    "chattune-data": "data/generate_home_assistant_data.py",
+}
 
 # Special tokens of the chat-template families the tests write inline (see tests/templates.py).
 TEST_SPECIALS = (

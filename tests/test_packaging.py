@@ -18,15 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
-
-# console script -> the entry point in the checkout that must run the same main function
-CONSOLE_SCRIPTS = {
-    "chattune-train": "train.py",
-    "chattune-eval": "evaluate.py",
-    "chattune-find-split": "find_split.py",
-    "chattune-data": "data/generate_home_assistant_data.py",
-}
+from conftest import CONSOLE_SCRIPTS, REPO
 
 
 def pyproject() -> dict:

@@ -1,4 +1,4 @@
-"""Command line for data/generate_home_assistant_data.py."""
+"""Command line for data/generate_home_assistant_data.py and chattune-data."""
 
 from __future__ import annotations
 
