@@ -17,9 +17,9 @@ from chattune import data as data_lib
 from chattune.collation import plan_batching
 from chattune.export import merge_adapter, save_model, set_stop_tokens
 from chattune.flags import FlagError, TrainFlags, parse_flags
-from chattune.gguf_models import GGUFError, resolve_model
+from chattune.gguf_models import GGUFError, find_gguf, resolve_model
 from chattune.masking import ChatMasker, MaskingError, trim_suffix_overlap
-from chattune.modeling import choose_attention, choose_dtype, load_model, lora_config
+from chattune.modeling import choose_attention, choose_dtype, load_model, lora_config, weight_dtype
 from chattune.preference import build_preference_trainer, load_pairs
 from chattune.progress import ThroughputCallback, run_first, summary
 from chattune.safety import GracefulStop, clear_staging
@@ -51,7 +51,7 @@ def train(flags: TrainFlags, state: PartialState) -> int:
     check_integrations(flags)
     with state.main_process_first():  # a GGUF file is converted once, by the main process
         base_folder = resolve_model(flags.base_model)
-    gguf_source = flags.base_model if base_folder != flags.base_model else None
+    gguf_source = find_gguf(flags.base_model) if base_folder != flags.base_model else None
     flags = dataclasses.replace(flags, base_model=base_folder)
     resume = resolve_resume(flags)
     if resume is None:
@@ -77,10 +77,10 @@ def train(flags: TrainFlags, state: PartialState) -> int:
     eval_data = sample_eval(full_eval, flags.eval_fraction, flags.seed)
 
     # 3. model
-    dtype = choose_dtype(flags.bf16)
-    model = load_model(flags, dtype, choose_attention(flags.attn_implementation))
+    dtype = choose_dtype(flags.bf16)  # the compute dtype; trained weights may stay float32 (weight_dtype)
+    model = load_model(flags, weight_dtype(flags, dtype), choose_attention(flags.attn_implementation))
     if gguf_source:  # adapters name the GGUF file they were trained on, not its converted copy
-        model.name_or_path = model.config._name_or_path = str(Path(gguf_source).resolve())
+        model.name_or_path = model.config._name_or_path = str(gguf_source.resolve())
     grew = resize_embeddings(model, tokenizer)
     set_stop_tokens(model, tokenizer, masker.end_of_turn_token() if masker else None)
     peft_config = lora_config(flags, model, tokens_added=grew or bool(new_tokens)) if flags.use_lora else None
