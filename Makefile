@@ -26,10 +26,12 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt Makefile
 
 test: setup
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 demo: setup
 	$(BIN)/python scripts/demo.py

@@ -43,9 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lora_rank", type=int, default=16)
     parser.add_argument("--lora_layers", type=int, default=10, help="with --use_lora: adapt only the last N blocks")
     parser.add_argument("--max_devices", type=int, default=4, help="devices listed per system prompt")
-    parser.add_argument(
-        "--eval_examples", type=int, default=64, help="score the first N test examples (0: all 210)"
-    )
+    parser.add_argument("--eval_examples", type=int, default=64, help="score the first N test examples (0: all 210)")
     parser.add_argument("--eval_batch_size", type=int, default=32)
     parser.add_argument("--skip_base_eval", action="store_true", help="do not score the untuned model")
     return parser.parse_args(argv)
