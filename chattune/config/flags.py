@@ -11,6 +11,8 @@ import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from chattune.errors import ChattuneError
+
 
 def _flag(default, help: str, **metadata):
     return field(default=default, metadata={"help": help, **metadata})
@@ -178,8 +180,11 @@ class TrainFlags:
             raise FlagError("--eval_fraction must be in (0, 1]")
         if self.early_stopping_patience is not None and not self.test_dataset:
             raise FlagError("--early_stopping_patience needs --test_dataset to measure the eval loss on")
-        if self.export_gguf and self.export_gguf not in ("f16", "q8_0", "f32"):
-            raise FlagError(f"--export_gguf must be f16, q8_0 or f32, not {self.export_gguf!r}")
+        if self.export_gguf:
+            from chattune.export.gguf import OUTTYPES
+
+            if self.export_gguf not in OUTTYPES:
+                raise FlagError(f"--export_gguf must be one of {', '.join(OUTTYPES)}, not {self.export_gguf!r}")
         if self.export_gguf and self.use_lora and not self.lora_merge:
             raise FlagError("--export_gguf needs a full model: add --lora_merge to export the merged model")
         if bool(self.prefix_ids) != bool(self.suffix_ids) and not self.prefix_ids:
@@ -231,7 +236,7 @@ class TrainFlags:
         return self.batch_size // per_step
 
 
-class FlagError(ValueError):
+class FlagError(ChattuneError, ValueError):
     """A flag value that cannot work; the message says which and why."""
 
 
@@ -275,13 +280,22 @@ def parse_flags(argv: list[str] | None = None) -> TrainFlags:
 
 
 def _expand_config(argv: list[str]) -> list[str]:
-    if "--config" not in argv:
+    """Replace `--config FILE` (or `--config=FILE`) by the recipe's flags, placed before all the others."""
+    found = [i for i, word in enumerate(argv) if word == "--config" or word.startswith("--config=")]
+    if not found:
         return argv
-    index = argv.index("--config")
-    if index + 1 >= len(argv):
+    if len(found) > 1:
+        raise FlagError("--config is given more than once; a run reads one recipe")
+    index = found[0]
+    word = argv[index]
+    if word.startswith("--config="):
+        path, rest = word[len("--config=") :], argv[:index] + argv[index + 1 :]
+    elif index + 1 < len(argv):
+        path, rest = argv[index + 1], argv[:index] + argv[index + 2 :]
+    else:
+        path, rest = "", argv
+    if not path:
         raise FlagError("--config needs a YAML file")
-    path = argv[index + 1]
-    rest = argv[:index] + argv[index + 2 :]
     return [*config_to_argv(load_recipe(path), path), *rest]
 
 

@@ -12,15 +12,16 @@ from typing import Any
 from accelerate import PartialState
 from transformers import EarlyStoppingCallback
 
+from chattune.cli import entry_point
 from chattune.config.flags import FlagError, TrainFlags, parse_flags
 from chattune.data import formats, tokenization
-from chattune.data.masking import ChatMasker, MaskingError, trim_suffix_overlap
+from chattune.data.masking import ChatMasker, trim_suffix_overlap
 from chattune.data.tokenizer import NO_TEMPLATE_HELP, add_tokens, load_tokenizer, resize_embeddings, set_stop_tokens
 from chattune.training.arguments import check_integrations
 from chattune.training.batching import plan_batching
-from chattune.training.gguf_models import GGUFError, find_gguf, resolve_model
+from chattune.training.gguf_models import find_gguf, resolve_model
 from chattune.training.modeling import choose_attention, choose_dtype, load_model, lora_config, weight_dtype
-from chattune.training.outputs import check_outputs_are_free, save_outputs
+from chattune.training.outputs import check_export, check_outputs_are_free, save_outputs
 from chattune.training.preference import build_preference_trainer, load_pairs
 from chattune.training.progress import ThroughputCallback, run_first, summary
 from chattune.training.resume import resolve_resume
@@ -30,6 +31,7 @@ from chattune.training.sft_trainer import build_trainer
 logger = logging.getLogger("chattune")
 
 
+@entry_point(interrupted="interrupted before training started: nothing to save")
 def main(argv: list[str] | None = None) -> int:
     flags = parse_flags(argv)
     # Without a GPU, processes started by torchrun/accelerate talk over gloo (accelerate's MULTI_CPU).
@@ -37,14 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
     state = PartialState(cpu=not torch.cuda.is_available())
     setup_logging(state.is_main_process)
-    try:
-        return train(flags, state)
-    except (FlagError, GGUFError, formats.DataError, MaskingError) as error:
-        logger.error("error: %s", error)
-        return 2
-    except KeyboardInterrupt:
-        logger.error("interrupted before training started: nothing to save")
-        return 130
+    return train(flags, state)  # once training runs, Ctrl-C saves a checkpoint instead (GracefulStop)
 
 
 def train(flags: TrainFlags, state: PartialState) -> int:
@@ -69,6 +64,7 @@ def train(flags: TrainFlags, state: PartialState) -> int:
         template_file=flags.prompt_template_file,
     )
     masker = ChatMasker(tokenizer) if tokenizer.chat_template else None
+    check_export(flags, tokenizer)
 
     # 2. data: tokenized and masked once, on the main process first; other ranks read the cache
     with state.main_process_first():
