@@ -22,7 +22,7 @@ from chattune.training.batching import plan_batching
 from chattune.training.gguf_models import find_gguf, resolve_model
 from chattune.training.modeling import choose_attention, choose_dtype, load_model, lora_config, weight_dtype
 from chattune.training.outputs import check_export, check_outputs_are_free, save_outputs
-from chattune.training.preference import build_preference_trainer, load_pairs
+from chattune.training.preference import build_preference_trainer, check_method, load_preferences
 from chattune.training.progress import ThroughputCallback, run_first, summary
 from chattune.training.resume import resolve_resume
 from chattune.training.safety import GracefulStop, clear_staging
@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 def train(flags: TrainFlags, state: PartialState) -> int:
     started = time.time()
     check_integrations(flags)
+    check_method(flags)
     with state.main_process_first():  # a GGUF file is converted once, by the main process
         base_folder = resolve_model(flags.base_model)
     gguf_source = find_gguf(flags.base_model) if base_folder != flags.base_model else None
@@ -68,9 +69,8 @@ def train(flags: TrainFlags, state: PartialState) -> int:
 
     # 2. data: tokenized and masked once, on the main process first; other ranks read the cache
     with state.main_process_first():
-        read = load_pairs if flags.dpo else lambda source: prepare(flags, tokenizer, masker, source)
-        train_data = read(flags.train_dataset)
-        full_eval = read(flags.test_dataset) if flags.test_dataset else None
+        train_data = read_data(flags, tokenizer, masker, flags.train_dataset)
+        full_eval = read_data(flags, tokenizer, masker, flags.test_dataset) if flags.test_dataset else None
     eval_data = sample_eval(full_eval, flags.eval_fraction, flags.seed)
 
     # 3. model
@@ -99,7 +99,7 @@ def train(flags: TrainFlags, state: PartialState) -> int:
     callbacks = [stop, throughput]
     if flags.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=flags.early_stopping_patience))
-    if flags.dpo:
+    if flags.preference:
         trainer = build_preference_trainer(
             flags, model, tokenizer, train_data, eval_data, dtype, peft_config, callbacks=callbacks
         )
@@ -140,6 +140,13 @@ def sample_eval(dataset: Any, fraction: float, seed: int) -> Any:
         return dataset
     size = max(1, math.ceil(len(dataset) * fraction))
     return dataset.shuffle(seed=seed).select(range(size))
+
+
+def read_data(flags: TrainFlags, tokenizer: Any, masker: ChatMasker | None, source: str) -> Any:
+    """Preference rows for TRL's preference trainers, or conversations tokenized and masked for SFT."""
+    if flags.preference:
+        return load_preferences(source, flags.method, flags.seed)
+    return prepare(flags, tokenizer, masker, source)
 
 
 def prepare(flags: TrainFlags, tokenizer: Any, masker: ChatMasker | None, source: str) -> Any:
