@@ -88,28 +88,46 @@ def test_tokenizer(test_tokenizer_dir):
     return AutoTokenizer.from_pretrained(test_tokenizer_dir)
 
 
-def make_tiny_model(tokenizer_dir: Path, out_dir: Path, arch: str = "llama", seed: int = 0) -> Path:
-    """A 2-layer random-weight model whose vocabulary fits the tokenizer, saved with it."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+# The architectures tests build tiny models of: transformers' config class name, and what differs from the rest.
+TINY_ARCHS = {
+    "llama": ("LlamaConfig", {"num_key_value_heads": 2}),
+    "qwen2": ("Qwen2Config", {"num_key_value_heads": 2}),
+    "phi": ("PhiConfig", {}),  # home-llm's Phi-2 family: no grouped-query attention, not exportable to GGUF
+}
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config_class, model_class = (LlamaConfig, LlamaForCausalLM) if arch == "llama" else (Qwen2Config, Qwen2ForCausalLM)
-    config = config_class(
-        vocab_size=len(tokenizer),
+
+def tiny_config(arch: str = "llama", vocab_size: int = 64, tokenizer=None, **overrides):
+    """The config of a 2-layer, 64-wide random-weight model of `arch` (see TINY_ARCHS)."""
+    import transformers
+
+    class_name, extra = TINY_ARCHS[arch]
+    values = dict(
+        vocab_size=len(tokenizer) if tokenizer is not None else vocab_size,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
+        **extra,
     )
+    if tokenizer is not None:
+        values.update(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return getattr(transformers, class_name)(**{**values, **overrides})
+
+
+def make_tiny_model(tokenizer_dir: Path, out_dir: Path, arch: str = "llama", seed: int = 0, **overrides) -> Path:
+    """A random-weight model of `arch` whose vocabulary fits the tokenizer, saved with it."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(seed)
-    model_class(config).save_pretrained(out_dir)
+    AutoModelForCausalLM.from_config(tiny_config(arch, tokenizer=tokenizer, **overrides)).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
 

@@ -1,4 +1,4 @@
-"""Preference training (DPO, SimPO) and quantized bases (QLoRA 4-bit, 8-bit, GPTQ guard), on CPU."""
+"""Preference training (DPO, SimPO, ORPO, KTO) and quantized bases (QLoRA 4-bit, 8-bit, GPTQ guard), on CPU."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from chattune.config.flags import FlagError, parse_flags
 from chattune.data.formats import DataError
 from chattune.training.modeling import quantization_config
-from chattune.training.preference import load_pairs
+from chattune.training.preference import check_method, load_pairs, load_preferences
 from conftest import REPO, chat_rows, run_script, write_jsonl
 
 TRAIN = str(REPO / "train.py")
@@ -125,6 +125,116 @@ def test_simpo_runs_reference_free(tiny_model_dir, tmp_path):
     )
     assert all(torch.isfinite(torch.tensor(entry["loss"])) for entry in logs)
     assert logs[-1]["loss"] < logs[0]["loss"]
+
+
+def conversations(row: dict, answer: str) -> list[dict]:
+    return [
+        {"role": "system", "content": row["system"]},
+        {"role": "user", "content": row["question"]},
+        {"role": "assistant", "content": row[answer]},
+    ]
+
+
+def implicit_prompt_pairs() -> list[dict]:
+    """TRL's implicit-prompt pairs: whole conversations whose shared first messages are the prompt."""
+    return [{"chosen": conversations(r, "chosen"), "rejected": conversations(r, "rejected")} for r in pairs()]
+
+
+def unpaired_rows() -> list[dict]:
+    """KTO's rows: one completion each, labelled good (the chosen answer) or bad (the rejected one)."""
+    return [
+        {
+            "prompt": conversations(r, "chosen")[:2],
+            "completion": [conversations(r, answer)[2]],
+            "label": answer == "chosen",
+        }
+        for r in pairs()
+        for answer in ("chosen", "rejected")
+    ]
+
+
+@pytest.mark.parametrize(
+    "method,rows,extra",
+    [
+        ("orpo", implicit_prompt_pairs, []),
+        ("kto", unpaired_rows, []),
+        (
+            "kto",
+            pairs,
+            ["--use_lora", "--learning_rate", "1e-2"],
+        ),  # TRL unpairs pairs; the adapter off is the reference
+    ],
+    ids=["orpo-implicit-prompt", "kto-unpaired", "kto-pairs-lora"],
+)
+def test_orpo_and_kto_prefer_the_chosen_answer(tiny_model_dir, tmp_path, method, rows, extra):
+    data = write_jsonl(tmp_path / f"{method}.jsonl", rows())
+    logs, _ = run(tmp_path, tiny_model_dir, data, "--method", method, *extra, steps=8)
+    assert all(torch.isfinite(torch.tensor(entry["loss"])) for entry in logs)
+    margins = [entry["rewards/margins"] for entry in logs if "rewards/margins" in entry]  # KTO: both labels seen
+    assert len(margins) >= 4 and margins[-1] > margins[0]
+    if method == "orpo":
+        assert "log_odds_ratio" in logs[-1] and logs[-1]["loss"] < logs[0]["loss"]
+    final = tmp_path / ("loras" if "--use_lora" in extra else "models") / "run"
+    assert (final / ("adapter_config.json" if "--use_lora" in extra else "model.safetensors")).is_file()
+
+
+def test_implicit_prompt_is_the_shared_first_messages(tmp_path):
+    row = load_preferences(str(write_jsonl(tmp_path / "p.jsonl", implicit_prompt_pairs()[:1])), "orpo")[0]
+    assert [m["role"] for m in row["prompt"]] == ["system", "user"]
+    assert row["chosen"] == [{"role": "assistant", "content": pairs()[0]["chosen"]}]
+    assert row["rejected"] == [{"role": "assistant", "content": "I cannot help with that."}]
+
+
+def test_kto_rows_are_split_from_pairs_and_shuffled_once(tmp_path):
+    data = str(write_jsonl(tmp_path / "pairs.jsonl", pairs(8)))
+    rows = load_preferences(data, "kto", seed=1)
+    assert len(rows) == 16 and sum(rows["label"]) == 8
+    assert rows["label"] != [True] * 8 + [False] * 8  # not every good answer before every bad one
+    assert rows["completion"] == load_preferences(data, "kto", seed=1)["completion"]  # the same order for a seed
+
+
+@pytest.mark.parametrize(
+    "rows,method,message",
+    [
+        (unpaired_rows()[:2], "dpo", "unpaired .KTO's format.; train them with --method kto"),
+        ([{**unpaired_rows()[0], "label": 1}], "kto", "row 1: label must be true"),
+        ([{"chosen": "a b", "rejected": "a c"}], "dpo", "row 1: chosen and rejected without a prompt must be"),
+        (
+            [{"chosen": [{"role": "user", "content": "x"}], "rejected": [{"role": "user", "content": "y"}]}],
+            "dpo",
+            "share no first message",
+        ),
+        (
+            [{"chosen": implicit_prompt_pairs()[0]["chosen"][:2], "rejected": implicit_prompt_pairs()[0]["rejected"]}],
+            "simpo",
+            "each needs a reply of its own",
+        ),
+        ([{"prompt": "p", "completion": "c"}], "kto", r"lacks column\(s\) \['chosen', 'rejected'\]"),
+    ],
+    ids=["unpaired-for-dpo", "label-not-bool", "plain-text-no-prompt", "no-shared-prompt", "no-reply", "no-label"],
+)
+def test_preference_rows_that_cannot_work_are_named(tmp_path, rows, method, message):
+    with pytest.raises(DataError, match=message):
+        load_preferences(str(write_jsonl(tmp_path / "rows.jsonl", rows)), method)
+
+
+def test_a_method_the_installed_trl_lacks_is_refused_with_its_version(monkeypatch):
+    import trl
+
+    from chattune.training import preference
+
+    monkeypatch.setitem(preference.TRL_CLASSES, "orpo", (("trl", "NoSuchConfig", "NoSuchTrainer"),))
+    flags = parse_flags(["--run_name", "r", "--base_model", "m", "--train_dataset", "d.jsonl", "--method", "orpo"])
+    with pytest.raises(FlagError, match=f"TRL {trl.__version__} does not have"):
+        check_method(flags)
+
+
+def test_an_unknown_dpo_loss_is_refused_before_any_work():
+    flags = parse_flags(["--run_name", "r", "--base_model", "m", "--train_dataset", "d.jsonl", "--dpo"])
+    check_method(flags)
+    flags.dpo_loss = "sigmod"
+    with pytest.raises(FlagError, match="not a TRL DPO loss; choose one of sigmoid, hinge, ipo"):
+        check_method(flags)
 
 
 def test_preference_data_errors(tmp_path):

@@ -66,12 +66,42 @@ def test_batch_size_that_does_not_divide_is_refused():
         (["--use_lora", "--load_in_4bit", "--load_in_8bit"], "at most one"),
         (["--prefix_ids", "1,x"], "comma-separated integers"),
         (["--suffix_ids", "5"], "--prefix_ids"),
+        (["--method", "sft", "--dpo"], "--dpo contradicts --method sft"),
+        (["--method", "dpo", "--simpo"], "--simpo contradicts --method dpo"),
+        (["--method", "kto", "--dpo"], "--dpo contradicts --method kto"),
+        (["--method", "orpo", "--simpo"], "--simpo contradicts --method orpo"),
+        (["--method", "ppo"], "invalid choice: 'ppo'"),
+        (["--dpo_loss", "ipo"], "--dpo_loss ipo applies to --method dpo, not sft"),
+        (["--method", "orpo", "--dpo_loss", "ipo"], "applies to --method dpo, not orpo"),
+        (["--dpo", "--simpo_gamma", "1"], "--simpo_gamma applies to --method simpo, not dpo"),
+        (["--simpo", "--packing", "--group_by_length"], "--packing, --group_by_length shape(s) SFT batches"),
+        (["--method", "kto", "--train_on_prompts"], "--train_on_prompts shape(s) SFT"),
+        (["--dpo", "--prefix_ids", "1", "--suffix_ids", "2"], "--prefix_ids, --suffix_ids shape(s) SFT"),
+        (["--method", "kto", "--micro_batch_size", "1", "--batch_size", "4"], "--micro_batch_size of at least 2"),
     ],
 )
 def test_contradictory_flags_are_refused(extra, message, capsys):
     with pytest.raises(SystemExit):
         parse_flags([*REQUIRED, *extra])
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra,method",
+    [
+        ([], "sft"),
+        (["--dpo"], "dpo"),
+        (["--simpo"], "simpo"),  # home-llm's alias alone: SimPO, no longer plain SFT
+        (["--dpo", "--simpo"], "simpo"),  # home-llm's documented spelling of SimPO
+        (["--method", "simpo", "--dpo"], "simpo"),
+        (["--method", "dpo", "--dpo"], "dpo"),
+        (["--method", "orpo"], "orpo"),
+        (["--method", "kto"], "kto"),
+    ],
+)
+def test_one_training_method(extra, method):
+    flags = parse_flags([*REQUIRED, *extra])
+    assert flags.method == method and flags.preference == (method != "sft")
 
 
 def test_missing_required_flag_names_it(capsys):

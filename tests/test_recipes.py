@@ -53,6 +53,20 @@ def test_recipe_parses_and_names_real_modules(recipe):
     assert set(names) <= present, f"{recipe.name}: {set(names) - present} not in {type(model).__name__}"
 
 
+@pytest.mark.parametrize("spelling", ["--config {}", "--config={}"])
+def test_both_spellings_of_config_read_the_recipe(spelling):
+    recipe = str(REPO / "recipes" / "qwen2-0.5b.yaml")
+    flags = parse_flags([*spelling.format(recipe).split(" "), "--run_name", "mine"])
+    assert flags.run_name == "mine" and flags.lora_rank == 32 and flags.base_model == "Qwen/Qwen2-0.5B-Instruct"
+
+
+@pytest.mark.parametrize("argv", [["--config"], ["--config="], ["--config=a.yaml", "--config", "b.yaml"]])
+def test_config_without_a_file_or_twice_is_refused(argv, capsys):
+    with pytest.raises(SystemExit):
+        parse_flags([*argv, "--run_name", "r", "--base_model", "m", "--train_dataset", "d.jsonl"])
+    assert "--config" in capsys.readouterr().err
+
+
 def test_command_line_overrides_the_recipe():
     recipe = str(REPO / "recipes" / "qwen2-0.5b.yaml")
     flags = parse_flags(["--config", recipe, "--learning_rate", "3e-4", "--run_name", "mine"])

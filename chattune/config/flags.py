@@ -11,6 +11,10 @@ import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from chattune.errors import ChattuneError
+
+METHODS = ("sft", "dpo", "simpo", "orpo", "kto")
+
 
 def _flag(default, help: str, **metadata):
     return field(default=default, metadata={"help": help, **metadata})
@@ -152,17 +156,28 @@ class TrainFlags:
         None, "Also write a GGUF file of the final model for llama.cpp/Ollama: f16, q8_0 or f32 (docs/export.md)."
     )
 
-    # --- DPO ------------------------------------------------------------------------------------------------
-    dpo: bool = _flag(False, "Align with DPO on preference pairs instead of SFT.")
-    beta: float = _flag(0.1, "DPO beta: strength of the pull towards the reference model.")
+    # --- training method: SFT or preference training ----------------------------------------------------------
+    method: str | None = _flag(
+        None,
+        "What to train: sft (supervised, the default), or on preference data dpo, simpo, orpo (pairs) or kto "
+        "(pairs or rows labelled good/bad); see docs/training.md.",
+        choices=METHODS,
+    )
+    dpo: bool = _flag(False, "home-llm's spelling of --method dpo.")
+    beta: float = _flag(
+        0.1,
+        "Preference strength: DPO and KTO's pull towards the reference model, SimPO's reward scale, ORPO's weight "
+        "of the odds-ratio term (lambda).",
+    )
     dpo_loss: str = _flag("sigmoid", "DPO loss type (any of TRL's: sigmoid, ipo, hinge, robust, …).")
-    simpo: bool = _flag(False, "Use SimPO: reference-free, length-normalised preference loss.")
+    simpo: bool = _flag(False, "home-llm's spelling of --method simpo (`--dpo --simpo` is SimPO too).")
     simpo_gamma: float = _flag(0.5, "SimPO target reward margin gamma.")
 
     def __post_init__(self) -> None:
         missing = [name for name in ("run_name", "base_model", "train_dataset") if not getattr(self, name)]
         if missing:
             raise FlagError("missing required flag(s): " + ", ".join(f"--{name}" for name in missing))
+        self.method = _resolve_method(self)
         if self.micro_batch_size < 1 or self.batch_size < 1:
             raise FlagError("--batch_size and --micro_batch_size must be at least 1")
         if sum([self.load_in_8bit, self.load_in_4bit, self.load_as_gptq]) > 1:
@@ -178,8 +193,11 @@ class TrainFlags:
             raise FlagError("--eval_fraction must be in (0, 1]")
         if self.early_stopping_patience is not None and not self.test_dataset:
             raise FlagError("--early_stopping_patience needs --test_dataset to measure the eval loss on")
-        if self.export_gguf and self.export_gguf not in ("f16", "q8_0", "f32"):
-            raise FlagError(f"--export_gguf must be f16, q8_0 or f32, not {self.export_gguf!r}")
+        if self.export_gguf:
+            from chattune.export.gguf import OUTTYPES
+
+            if self.export_gguf not in OUTTYPES:
+                raise FlagError(f"--export_gguf must be one of {', '.join(OUTTYPES)}, not {self.export_gguf!r}")
         if self.export_gguf and self.use_lora and not self.lora_merge:
             raise FlagError("--export_gguf needs a full model: add --lora_merge to export the merged model")
         if bool(self.prefix_ids) != bool(self.suffix_ids) and not self.prefix_ids:
@@ -195,6 +213,11 @@ class TrainFlags:
     @property
     def suffix_id_list(self) -> list[int] | None:
         return _parse_ids("--suffix_ids", self.suffix_ids)
+
+    @property
+    def preference(self) -> bool:
+        """Trained on preference data (DPO, SimPO, ORPO, KTO) rather than conversations."""
+        return self.method != "sft"
 
     @property
     def quantized(self) -> bool:
@@ -231,8 +254,40 @@ class TrainFlags:
         return self.batch_size // per_step
 
 
-class FlagError(ValueError):
+class FlagError(ChattuneError, ValueError):
     """A flag value that cannot work; the message says which and why."""
+
+
+def _resolve_method(flags: TrainFlags) -> str:
+    """--method, or home-llm's --dpo/--simpo spelling of it; refuses the combinations that contradict each other."""
+    legacy = "simpo" if flags.simpo else "dpo" if flags.dpo else None
+    method = flags.method or legacy or "sft"
+    if method not in METHODS:
+        raise FlagError(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
+    # home-llm wrote SimPO as `--dpo --simpo`, so --dpo agrees with simpo; every other mix contradicts itself
+    if legacy and legacy != method and not (legacy == "dpo" and method == "simpo"):
+        raise FlagError(f"--{legacy} contradicts --method {method}; give one of them")
+    if flags.dpo_loss != "sigmoid" and method != "dpo":
+        raise FlagError(f"--dpo_loss {flags.dpo_loss} applies to --method dpo, not {method}")
+    if flags.simpo_gamma != 0.5 and method != "simpo":
+        raise FlagError(f"--simpo_gamma applies to --method simpo, not {method}")
+    if method != "sft":
+        sft_only = {
+            "--packing": flags.packing,
+            "--group_by_length": flags.group_by_length,
+            "--train_on_prompts": flags.train_on_prompts,
+            "--prefix_ids": flags.prefix_ids,
+            "--suffix_ids": flags.suffix_ids,
+        }
+        given = [name for name, value in sft_only.items() if value]
+        if given:
+            raise FlagError(f"{', '.join(given)} shape(s) SFT batches and labels; --method {method} does not use them")
+    if method == "kto" and flags.micro_batch_size < 2:
+        raise FlagError(
+            "--method kto needs --micro_batch_size of at least 2: its KL estimate pairs each completion with "
+            "another prompt of the same micro-batch"
+        )
+    return method
 
 
 def _parse_ids(flag: str, text: str | None) -> list[int] | None:
@@ -275,13 +330,22 @@ def parse_flags(argv: list[str] | None = None) -> TrainFlags:
 
 
 def _expand_config(argv: list[str]) -> list[str]:
-    if "--config" not in argv:
+    """Replace `--config FILE` (or `--config=FILE`) by the recipe's flags, placed before all the others."""
+    found = [i for i, word in enumerate(argv) if word == "--config" or word.startswith("--config=")]
+    if not found:
         return argv
-    index = argv.index("--config")
-    if index + 1 >= len(argv):
+    if len(found) > 1:
+        raise FlagError("--config is given more than once; a run reads one recipe")
+    index = found[0]
+    word = argv[index]
+    if word.startswith("--config="):
+        path, rest = word[len("--config=") :], argv[:index] + argv[index + 1 :]
+    elif index + 1 < len(argv):
+        path, rest = argv[index + 1], argv[:index] + argv[index + 2 :]
+    else:
+        path, rest = "", argv
+    if not path:
         raise FlagError("--config needs a YAML file")
-    path = argv[index + 1]
-    rest = argv[:index] + argv[index + 2 :]
     return [*config_to_argv(load_recipe(path), path), *rest]
 
 

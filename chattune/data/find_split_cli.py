@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
+from chattune.cli import entry_point
 from chattune.data.split_finder import SplitReport, find_split
-from chattune.training.gguf_models import GGUFError, load_tokenizer
+from chattune.errors import ChattuneError
+from chattune.training.gguf_models import load_tokenizer
 
 DESCRIPTION = (
     "Print the token ids that open and close an assistant response in MODEL's chat template, verified in context, "
@@ -26,6 +27,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
@@ -34,34 +36,32 @@ def main(argv: list[str] | None = None) -> int:
         and not Path(args.model).exists()
         and args.model.count("/") != 1
     ):
-        print(f"error: {args.model}: no such folder (and not a hub id of the form owner/name)", file=sys.stderr)
-        return 2
+        raise ChattuneError(f"{args.model}: no such folder (and not a hub id of the form owner/name)")
     try:
         tokenizer = load_tokenizer(args.model)
-    except GGUFError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except ChattuneError:
+        raise
     except (OSError, ValueError) as error:
-        print(f"error: cannot load a tokenizer from {args.model!r}: {error}", file=sys.stderr)
-        return 2
-    template = Path(args.template).read_text(encoding="utf-8") if args.template else None
+        raise ChattuneError(f"cannot load a tokenizer from {args.model!r}: {error}") from None
+    template = read_template(args.template) if args.template else None
     if not (template or tokenizer.chat_template):
-        print(
-            f"error: {args.model} has no chat template. Try one with --template FILE, or train with "
-            "train.py --add_chatml_tokens, which adds ChatML tokens and template.",
-            file=sys.stderr,
+        raise ChattuneError(
+            f"{args.model} has no chat template. Try one with --template FILE, or train with "
+            "train.py --add_chatml_tokens, which adds ChatML tokens and template."
         )
-        return 2
-    try:
-        report = find_split(tokenizer, args.model, template)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    report = find_split(tokenizer, args.model, template)
     if args.json:
         print(json.dumps(report.as_json()))
     else:
         print_report(report, tokenizer)
     return 0 if report.prefix_ids and report.verified else 1
+
+
+def read_template(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as error:
+        raise ChattuneError(f"--template {path}: {error.strerror}") from None
 
 
 def print_report(report: SplitReport, tokenizer: Any) -> None:

@@ -19,6 +19,8 @@ from typing import Any
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
+from chattune.errors import ChattuneError
+
 ROLE_ALIASES = {
     "human": "user",
     "user": "user",
@@ -39,7 +41,7 @@ FORMATS_HELP = (
 )
 
 
-class DataError(ValueError):
+class DataError(ChattuneError, ValueError):
     """Bad input data; the message names the file (and line when there is one)."""
 
 

@@ -22,13 +22,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from chattune.errors import ChattuneError
+
 IGNORE_INDEX = -100
 
 # Private-use code points: no tokenizer template touches them and no real message contains them.
 _SENTINEL = "\ue000\ue001"
 
 
-class MaskingError(ValueError):
+class MaskingError(ChattuneError, ValueError):
     """The template or the ids cannot produce a mask for this conversation."""
 
 

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from chattune.data.masking import ChatMasker, Encoded, explicit_labels
+from chattune.errors import ChattuneError
 
 SYSTEM_PROMPT = "You are a helpful assistant that controls a smart home."
 TURNS = [
@@ -24,6 +25,10 @@ TURNS = [
         'Turning on the fan.\n```homeassistant\n{"service": "fan.turn_on", "target_device": "fan.bedroom"}\n```',
     ),
 ]
+
+
+class SplitError(ChattuneError, ValueError):
+    """The chat template cannot render the samples the split is found on."""
 
 
 @dataclass
@@ -55,7 +60,7 @@ def render_samples(masker: ChatMasker, notes: list[str]) -> list[Encoded]:
         except Exception as error:  # a template's own raise_exception(), or a masking refusal
             errors.append(f"{name}: {error}")
     if not samples:
-        raise ValueError("the chat template fails on every sample:\n  " + "\n  ".join(errors))
+        raise SplitError("the chat template fails on every sample: " + "; ".join(errors))
     notes += [f"skipped the sample {e}" for e in errors]
     return samples
 

@@ -9,6 +9,8 @@ from typing import Any
 
 from transformers import AddedToken, AutoTokenizer
 
+from chattune.errors import ChattuneError
+
 logger = logging.getLogger(__name__)
 
 PAD_TOKEN = "<|pad|>"
@@ -35,7 +37,7 @@ def load_tokenizer(name_or_path: str) -> Any:
     try:
         return AutoTokenizer.from_pretrained(name_or_path)
     except OSError as error:
-        raise SystemExit(f"error: cannot load a tokenizer from {name_or_path!r}: {error}") from None
+        raise ChattuneError(f"cannot load a tokenizer from {name_or_path!r}: {error}") from None
 
 
 def add_tokens(

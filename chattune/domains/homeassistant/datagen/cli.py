@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from chattune.domains.homeassistant.datagen.errors import DataGenError
+from chattune.cli import entry_point
 from chattune.domains.homeassistant.datagen.piles import PILES_DIR
 from chattune.domains.homeassistant.datagen.pipeline import (
     DEFAULT_MAX_DEVICES,
@@ -74,6 +73,7 @@ def build_parser(default_output_dir: Path) -> argparse.ArgumentParser:
     return parser
 
 
+@entry_point
 def main(argv: Sequence[str] | None = None, default_output_dir: Path = Path("data")) -> int:
     """The generator's command line; files go to --output_dir, by default `default_output_dir` (./data)."""
     args = build_parser(default_output_dir).parse_args(argv)
@@ -92,11 +92,7 @@ def main(argv: Sequence[str] | None = None, default_output_dir: Path = Path("dat
         max_devices=args.max_devices,
         compact_prompt=args.compact_prompt,
     )
-    try:
-        result = generate(config)
-    except DataGenError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    result = generate(config)
     print(result.table)
     for path in result.files.values():
         print(f"wrote {path}")
