@@ -209,7 +209,7 @@ def test_kto_rows_are_split_from_pairs_and_shuffled_once(tmp_path):
             "simpo",
             "each needs a reply of its own",
         ),
-        ([{"prompt": "p", "completion": "c"}], "kto", r"lacks column\(s\) \['chosen', 'rejected'\]"),
+        ([{"prompt": "p", "completion": "c"}], "kto", r"lacks column\(s\) \['label'\] of the unpaired format"),
     ],
     ids=["unpaired-for-dpo", "label-not-bool", "plain-text-no-prompt", "no-shared-prompt", "no-reply", "no-label"],
 )
