@@ -7,6 +7,7 @@ import json
 import pytest
 from datasets import Dataset
 
+from chattune.data.chatml import CHATML_TEMPLATE
 from chattune.data.formats import DataError, detect_format, load_rows, normalize_messages
 from chattune.data.masking import IGNORE_INDEX, ChatMasker
 from chattune.data.tokenization import tokenize_dataset
@@ -77,9 +78,7 @@ def test_tools_column_reaches_the_template(test_tokenizer, tmp_path):
 
 
 def test_skips_are_counted(test_tokenizer, tmp_path):
-    masker = ChatMasker(
-        test_tokenizer, "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    )
+    masker = ChatMasker(test_tokenizer, CHATML_TEMPLATE)
     long_prompt = {"messages": [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "ok"}]}
     no_answer = {"messages": [{"role": "user", "content": "hello"}]}
     rows = load_rows(write_jsonl(tmp_path / "mix.jsonl", [OPENAI_ROW, long_prompt, no_answer, OPENAI_ROW]))
@@ -99,9 +98,7 @@ def test_text_rows_train_on_every_token_and_end_with_eos(test_tokenizer, tmp_pat
 
 
 def test_train_on_prompts_labels_the_whole_conversation(test_tokenizer, tmp_path):
-    masker = ChatMasker(
-        test_tokenizer, "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    )
+    masker = ChatMasker(test_tokenizer, CHATML_TEMPLATE)
     no_answer = {"messages": [{"role": "user", "content": "hello"}]}
     rows = load_rows(write_jsonl(tmp_path / "chat.jsonl", [OPENAI_ROW, no_answer]))
     replies, _ = tokenize_dataset(rows, test_tokenizer, masker, source="chat", ctx_size=64)
@@ -116,9 +113,7 @@ def test_train_on_prompts_labels_the_whole_conversation(test_tokenizer, tmp_path
 
 
 def test_multiprocess_map_gives_the_same_labels(test_tokenizer, tmp_path):
-    masker = ChatMasker(
-        test_tokenizer, "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    )
+    masker = ChatMasker(test_tokenizer, CHATML_TEMPLATE)
     rows = load_rows(write_jsonl(tmp_path / "many.jsonl", chat_rows(300)))
     one, _ = tokenize_dataset(rows, test_tokenizer, masker, source="many", ctx_size=512, num_proc=1)
     two, _ = tokenize_dataset(rows, test_tokenizer, masker, source="many", ctx_size=512, num_proc=2)
@@ -128,7 +123,6 @@ def test_multiprocess_map_gives_the_same_labels(test_tokenizer, tmp_path):
 
 # ------------------------------------------------------------------------------------------ the format registry
 
-CHATML = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
 ALPACA_ROW = {"instruction": "Summarize:", "input": "The cat sat on the mat.", "output": "A cat sat."}
 # One row of every registered format, and what it becomes.
 SAMPLE_ROWS = {
@@ -182,7 +176,7 @@ def test_alpaca_rows_train_evaluate_and_merge_alike(test_tokenizer, tmp_path):
         {"role": "assistant", "content": "A cat sat."},
     ]
     data, _ = tokenize_dataset(
-        load_rows(path), test_tokenizer, ChatMasker(test_tokenizer, CHATML), source="a", ctx_size=128
+        load_rows(path), test_tokenizer, ChatMasker(test_tokenizer, CHATML_TEMPLATE), source="a", ctx_size=128
     )
     labelled = [t for t in data[0]["labels"] if t != IGNORE_INDEX]
     assert test_tokenizer.decode(labelled) == "A cat sat.<|im_end|>"
@@ -200,7 +194,7 @@ WEIGHTED = {
 
 @pytest.mark.parametrize("explicit", [False, True], ids=["automatic", "prefix-ids"])
 def test_a_reply_with_weight_0_is_context_not_trained(test_tokenizer, tmp_path, explicit):
-    masker = ChatMasker(test_tokenizer, CHATML)
+    masker = ChatMasker(test_tokenizer, CHATML_TEMPLATE)
     ids = {}
     if explicit:
         prefix = test_tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
@@ -223,7 +217,7 @@ def test_a_reply_with_weight_0_is_context_not_trained(test_tokenizer, tmp_path, 
 def test_bad_turns_past_the_first_row_are_named(test_tokenizer, tmp_path, turn, message):
     rows = load_rows(write_jsonl(tmp_path / "bad.jsonl", [OPENAI_ROW, {"messages": [turn]}]))
     with pytest.raises(DataError, match=message):
-        tokenize_dataset(rows, test_tokenizer, ChatMasker(test_tokenizer, CHATML), source="bad", ctx_size=64)
+        tokenize_dataset(rows, test_tokenizer, ChatMasker(test_tokenizer, CHATML_TEMPLATE), source="bad", ctx_size=64)
 
 
 def test_a_new_format_is_one_registry_entry(test_tokenizer, tmp_path, monkeypatch):
@@ -237,7 +231,7 @@ def test_a_new_format_is_one_registry_entry(test_tokenizer, tmp_path, monkeypatc
     monkeypatch.setitem(formats.FORMATS, "qa", entry)
     path = write_jsonl(tmp_path / "qa.jsonl", [{"q": "Lights on", "a": "On."}])
     data, counts = tokenize_dataset(
-        load_rows(path), test_tokenizer, ChatMasker(test_tokenizer, CHATML), source="qa", ctx_size=64
+        load_rows(path), test_tokenizer, ChatMasker(test_tokenizer, CHATML_TEMPLATE), source="qa", ctx_size=64
     )
     assert counts["kept"] == 1 and load_examples(str(path))[0].reference == "On."
 
@@ -245,7 +239,7 @@ def test_a_new_format_is_one_registry_entry(test_tokenizer, tmp_path, monkeypatc
 def test_prefix_ids_that_do_not_open_one_span_per_reply_skip_a_weighted_row(test_tokenizer, tmp_path):
     rows = load_rows(write_jsonl(tmp_path / "w.jsonl", [WEIGHTED, OPENAI_ROW]))
     start, end = (test_tokenizer.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>"))
-    masker = ChatMasker(test_tokenizer, CHATML)
+    masker = ChatMasker(test_tokenizer, CHATML_TEMPLATE)
     data, counts = tokenize_dataset(  # <|im_start|> opens user turns too: 4 spans for 2 replies
         rows, test_tokenizer, masker, source="w", ctx_size=256, prefix_ids=[start], suffix_ids=[end]
     )
