@@ -112,11 +112,13 @@ class Probe:
         return wrapper
 
     def counting(self, collator: Any) -> Any:
+        from chattune.data.masking import IGNORE_INDEX
+
         def collate(examples: list[dict]) -> dict:
             batch = collator(examples)
             ids, labels = batch["input_ids"], batch["labels"]
             real = int(batch["attention_mask"].sum()) if "attention_mask" in batch else ids.numel()
-            self.batches.append((real, ids.numel(), int((labels[:, 1:] != -100).sum())))
+            self.batches.append((real, ids.numel(), int((labels[:, 1:] != IGNORE_INDEX).sum())))
             return batch
 
         return collate

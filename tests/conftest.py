@@ -15,6 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
+TRAIN = str(REPO / "train.py")
 SHARED_TOKENIZERS = REPO.parent / "shared" / "tokenizers"
 SHARED_NAMES = ("qwen2-instruct", "mistral-v1-instruct", "gpt2-no-template")
 # The installed package's console scripts, and the checkout's entry script each one runs the same as.
@@ -93,6 +94,9 @@ TINY_ARCHS = {
     "llama": ("LlamaConfig", {"num_key_value_heads": 2}),
     "qwen2": ("Qwen2Config", {"num_key_value_heads": 2}),
     "phi": ("PhiConfig", {}),  # home-llm's Phi-2 family: no grouped-query attention, not exportable to GGUF
+    "phi3": ("Phi3Config", {}),
+    "stablelm": ("StableLmConfig", {}),
+    "gpt2": ("GPT2Config", {}),  # hidden_size, num_hidden_layers, ... are GPT-2's n_embd, n_layer, ...
 }
 
 
@@ -158,6 +162,28 @@ def chat_rows(n: int = 24) -> list[dict]:
             turns += [{"from": "human", "value": "And the fan?"}, {"from": "gpt", "value": "The fan is on too."}]
         rows.append({"conversations": turns})
     return rows
+
+
+def train_argv(base, data, out, *extra: str, run_name: str = "run", **flags) -> list[str]:
+    """train.py's arguments for a short test run: the run, base model, data and output root, then `flags` as
+    `--name value` (by default micro-batches of 2 in batches of 4, and no logger), then `extra` as written
+    (a flag given twice: the later one wins)."""
+    argv = ["--run_name", run_name, "--base_model", str(base), "--train_dataset", str(data), "--output_dir", str(out)]
+    for name, value in {"batch_size": 4, "micro_batch_size": 2, "report_to": "none", **flags}.items():
+        argv += [f"--{name}", str(value)]
+    return [*argv, *extra]
+
+
+def generates(folder: Path) -> None:
+    """The saved model folder loads with its tokenizer and greedily answers a chat prompt."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    assert model.generate(**prompt, max_new_tokens=3, do_sample=False).shape[1] > prompt["input_ids"].shape[1]
 
 
 def run_script(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:

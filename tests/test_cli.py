@@ -9,7 +9,7 @@ import pytest
 
 from chattune.cli import entry_point
 from chattune.errors import ChattuneError
-from conftest import CONSOLE_SCRIPTS, REPO, chat_rows, make_tiny_model, run_script, write_jsonl
+from conftest import CONSOLE_SCRIPTS, REPO, TRAIN, chat_rows, make_tiny_model, run_script, train_argv, write_jsonl
 
 # Each command: its main, its arguments, and a function it calls once its arguments are parsed.
 COMMANDS = {
@@ -87,11 +87,7 @@ def test_console_scripts_run_the_wrapped_mains():
 def test_train_refuses_a_gguf_export_it_could_not_write_before_training(test_tokenizer_dir, tmp_path):
     base = make_tiny_model(test_tokenizer_dir, tmp_path / "phi", arch="phi")
     data = write_jsonl(tmp_path / "train.jsonl", chat_rows(4))
-    result = run_script(
-        str(REPO / "train.py"),
-        *["--run_name", "r", "--base_model", str(base), "--train_dataset", str(data), "--output_dir", str(tmp_path)],
-        *["--export_gguf", "f16", "--report_to", "none"],
-    )
+    result = run_script(TRAIN, *train_argv(base, data, tmp_path, run_name="r", export_gguf="f16"))
     assert result.returncode == 2, result.stderr[-2000:]
     assert "cannot export architecture PhiForCausalLM to GGUF" in result.stderr
     assert "Tokenizing" not in result.stderr and not (tmp_path / "runs").exists()  # no data prepared, no training

@@ -14,36 +14,11 @@ import pytest
 from safetensors.torch import load_file
 
 from chattune.training.safety import AtomicCheckpointMixin
-from conftest import REPO, chat_rows, run_script, write_jsonl
-
-TRAIN = str(REPO / "train.py")
+from conftest import REPO, TRAIN, chat_rows, run_script, train_argv, write_jsonl
 
 
 def command(base, data, out, *extra):
-    return [
-        TRAIN,
-        "--run_name",
-        "run",
-        "--base_model",
-        str(base),
-        "--train_dataset",
-        str(data),
-        "--output_dir",
-        str(out),
-        "--batch_size",
-        "4",
-        "--micro_batch_size",
-        "2",
-        "--learning_rate",
-        "3e-3",
-        "--logging_steps",
-        "1",
-        "--report_to",
-        "none",
-        "--seed",
-        "7",
-        *extra,
-    ]
+    return [TRAIN, *train_argv(base, data, out, *extra, learning_rate="3e-3", logging_steps=1, seed=7)]
 
 
 def popen(args, log: Path):
@@ -161,3 +136,26 @@ def test_resume_refusals(tiny_model_dir, data, tmp_path):
     checkpoint = str(tmp_path / "runs" / "run" / "checkpoint-2")
     lora = run_script(*command(tiny_model_dir, data, tmp_path, "--use_lora", "--resume_from_checkpoint", checkpoint))
     assert lora.returncode == 2 and "full model weights" in lora.stderr
+
+
+@pytest.mark.parametrize("folder", [False, True], ids=["file", "folder"])
+def test_atomic_path_replaces_its_target_whole_or_not_at_all(tmp_path, folder):
+    from chattune.atomic import atomic_path
+
+    target = tmp_path / "out" / "thing"
+
+    def write(staging: Path, text: str) -> None:
+        (staging / "part.txt" if folder else staging).write_text(text)
+
+    for text in ("first", "second"):  # a second write replaces the first
+        with atomic_path(target, folder=folder) as staging:
+            write(staging, text)
+    with pytest.raises(KeyboardInterrupt), atomic_path(target, folder=folder) as staging:
+        write(staging, "half")
+        raise KeyboardInterrupt
+    assert (target / "part.txt" if folder else target).read_text() == "second"
+    assert [p.name for p in target.parent.iterdir()] == ["thing"], "a temporary copy was left behind"
+    with atomic_path(target, folder=folder, keep_existing=True) as staging:  # another process got there first
+        write(staging, "late")
+    assert (target / "part.txt" if folder else target).read_text() == "second"
+    assert [p.name for p in target.parent.iterdir()] == ["thing"]

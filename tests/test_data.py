@@ -7,6 +7,7 @@ import json
 import pytest
 from datasets import Dataset
 
+from chattune.data.chatml import CHATML_TEMPLATE
 from chattune.data.formats import DataError, detect_format, load_rows, normalize_messages
 from chattune.data.masking import IGNORE_INDEX, ChatMasker
 from chattune.data.tokenization import tokenize_dataset
@@ -26,17 +27,18 @@ def test_sharegpt_role_names_are_mapped():
 
 
 @pytest.mark.parametrize(
-    "row,column",
+    "row,name",
     [
-        (chat_rows(1)[0], "conversations"),
-        ({"conversations": OPENAI_ROW["messages"]}, "conversations"),
-        (OPENAI_ROW, "messages"),
+        (chat_rows(1)[0], "sharegpt"),
+        ({"conversations": OPENAI_ROW["messages"]}, "sharegpt"),
+        (OPENAI_ROW, "openai"),
         ({"text": "just text"}, "text"),
+        ({"instruction": "Name a color.", "input": "", "output": "Red."}, "alpaca"),
     ],
 )
-def test_formats_are_detected(tmp_path, row, column):
+def test_formats_are_detected(tmp_path, row, name):
     rows = load_rows(write_jsonl(tmp_path / "d.jsonl", [row] * 3))
-    assert detect_format(rows, "d.jsonl") == column
+    assert detect_format(rows, "d.jsonl").name == name
 
 
 def test_json_array_and_saved_dataset_folder(tmp_path):
@@ -76,9 +78,7 @@ def test_tools_column_reaches_the_template(test_tokenizer, tmp_path):
 
 
 def test_skips_are_counted(test_tokenizer, tmp_path):
-    masker = ChatMasker(
-        test_tokenizer, "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    )
+    masker = ChatMasker(test_tokenizer, CHATML_TEMPLATE)
     long_prompt = {"messages": [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "ok"}]}
     no_answer = {"messages": [{"role": "user", "content": "hello"}]}
     rows = load_rows(write_jsonl(tmp_path / "mix.jsonl", [OPENAI_ROW, long_prompt, no_answer, OPENAI_ROW]))
@@ -98,9 +98,7 @@ def test_text_rows_train_on_every_token_and_end_with_eos(test_tokenizer, tmp_pat
 
 
 def test_train_on_prompts_labels_the_whole_conversation(test_tokenizer, tmp_path):
-    masker = ChatMasker(
-        test_tokenizer, "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    )
+    masker = ChatMasker(test_tokenizer, CHATML_TEMPLATE)
     no_answer = {"messages": [{"role": "user", "content": "hello"}]}
     rows = load_rows(write_jsonl(tmp_path / "chat.jsonl", [OPENAI_ROW, no_answer]))
     replies, _ = tokenize_dataset(rows, test_tokenizer, masker, source="chat", ctx_size=64)
@@ -115,11 +113,135 @@ def test_train_on_prompts_labels_the_whole_conversation(test_tokenizer, tmp_path
 
 
 def test_multiprocess_map_gives_the_same_labels(test_tokenizer, tmp_path):
-    masker = ChatMasker(
-        test_tokenizer, "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    )
+    masker = ChatMasker(test_tokenizer, CHATML_TEMPLATE)
     rows = load_rows(write_jsonl(tmp_path / "many.jsonl", chat_rows(300)))
     one, _ = tokenize_dataset(rows, test_tokenizer, masker, source="many", ctx_size=512, num_proc=1)
     two, _ = tokenize_dataset(rows, test_tokenizer, masker, source="many", ctx_size=512, num_proc=2)
     assert one["labels"] == two["labels"]
     assert any(label != IGNORE_INDEX for label in one[0]["labels"])
+
+
+# ------------------------------------------------------------------------------------------ the format registry
+
+ALPACA_ROW = {"instruction": "Summarize:", "input": "The cat sat on the mat.", "output": "A cat sat."}
+# One row of every registered format, and what it becomes.
+SAMPLE_ROWS = {
+    "sharegpt": chat_rows(1)[0],
+    "openai": OPENAI_ROW,
+    "text": {"text": "just text"},
+    "alpaca": ALPACA_ROW,
+    "generator_pairs": {"system": "s", "question": "q", "chosen": "yes", "rejected": "no"},
+    "trl_pairs": {"prompt": "q", "chosen": "yes", "rejected": "no"},
+    "implicit_prompt_pairs": {
+        "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "yes"}],
+        "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "no"}],
+    },
+    "unpaired": {"prompt": "q", "completion": "yes", "label": True},
+}
+
+
+def test_every_registered_format_has_a_sample_here():
+    from chattune.data.formats import FORMATS
+
+    assert set(FORMATS) == set(SAMPLE_ROWS), "add a sample row (and tests) for the new format"
+
+
+@pytest.mark.parametrize("name", SAMPLE_ROWS)
+def test_each_format_detects_itself_and_converts_its_rows(name, tmp_path):
+    from chattune.data.formats import CHAT, FORMATS, Conversation, detect
+
+    entry = FORMATS[name]
+    rows = load_rows(write_jsonl(tmp_path / "d.jsonl", [SAMPLE_ROWS[name]] * 2))
+    assert detect(rows.column_names, "d.jsonl", [entry.use]) is entry
+    converted = entry.convert(rows[0], "d.jsonl: row 1: ")
+    if entry.use == CHAT:
+        assert isinstance(converted, Conversation) and converted.messages[-1]["role"] == "assistant"
+        assert converted.trained == [m["role"] == "assistant" for m in converted.messages]
+    else:
+        assert converted
+
+
+def test_alpaca_rows_train_evaluate_and_merge_alike(test_tokenizer, tmp_path):
+    from chattune.data.formats import FORMATS
+    from chattune.domains.homeassistant.datagen.merge import load_alpaca
+    from chattune.evaluation.inputs import load_examples
+
+    path = write_jsonl(tmp_path / "alpaca.jsonl", [ALPACA_ROW])
+    (example,) = load_examples(str(path))
+    assert example.prompt == [{"role": "user", "content": "Summarize:\n\nThe cat sat on the mat."}]
+    assert example.reference == "A cat sat."
+    ((_, merged),) = load_alpaca(path)
+    assert merged == FORMATS["alpaca"].convert(ALPACA_ROW, "") and merged.messages == [
+        *example.prompt,
+        {"role": "assistant", "content": "A cat sat."},
+    ]
+    data, _ = tokenize_dataset(
+        load_rows(path), test_tokenizer, ChatMasker(test_tokenizer, CHATML_TEMPLATE), source="a", ctx_size=128
+    )
+    labelled = [t for t in data[0]["labels"] if t != IGNORE_INDEX]
+    assert test_tokenizer.decode(labelled) == "A cat sat.<|im_end|>"
+
+
+WEIGHTED = {
+    "messages": [
+        {"role": "user", "content": "Lights on"},
+        {"role": "assistant", "content": "Sure thing.", "weight": 0},
+        {"role": "user", "content": "Fan on"},
+        {"role": "assistant", "content": "On.", "weight": 1},
+    ]
+}
+
+
+@pytest.mark.parametrize("explicit", [False, True], ids=["automatic", "prefix-ids"])
+def test_a_reply_with_weight_0_is_context_not_trained(test_tokenizer, tmp_path, explicit):
+    masker = ChatMasker(test_tokenizer, CHATML_TEMPLATE)
+    ids = {}
+    if explicit:
+        prefix = test_tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+        ids = {"prefix_ids": prefix, "suffix_ids": [test_tokenizer.convert_tokens_to_ids("<|im_end|>")]}
+    rows = load_rows(write_jsonl(tmp_path / "w.jsonl", [WEIGHTED]))
+    data, _ = tokenize_dataset(rows, test_tokenizer, masker, source="w", ctx_size=256, **ids)
+    labelled = test_tokenizer.decode([t for t in data[0]["labels"] if t != IGNORE_INDEX])
+    assert labelled == "On.<|im_end|>"
+    assert "Sure thing." in test_tokenizer.decode(data[0]["input_ids"])
+
+
+@pytest.mark.parametrize(
+    "turn,message",
+    [
+        ({"role": "assistant", "content": "x", "weight": 0.5}, "row 2: `weight` is 0 or 1"),
+        ({"role": "user", "content": "x", "weight": 0}, "not 0 on a user turn"),
+        ({"role": "narrator", "content": "x"}, "row 2: unknown role 'narrator'"),
+    ],
+)
+def test_bad_turns_past_the_first_row_are_named(test_tokenizer, tmp_path, turn, message):
+    rows = load_rows(write_jsonl(tmp_path / "bad.jsonl", [OPENAI_ROW, {"messages": [turn]}]))
+    with pytest.raises(DataError, match=message):
+        tokenize_dataset(rows, test_tokenizer, ChatMasker(test_tokenizer, CHATML_TEMPLATE), source="bad", ctx_size=64)
+
+
+def test_a_new_format_is_one_registry_entry(test_tokenizer, tmp_path, monkeypatch):
+    from chattune.data import formats
+    from chattune.evaluation.inputs import load_examples
+
+    def question_answer(row, where):
+        return formats.Conversation([{"role": "user", "content": row["q"]}, {"role": "assistant", "content": row["a"]}])
+
+    entry = formats.Format("qa", formats.CHAT, ("q", "a"), '{"q", "a"}', question_answer)
+    monkeypatch.setitem(formats.FORMATS, "qa", entry)
+    path = write_jsonl(tmp_path / "qa.jsonl", [{"q": "Lights on", "a": "On."}])
+    data, counts = tokenize_dataset(
+        load_rows(path), test_tokenizer, ChatMasker(test_tokenizer, CHATML_TEMPLATE), source="qa", ctx_size=64
+    )
+    assert counts["kept"] == 1 and load_examples(str(path))[0].reference == "On."
+
+
+def test_prefix_ids_that_do_not_open_one_span_per_reply_skip_a_weighted_row(test_tokenizer, tmp_path):
+    rows = load_rows(write_jsonl(tmp_path / "w.jsonl", [WEIGHTED, OPENAI_ROW]))
+    start, end = (test_tokenizer.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>"))
+    masker = ChatMasker(test_tokenizer, CHATML_TEMPLATE)
+    data, counts = tokenize_dataset(  # <|im_start|> opens user turns too: 4 spans for 2 replies
+        rows, test_tokenizer, masker, source="w", ctx_size=256, prefix_ids=[start], suffix_ids=[end]
+    )
+    assert len(data) == 1 and counts["kept"] == 1
+    assert sum(n for name, n in counts.items() if "one per reply" in name) == 1

@@ -416,6 +416,25 @@ def test_bad_merge_file_names_file_and_line(tmp_path, content, line, message):
 # ------------------------------------------------------------------------------------------ formats
 
 
+def test_raw_corpus_text_is_what_train_py_renders_with_its_chatml_template(test_tokenizer, tmp_path):
+    from chattune.data.chatml import CHATML_TEMPLATE, render_chatml
+
+    generate(small_config(tmp_path, fmt="raw_corpus", output_dir=tmp_path / "raw"))
+    generate(small_config(tmp_path, output_dir=tmp_path / "chat"))
+    raw = read_jsonl(tmp_path / "raw" / "home_assistant_train.jsonl")
+    chat = read_jsonl(tmp_path / "chat" / "home_assistant_train.jsonl")
+    assert len(raw) == len(chat)
+    for line, row in zip(raw[:20], chat):
+        rendered = test_tokenizer.apply_chat_template(
+            row["conversations"], chat_template=CHATML_TEMPLATE, tokenize=False
+        )
+        assert line["text"] == rendered == render_chatml(row["conversations"])
+    prompt = chat[0]["conversations"][:2]
+    assert render_chatml(prompt, add_generation_prompt=True) == test_tokenizer.apply_chat_template(
+        prompt, chat_template=CHATML_TEMPLATE, tokenize=False, add_generation_prompt=True
+    )
+
+
 def test_raw_corpus_format(tmp_path):
     generate(small_config(tmp_path, fmt="raw_corpus"))
     rows = read_jsonl(tmp_path / "out" / "home_assistant_train.jsonl")

@@ -11,7 +11,7 @@ import pytest
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import REPO, chat_rows, run_script, write_jsonl
+from conftest import REPO, chat_rows, run_script, train_argv, write_jsonl
 
 TRAIN = str(REPO / "train.py")
 pytestmark = pytest.mark.slow
@@ -39,31 +39,9 @@ def accelerate(*launch_args: str) -> list[str]:
 
 
 def training_flags(base, data, out, micro: int, *extra: str) -> list[str]:
-    return [
-        "--run_name",
-        "run",
-        "--base_model",
-        str(base),
-        "--train_dataset",
-        str(data),
-        "--output_dir",
-        str(out),
-        "--batch_size",
-        "4",
-        "--micro_batch_size",
-        str(micro),
-        "--max_steps",
-        "3",
-        "--learning_rate",
-        "1e-3",
-        "--save_steps",
-        "3",
-        "--report_to",
-        "none",
-        "--seed",
-        "3",
-        *extra,
-    ]
+    return train_argv(
+        base, data, out, *extra, micro_batch_size=micro, max_steps=3, learning_rate="1e-3", save_steps=3, seed=3
+    )
 
 
 def launch(*args: str):

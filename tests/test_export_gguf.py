@@ -18,7 +18,7 @@ from chattune.export.gguf import (
     export_gguf,
     main,
 )
-from conftest import make_tiny_model, shared_tokenizer_path
+from conftest import make_tiny_model, shared_tokenizer_path, tiny_config
 
 # The Qwen2 fixture's tokenizer has this as an added token that is not special (a USER_DEFINED token in GGUF).
 USER_TOKEN = "<tool_call>"
@@ -231,11 +231,10 @@ def test_untied_output_kept_when_config_claims_tied(llama_dir, tmp_path):
 
 
 def test_unsupported_architecture_lists_supported_ones(tmp_path, capsys):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM
 
     model_dir = tmp_path / "gpt2"
-    config = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=32)
-    GPT2LMHeadModel(config).save_pretrained(model_dir)
+    AutoModelForCausalLM.from_config(tiny_config("gpt2", num_hidden_layers=1)).save_pretrained(model_dir)
     assert main([str(model_dir)]) == 2
     error = capsys.readouterr().err
     assert "GPT2LMHeadModel" in error

@@ -132,38 +132,19 @@ def test_missing_logger_package_and_hub_credentials(monkeypatch):
         check_integrations(parse_flags([*REQUIRED, "--report_to", "none", "--push_to_hub"]))
 
 
-def test_early_stopping_needs_aligned_steps():
+@pytest.mark.parametrize("save_steps,aligned", [(50, False), (40, True)])
+def test_early_stopping_needs_aligned_steps(save_steps, aligned):
     from chattune.training.arguments import evaluation_args
 
     flags = parse_flags(
-        [
-            *REQUIRED,
-            "--test_dataset",
-            "t.jsonl",
-            "--early_stopping_patience",
-            "2",
-            "--save_steps",
-            "50",
-            "--eval_steps",
-            "20",
-        ]
+        [*REQUIRED, "--test_dataset", "t.jsonl", "--early_stopping_patience", "2", "--eval_steps", "20"]
+        + ["--save_steps", str(save_steps)]
     )
-    with pytest.raises(FlagError, match="multiple"):
-        evaluation_args(flags, has_eval=True)
-    flags = parse_flags(
-        [
-            *REQUIRED,
-            "--test_dataset",
-            "t.jsonl",
-            "--early_stopping_patience",
-            "2",
-            "--save_steps",
-            "40",
-            "--eval_steps",
-            "20",
-        ]
-    )
-    assert evaluation_args(flags, has_eval=True)["load_best_model_at_end"] is True
+    if aligned:
+        assert evaluation_args(flags, has_eval=True)["load_best_model_at_end"] is True
+    else:
+        with pytest.raises(FlagError, match="multiple"):
+            evaluation_args(flags, has_eval=True)
 
 
 @pytest.mark.parametrize(

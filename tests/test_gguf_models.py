@@ -12,7 +12,7 @@ import pytest
 
 from chattune.export.gguf import export_gguf
 from chattune.training.gguf_models import GGUFError, cache_folder, find_gguf, gguf_in_package, read_architecture
-from conftest import chat_rows, run_script, write_jsonl
+from conftest import chat_rows, run_script, train_argv, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -28,12 +28,13 @@ def tiny_gguf(tiny_model_dir, tmp_path_factory) -> Path:
     return export_gguf(tiny_model_dir, outtype="f32", out=tmp_path_factory.mktemp("gguf") / "tiny.gguf")
 
 
-def train_argv(base: Path, out: Path, data: Path, *extra: str) -> list[str]:
+def gguf_run_argv(base: Path, out: Path, data: Path, *extra: str) -> list[str]:
     return [
-        "train.py", "--run_name", "g", "--base_model", str(base), "--train_dataset", str(data),
-        "--output_dir", str(out), "--max_steps", "2", "--batch_size", "2", "--micro_batch_size", "2",
-        "--learning_rate", "1e-3", "--report_to", "none", "--save_steps", "100", *extra,
-    ]  # fmt: skip
+        "train.py",
+        *train_argv(
+            base, data, out, *extra, run_name="g", max_steps=2, batch_size=2, learning_rate="1e-3", save_steps=100
+        ),
+    ]
 
 
 def test_a_gguf_file_and_its_folder_name_the_same_model(tiny_gguf, tmp_path):
@@ -50,7 +51,7 @@ def test_lora_on_a_gguf_base_saves_normal_folders(tiny_gguf, tmp_path):
     from transformers import AutoModelForCausalLM
 
     data = write_jsonl(tmp_path / "train.jsonl", chat_rows(8))
-    result = run_script(*train_argv(tiny_gguf, tmp_path, data, "--use_lora", "--lora_merge"))
+    result = run_script(*gguf_run_argv(tiny_gguf, tmp_path, data, "--use_lora", "--lora_merge"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "converting it once" in result.stderr
     adapter = json.loads((tmp_path / "loras" / "g" / "adapter_config.json").read_text())
@@ -69,7 +70,7 @@ def test_lora_on_a_gguf_base_saves_normal_folders(tiny_gguf, tmp_path):
 
 def test_full_training_and_evaluation_of_a_gguf(tiny_gguf, tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", chat_rows(8))
-    result = run_script(*train_argv(tiny_gguf, tmp_path, data))
+    result = run_script(*gguf_run_argv(tiny_gguf, tmp_path, data))
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "models" / "g" / "model.safetensors").is_file()
     result = run_script("evaluate.py", str(tiny_gguf), "--test_dataset", str(data), "--max_examples", "2",
@@ -117,7 +118,7 @@ def test_bad_gguf_files_are_named_before_any_work(tmp_path, content, message):
     bad = tmp_path / "model.gguf"
     bad.write_bytes(content)
     data = write_jsonl(tmp_path / "train.jsonl", chat_rows(4))
-    for args in (train_argv(bad, tmp_path, data), ["evaluate.py", str(bad)], ["find_split.py", str(bad)]):
+    for args in (gguf_run_argv(bad, tmp_path, data), ["evaluate.py", str(bad)], ["find_split.py", str(bad)]):
         result = run_script(*args)
         assert result.returncode == 2, result.stderr[-2000:]
         assert str(bad) in result.stderr and message in result.stderr
@@ -129,7 +130,7 @@ def test_an_architecture_transformers_cannot_load_is_named(tmp_path):
     odd = write_gguf(tmp_path / "odd.gguf", "rwkv6")
     assert read_architecture(odd) == "rwkv6"
     data = write_jsonl(tmp_path / "train.jsonl", chat_rows(4))
-    result = run_script(*train_argv(odd, tmp_path, data))
+    result = run_script(*gguf_run_argv(odd, tmp_path, data))
     assert result.returncode == 2
     assert "'rwkv6' cannot be loaded from GGUF" in result.stderr and "llama" in result.stderr
     assert not cache_folder(odd).exists()
@@ -146,7 +147,7 @@ def test_a_gguf_without_chat_template_gets_the_chatml_advice(tiny_model_dir, tmp
         (plain / name).unlink(missing_ok=True)
     exported = export_gguf(plain, outtype="f32", out=tmp_path / "plain.gguf")
     data = write_jsonl(tmp_path / "train.jsonl", chat_rows(4))
-    result = run_script(*train_argv(exported, tmp_path / "out", data))
+    result = run_script(*gguf_run_argv(exported, tmp_path / "out", data))
     assert result.returncode == 2
     assert "--add_chatml_tokens" in result.stderr
 
@@ -170,7 +171,7 @@ def test_smollm2_gguf_trains_and_evaluates(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     train = data / "home_assistant_train.jsonl"
     args = ["--use_lora", "--lora_layers", "4", "--lora_dropout", "0"]
-    result = run_script(*train_argv(model, tmp_path, train, *args), timeout=900)
+    result = run_script(*gguf_run_argv(model, tmp_path, train, *args), timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     result = run_script("evaluate.py", str(tmp_path / "loras" / "g"), "--test_dataset",
                         str(data / "home_assistant_test.jsonl"), "--max_examples", "4", "--json")  # fmt: skip

@@ -9,8 +9,7 @@ import json
 import shlex
 
 import pytest
-import torch
-from transformers import AutoTokenizer, PhiConfig, PhiForCausalLM
+from transformers import AutoTokenizer
 
 from chattune.data.formats import load_rows
 from chattune.data.masking import ChatMasker, trim_suffix_overlap
@@ -65,19 +64,10 @@ def test_phi3_full_fine_tune_command(tiny_model_dir, workdir):
 def test_phi2_lora_command_on_a_base_model_without_template(test_tokenizer_dir, workdir):
     tokenizer = AutoTokenizer.from_pretrained(test_tokenizer_dir)
     tokenizer.chat_template = None
-    base = workdir / "phi-base"
-    tokenizer.save_pretrained(base)
-    (base / "chat_template.jinja").unlink(missing_ok=True)
-    config = PhiConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=1024,
-    )
-    torch.manual_seed(0)
-    PhiForCausalLM(config).save_pretrained(base)
+    bare = workdir / "bare-tokenizer"
+    tokenizer.save_pretrained(bare)
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    base = make_tiny_model(bare, workdir / "phi-base", arch="phi")
     run_command(PHI2, base, workdir)
     out = workdir / "out"
     adapter = json.loads((out / "loras" / "Home-3B-v2_ha-GGUF" / "adapter_config.json").read_text())

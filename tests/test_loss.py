@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 from torch.profiler import ProfilerActivity, profile
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig
 
 import chattune.training.loss
@@ -15,7 +15,7 @@ from chattune.data.masking import ChatMasker
 from chattune.data.tokenization import tokenize_dataset
 from chattune.training.loss import LEAN_LOSS_ENV, _trl_head_is_compact, kept_positions, lean_loss_mode
 from chattune.training.sft_trainer import SFTTrainerWithAtomicCheckpoints
-from conftest import chat_rows
+from conftest import chat_rows, tiny_config
 
 TOLERANCE = 1e-5
 
@@ -221,17 +221,17 @@ def big_vocab_batch(vocab: int) -> dict:
 
 def test_peak_memory_is_lower_with_150k_vocabulary(tokenizer, tmp_path, monkeypatch):
     torch.manual_seed(0)
-    config = LlamaConfig(
+    config = tiny_config(
+        "llama",
         vocab_size=VOCAB_150K,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=1,
         num_attention_heads=2,
         num_key_value_heads=1,
-        tie_word_embeddings=False,
     )
     examples = [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}]
-    trainer = make_trainer(LlamaForCausalLM(config), tokenizer, examples, tmp_path)
+    trainer = make_trainer(AutoModelForCausalLM.from_config(config), tokenizer, examples, tmp_path)
     model, batch = trainer.model, big_vocab_batch(VOCAB_150K)
 
     def step(compute):

@@ -21,7 +21,7 @@ from chattune.data.tokenization import tokenize_dataset
 from chattune.training.attention import VARLEN_SDPA, has_sliding_window, use_varlen_sdpa
 from chattune.training.batching import plan_batching
 from chattune.training.sft_trainer import build_trainer
-from conftest import REPO, chat_rows, run_script, write_jsonl
+from conftest import TRAIN, chat_rows, run_script, train_argv, write_jsonl
 
 TOLERANCE = 1e-5
 CTX_SIZE = 384  # examples are 100-127 tokens: packed rows hold three of them
@@ -178,13 +178,10 @@ def test_group_by_length_batches(model, tokenizer, dataset, tmp_path):
 @pytest.mark.parametrize("flag", ["--group_by_length", "--packing"])
 def test_train_py_runs(tiny_model_dir, tmp_path, flag):
     data = write_jsonl(tmp_path / "train.jsonl", chat_rows(16))
-    result = run_script(
-        str(REPO / "train.py"),
-        *("--run_name", "run", "--base_model", str(tiny_model_dir), "--train_dataset", str(data)),
-        *("--output_dir", str(tmp_path), "--max_steps", "2", "--batch_size", "4", "--micro_batch_size", "2"),
-        *("--ctx_size", str(CTX_SIZE), "--save_steps", "100", "--logging_steps", "1", "--report_to", "none"),
-        flag,
+    argv = train_argv(
+        tiny_model_dir, data, tmp_path, flag, max_steps=2, ctx_size=CTX_SIZE, save_steps=100, logging_steps=1
     )
+    result = run_script(TRAIN, *argv)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "models" / "run" / "model.safetensors").is_file()
     assert ("packed rows" if flag == "--packing" else "padding-free micro-batches") in result.stderr

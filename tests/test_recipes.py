@@ -4,24 +4,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, PhiConfig, Qwen2Config, StableLmConfig
-from transformers.models.phi3 import Phi3Config
 
 from chattune.config.flags import parse_flags
-from conftest import REPO
+from conftest import REPO, tiny_config
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
-# The architecture each recipe's base model uses, to check its LoRA module names exist.
+# The architecture (of conftest.TINY_ARCHS) each recipe's base model uses, to check its LoRA module names exist.
 ARCHITECTURES = {
-    "phi2": PhiConfig,
-    "phi3-mini": Phi3Config,
-    "stablelm-zephyr-3b": StableLmConfig,
-    "stablelm2-1.6b": StableLmConfig,
-    "tinyllama": LlamaConfig,
-    "qwen2-0.5b": Qwen2Config,
-    "llama3-8b-lora": LlamaConfig,
-    "llama3.2-3b": LlamaConfig,
-    "smollm2-135m-home": LlamaConfig,
+    "phi2": "phi",
+    "phi3-mini": "phi3",
+    "stablelm-zephyr-3b": "stablelm",
+    "stablelm2-1.6b": "stablelm",
+    "tinyllama": "llama",
+    "qwen2-0.5b": "qwen2",
+    "llama3-8b-lora": "llama",
+    "llama3.2-3b": "llama",
+    "smollm2-135m-home": "llama",
 }
 
 
@@ -39,14 +37,7 @@ def test_recipe_parses_and_names_real_modules(recipe):
         return
     from transformers import AutoModelForCausalLM
 
-    config = ARCHITECTURES[recipe.stem](
-        vocab_size=64,
-        hidden_size=64,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-    )
+    config = tiny_config(ARCHITECTURES[recipe.stem], intermediate_size=64, num_hidden_layers=1, num_key_value_heads=4)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}

@@ -10,25 +10,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import REPO, chat_rows, make_tiny_model, run_script, write_jsonl
+from conftest import TRAIN, chat_rows, generates, make_tiny_model, run_script, train_argv, write_jsonl
 
-TRAIN = str(REPO / "train.py")
-FAST = [
-    "--max_steps",
-    "4",
-    "--batch_size",
-    "4",
-    "--micro_batch_size",
-    "2",
-    "--learning_rate",
-    "1e-3",
-    "--logging_steps",
-    "1",
-    "--save_steps",
-    "2",
-    "--report_to",
-    "none",
-]
+FAST = {"max_steps": 4, "learning_rate": "1e-3", "logging_steps": 1, "save_steps": 2}
 
 
 @pytest.fixture(scope="module")
@@ -37,31 +21,9 @@ def dataset(tmp_path_factory) -> Path:
 
 
 def train(base: Path, data: Path, out: Path, *extra: str) -> str:
-    result = run_script(
-        TRAIN,
-        "--run_name",
-        "run",
-        "--base_model",
-        str(base),
-        "--train_dataset",
-        str(data),
-        "--output_dir",
-        str(out),
-        *FAST,
-        *extra,
-    )
+    result = run_script(TRAIN, *train_argv(base, data, out, *extra, **FAST))
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stderr
-
-
-def generates(folder: Path) -> None:
-    model = AutoModelForCausalLM.from_pretrained(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "hi"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )
-    out = model.generate(**prompt, max_new_tokens=3, do_sample=False)
-    assert out.shape[1] > prompt["input_ids"].shape[1]
 
 
 def test_full_fine_tune(tiny_model_dir, dataset, tmp_path):
@@ -159,72 +121,43 @@ def test_no_chat_template_explains_both_options(test_tokenizer_dir, dataset, tmp
     config.pop("chat_template", None)
     (bare / "tokenizer_config.json").write_text(json.dumps(config))
     base = make_tiny_model(bare, tmp_path / "base")
-    result = run_script(
-        TRAIN,
-        "--run_name",
-        "r",
-        "--base_model",
-        str(base),
-        "--train_dataset",
-        str(dataset),
-        "--output_dir",
-        str(tmp_path),
-    )
+    result = run_script(TRAIN, *train_argv(base, dataset, tmp_path, run_name="r"))
     assert result.returncode == 2
     assert "--add_chatml_tokens" in result.stderr and "--prompt_template_file" in result.stderr
 
 
 def test_refusals(tiny_model_dir, dataset, tmp_path):
-    common = ["--run_name", "r", "--base_model", str(tiny_model_dir), "--output_dir", str(tmp_path)]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": []}\n{oops\n')
-    result = run_script(TRAIN, *common, "--train_dataset", str(bad))
+    result = run_script(TRAIN, *train_argv(tiny_model_dir, bad, tmp_path, run_name="r"))
     assert result.returncode == 2 and "bad.jsonl:2: invalid JSON" in result.stderr
 
-    result = run_script(TRAIN, *common, "--train_dataset", str(dataset), "--prefix_ids", "1,2,3,4")
+    result = run_script(TRAIN, *train_argv(tiny_model_dir, dataset, tmp_path, run_name="r", prefix_ids="1,2,3,4"))
     assert result.returncode == 2 and "--prefix_ids 1,2,3,4 never matched" in result.stderr
 
     (tmp_path / "runs" / "r").mkdir(parents=True)
     (tmp_path / "runs" / "r" / "something").write_text("x")
-    result = run_script(TRAIN, *common, "--train_dataset", str(dataset))
+    result = run_script(TRAIN, *train_argv(tiny_model_dir, dataset, tmp_path, run_name="r"))
     assert result.returncode == 2 and "not empty" in result.stderr and "--resume_from_checkpoint" in result.stderr
 
 
 def test_early_stopping_eval_fraction_throughput_and_summary(tiny_model_dir, dataset, tmp_path):
     result = run_script(
         TRAIN,
-        "--run_name",
-        "run",
-        "--base_model",
-        str(tiny_model_dir),
-        "--train_dataset",
-        str(dataset),
-        "--test_dataset",
-        str(dataset),
-        "--output_dir",
-        str(tmp_path),
-        "--max_steps",
-        "20",
-        "--batch_size",
-        "4",
-        "--micro_batch_size",
-        "2",
-        "--learning_rate",
-        "0",
-        "--eval_steps",
-        "2",
-        "--save_steps",
-        "2",
-        "--eval_fraction",
-        "0.25",
-        "--early_stopping_patience",
-        "1",
-        "--logging_steps",
-        "1",
-        "--flops_baseline",
-        "1e12",
-        "--report_to",
-        "none",
+        *train_argv(
+            tiny_model_dir,
+            dataset,
+            tmp_path,
+            test_dataset=dataset,
+            max_steps=20,
+            learning_rate=0,
+            eval_steps=2,
+            save_steps=2,
+            eval_fraction=0.25,
+            early_stopping_patience=1,
+            logging_steps=1,
+            flops_baseline="1e12",
+        ),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "steps:          4" in result.stdout  # lr 0: the second evaluation does not improve, so it stops

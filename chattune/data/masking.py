@@ -106,12 +106,20 @@ class ChatMasker:
             raise result
         return result
 
-    def encode_many(self, conversations: Sequence[tuple[Sequence[dict], list | None]]) -> list[Encoded | MaskingError]:
-        """Encode (messages, tools) pairs with one tokenizer call; a conversation that fails gets its error."""
-        rendered: list[tuple[str, list[TurnSpan]] | MaskingError] = []
-        for messages, tools in conversations:
+    def encode_many(
+        self,
+        conversations: Sequence[tuple[Sequence[dict], list | None]],
+        trained: Sequence[Sequence[bool] | None] | None = None,
+    ) -> list[Encoded | MaskingError]:
+        """Encode (messages, tools) pairs with one tokenizer call; a conversation that fails gets its error.
+
+        `trained`, per conversation, says which assistant replies are labelled (all of them when None).
+        """
+        trained = trained or [None] * len(conversations)
+        rendered: list[tuple[str, list[TurnSpan], Sequence[bool] | None] | MaskingError] = []
+        for (messages, tools), replies in zip(conversations, trained):
             try:
-                rendered.append(self.assistant_spans(messages, tools))
+                rendered.append((*self.assistant_spans(messages, tools), replies))
             except MaskingError as error:
                 rendered.append(error)
         texts = [item[0] for item in rendered if not isinstance(item, MaskingError)]
@@ -122,10 +130,11 @@ class ChatMasker:
             if isinstance(item, MaskingError):
                 results.append(item)
                 continue
-            text, spans = item
+            text, spans, replies = item
             ids, offsets = next(encodings)
             offsets = [tuple(offset) for offset in offsets]
-            labels = labels_from_spans(ids, offsets, [(s.label_start, s.label_end) for s in spans])
+            kept = [s for s, keep in zip(spans, replies or [True] * len(spans)) if keep]
+            labels = labels_from_spans(ids, offsets, [(s.label_start, s.label_end) for s in kept])
             closed = all(s.label_end > s.content_end for s in spans)
             results.append(Encoded(text, ids, labels, offsets, spans, closed))
         return results
@@ -227,16 +236,38 @@ def find_sublist(haystack: Sequence[int], needle: Sequence[int], start: int = 0)
     return -1
 
 
-def explicit_labels(input_ids: Sequence[int], prefix: Sequence[int], suffix: Sequence[int] | None) -> list[int]:
-    """home-llm semantics: label from after each prefix through the next suffix (or the end)."""
-    labels = [IGNORE_INDEX] * len(input_ids)
+def explicit_spans(input_ids: Sequence[int], prefix: Sequence[int], suffix: Sequence[int] | None) -> list[range]:
+    """home-llm semantics: from after each prefix through the next suffix (or the end), as token ranges."""
+    spans = []
     pos = 0
     while (found := find_sublist(input_ids, prefix, pos)) >= 0:
         start = found + len(prefix)
         stop = find_sublist(input_ids, suffix, start) if suffix else -1
         end = stop + len(suffix) if stop >= 0 else len(input_ids)
-        labels[start:end] = input_ids[start:end]
+        spans.append(range(start, end))
         pos = max(end, start)
+    return spans
+
+
+def explicit_labels(
+    input_ids: Sequence[int],
+    prefix: Sequence[int],
+    suffix: Sequence[int] | None,
+    replies: Sequence[bool] | None = None,
+) -> list[int]:
+    """Labels of the explicit spans; `replies` (one flag per assistant reply) leaves the unflagged ones out, and
+    then needs one span per reply (a MaskingError otherwise)."""
+    spans = explicit_spans(input_ids, prefix, suffix)
+    if replies is not None and not all(replies):
+        if len(spans) != len(replies):
+            raise MaskingError(
+                f"--prefix_ids open {len(spans)} span(s) for {len(replies)} assistant replies, so the replies with "
+                "weight 0 cannot be left out"
+            )
+        spans = [span for span, keep in zip(spans, replies) if keep]
+    labels = [IGNORE_INDEX] * len(input_ids)
+    for span in spans:
+        labels[span.start : span.stop] = input_ids[span.start : span.stop]
     return labels
 
 

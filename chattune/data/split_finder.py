@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from chattune.data.masking import ChatMasker, Encoded, explicit_labels
+from chattune.data.masking import IGNORE_INDEX, ChatMasker, Encoded, explicit_labels
 from chattune.errors import ChattuneError
 
 SYSTEM_PROMPT = "You are a helpful assistant that controls a smart home."
@@ -154,8 +154,8 @@ def picks_every_turn(samples: list[Encoded], prefix: list[int], suffix: list[int
 
 def label_runs(labels: list[int]) -> list[list[int]]:
     runs, current = [], []
-    for label in [*labels, -100]:
-        if label != -100:
+    for label in [*labels, IGNORE_INDEX]:
+        if label != IGNORE_INDEX:
             current.append(label)
         elif current:
             runs.append(current)

@@ -1,7 +1,7 @@
 """Turning loaded rows into token ids with assistant-only labels: batched, multi-process, cached by `datasets`.
 
-Rows come from chattune.data.formats; the labels come from chattune.data.masking (automatic) or from
-explicit --prefix_ids/--suffix_ids.
+Rows become conversations (or text) through the format registry of chattune.data.formats; the labels come
+from chattune.data.masking (automatic) or from explicit --prefix_ids/--suffix_ids.
 """
 
 from __future__ import annotations
@@ -14,70 +14,77 @@ from typing import Any
 
 from datasets import Dataset
 
-from chattune.data.formats import FORMATS_HELP, DataError, detect_format, normalize_messages, parse_tools
+from chattune.data.formats import CHAT, FORMATS, TEXT, Conversation, DataError, detect_format, formats_help
 from chattune.data.masking import IGNORE_INDEX, ChatMasker, MaskingError, explicit_labels
 
 logger = logging.getLogger(__name__)
 
 # Status codes written by the tokenizing map, counted in the data summary.
-KEPT, TOO_LONG, NO_RESPONSE, TEMPLATE_MISMATCH = 0, 1, 2, 3
+KEPT, TOO_LONG, NO_RESPONSE, TEMPLATE_MISMATCH, SPAN_MISMATCH = 0, 1, 2, 3, 4
 STATUS_NAMES = {
     KEPT: "kept",
     TOO_LONG: "skipped: no response tokens left after truncation to ctx_size",
     NO_RESPONSE: "skipped: no assistant response found",
     TEMPLATE_MISMATCH: "skipped: chat template rewrites assistant turns",
+    SPAN_MISMATCH: "skipped: --prefix_ids spans are not one per reply, so a weight 0 reply cannot be left out",
 }
 
 
 @dataclass
 class Tokenize:
-    """Picklable batched map function: rows -> input_ids, labels, status."""
+    """Picklable batched map function (with indices): rows -> input_ids, labels, status."""
 
     tokenizer: Any
     masker: ChatMasker | None
-    column: str
+    format_name: str  # a key of chattune.data.formats.FORMATS
     ctx_size: int
     prefix_ids: list[int] | None = None
     suffix_ids: list[int] | None = None
     train_on_prompts: bool = False
+    source: str = ""
 
-    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+    def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         out: dict[str, list] = {"input_ids": [], "labels": [], "status": []}
-        tools_column = batch.get("tools") or [None] * len(batch[self.column])
-        if self.column != "text" and not self.prefix_ids:  # automatic masking: one tokenizer call per batch
-            conversations = [
-                (normalize_messages(value), parse_tools(tools))
-                for value, tools in zip(batch[self.column], tools_column)
-            ]
+        convert = FORMATS[self.format_name].convert
+        rows = [
+            convert(dict(zip(batch, values)), f"{self.source}: row {index + 1}: ")
+            for values, index in zip(zip(*batch.values()), indices)
+        ]
+        if FORMATS[self.format_name].use == TEXT:
+            encoded = [self.encode_text(text) for text in rows]
+        elif not self.prefix_ids:  # automatic masking: one tokenizer call per batch
             encoded = [
                 ([], [], TEMPLATE_MISMATCH)
                 if isinstance(item, MaskingError)
                 else self.finish(item.input_ids, item.labels)
-                for item in self.masker.encode_many(conversations)
+                for item in self.masker.encode_many(
+                    [(c.messages, c.tools) for c in rows], [c.trained_replies for c in rows]
+                )
             ]
         else:
-            encoded = [self.encode_one(value, tools) for value, tools in zip(batch[self.column], tools_column)]
+            encoded = [self.encode_explicit(conversation) for conversation in rows]
         for ids, labels, status in encoded:
             out["input_ids"].append(ids)
             out["labels"].append(labels)
             out["status"].append(status)
         return out
 
-    def encode_one(self, value: Any, tools: Any) -> tuple[list[int], list[int], int]:
-        """Plain text, or a conversation masked by --prefix_ids/--suffix_ids."""
+    def encode_text(self, text: str) -> tuple[list[int], list[int], int]:
+        """Plain text: every token is trained, and an EOS closes it."""
         tokenizer = self.tokenizer
-        if self.column == "text":
-            ids = tokenizer(value, add_special_tokens=True)["input_ids"]
-            if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
-                ids.append(tokenizer.eos_token_id)
-            return self.finish(ids, list(ids))
-        messages = normalize_messages(value)
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+            ids.append(tokenizer.eos_token_id)
+        return self.finish(ids, list(ids))
+
+    def encode_explicit(self, conversation: Conversation) -> tuple[list[int], list[int], int]:
+        """A conversation masked by --prefix_ids/--suffix_ids."""
+        text = self.masker.render(conversation.messages, conversation.tools)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         try:
-            text = self.masker.render(messages, parse_tools(tools))
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            labels = explicit_labels(ids, self.prefix_ids, self.suffix_ids)
+            labels = explicit_labels(ids, self.prefix_ids, self.suffix_ids, conversation.trained_replies)
         except MaskingError:
-            return [], [], TEMPLATE_MISMATCH
+            return [], [], SPAN_MISMATCH
         return self.finish(ids, labels)
 
     def finish(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int], int]:
@@ -105,17 +112,22 @@ def tokenize_dataset(
     train_on_prompts: bool = False,
 ) -> tuple[Dataset, Counter]:
     """Tokenize and mask every row (batched, multi-process, cached by `datasets`); drop unusable rows."""
-    column = detect_format(dataset, source)
-    if column != "text":
-        _check_first_row(dataset, column, source)
+    data_format = detect_format(dataset, source)
+    if data_format.use == CHAT:
+        # fail fast, with the file named, on a first row that cannot work
+        if len(dataset) and not data_format.convert(dataset[0], f"{source}: row 1: ").messages:
+            raise DataError(f"{source}: row 1: an empty conversation; {formats_help((CHAT, TEXT))}")
         if masker is None:
             raise DataError(f"{source}: chat data needs a chat template, and the tokenizer has none")
-    function = Tokenize(tokenizer, masker, column, ctx_size, prefix_ids, suffix_ids, train_on_prompts)
+    function = Tokenize(
+        tokenizer, masker, data_format.name, ctx_size, prefix_ids, suffix_ids, train_on_prompts, str(source)
+    )
     num_proc = num_proc if num_proc and num_proc > 1 and len(dataset) >= 256 else None
     cached_before = _cache_listing(dataset)
     tokenized = dataset.map(
         function,
         batched=True,
+        with_indices=True,
         batch_size=256,
         num_proc=num_proc,
         remove_columns=dataset.column_names,
@@ -133,14 +145,6 @@ def _cache_listing(dataset: Dataset) -> set[str]:
     if not dataset.cache_files:
         return set()
     return {p.name for p in Path(dataset.cache_files[0]["filename"]).parent.iterdir()}
-
-
-def _check_first_row(dataset: Dataset, column: str, source: str) -> None:
-    """Fail fast, with the file named, on rows that are not lists of turns."""
-    first = dataset[0][column]
-    if not isinstance(first, list) or not first or not isinstance(first[0], dict):
-        raise DataError(f"{source}: column `{column}` must hold a list of turns; {FORMATS_HELP}")
-    normalize_messages(first, where=f"{source}: row 1: ")
 
 
 def summarize(counts: Counter, source: str) -> str:

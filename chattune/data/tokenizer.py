@@ -9,22 +9,14 @@ from typing import Any
 
 from transformers import AddedToken, AutoTokenizer
 
+from chattune.data.chatml import CHATML_TEMPLATE, CHATML_TOKENS
 from chattune.errors import ChattuneError
 
 logger = logging.getLogger(__name__)
 
 PAD_TOKEN = "<|pad|>"
-CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
 TOOL_CALL_TOKENS = ("<tool_call>", "</tool_call>")
 EMBEDDING_MULTIPLE = 32  # tensor-core friendly row count for resized embeddings
-
-# Plain ChatML: each message opens with its role and closes with <|im_end|>.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 
 NO_TEMPLATE_HELP = (
     "the tokenizer of {model} has no chat template. Either pass --add_chatml_tokens (adds <|im_start|>/"

@@ -80,27 +80,25 @@ def _adapter_base(folder: Path) -> str:
 def load_examples(path: str, max_examples: int | None = None) -> list[Example]:
     """Chat rows -> prompts and references. Raises DataError naming the file (and row) on bad input."""
     rows = formats.load_rows(path)
-    column = formats.detect_format(rows, path)
-    if column == "text":
+    data_format = formats.detect_format(rows, path)
+    if data_format.use == formats.TEXT:
         raise formats.DataError(
-            f"{path}: plain `text` rows have no reference answer to compare with; evaluation needs "
-            "`conversations` (ShareGPT) or `messages` (OpenAI) rows ending in an assistant message"
+            f"{path}: plain `text` rows have no reference answer to compare with; evaluation needs chat rows "
+            f"ending in an assistant message; {formats.formats_help([formats.CHAT])}"
         )
     if max_examples is not None:
         rows = rows.select(range(min(max_examples, len(rows))))
     examples = []
     for index, row in enumerate(rows):
         where = f"{path}: row {index + 1}: "
-        turns = row[column]
-        if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
-            raise formats.DataError(f"{where}column `{column}` must hold a list of turns; {formats.FORMATS_HELP}")
-        examples.append(_split_conversation(formats.normalize_messages(turns, where), row, where))
+        conversation = data_format.convert(row, where)
+        examples.append(_split_conversation(conversation.messages, conversation.tools, row, where))
     if not examples:
         raise formats.DataError(f"{path}: no examples to evaluate")
     return examples
 
 
-def _split_conversation(messages: list[dict], row: dict, where: str) -> Example:
+def _split_conversation(messages: list[dict], tools: list | None, row: dict, where: str) -> Example:
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
     if last is None:
         raise formats.DataError(f"{where}no assistant message to use as the reference")
@@ -111,7 +109,7 @@ def _split_conversation(messages: list[dict], row: dict, where: str) -> Example:
         reference=str(messages[last]["content"]),
         language=str(row.get("language") or "unknown"),
         kind=str(row.get("kind") or "unknown"),
-        tools=formats.parse_tools(row.get("tools")),
+        tools=tools,
     )
 
 

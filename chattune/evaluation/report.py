@@ -3,31 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from chattune.atomic import write_text_atomic
 from chattune.domains.homeassistant.scoring import METRIC_KEYS, ExampleScore
 from chattune.evaluation.inputs import Example
 
 RESULTS_FILE = "eval_results.json"
 FAILURES_FILE = "eval_failures.jsonl"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def failure_records(examples: Sequence[Example], replies: Sequence[str], scores: Sequence[ExampleScore]) -> list:
@@ -50,8 +36,10 @@ def failure_records(examples: Sequence[Example], replies: Sequence[str], scores:
 
 def write_outputs(folder: Path, summary: dict, settings: dict, failures: list) -> tuple[Path, Path]:
     results_path, failures_path = folder / RESULTS_FILE, folder / FAILURES_FILE
-    write_atomic(results_path, json.dumps({"summary": summary, "settings": settings}, indent=2, ensure_ascii=False))
-    write_atomic(failures_path, "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in failures))
+    write_text_atomic(
+        results_path, json.dumps({"summary": summary, "settings": settings}, indent=2, ensure_ascii=False)
+    )
+    write_text_atomic(failures_path, "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in failures))
     return results_path, failures_path
 
 

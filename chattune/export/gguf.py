@@ -27,6 +27,7 @@ from typing import Any
 import gguf
 import numpy as np
 
+from chattune.atomic import atomic_path
 from chattune.cli import entry_point
 from chattune.errors import ChattuneError
 
@@ -385,97 +386,93 @@ def export_gguf(model_dir: str | Path, outtype: str = "f16", out: str | Path | N
     names = gguf.get_tensor_name_map(arch.gguf_arch, n_layers)
     arch_name = gguf.MODEL_ARCH_NAMES[arch.gguf_arch]
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    writer = gguf.GGUFWriter(staging, arch_name)
-    try:
-        n_vocab, embedding, output = None, None, None
-        for hf_name, tensor in _iter_checkpoint(model_dir):
-            if hf_name.endswith(_IGNORED_SUFFIXES):
-                continue
-            if hf_name == "lm_head.weight":  # decided once the embedding has been seen too
-                output = tensor
-                continue
-            gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-            if gguf_name is None:
-                raise UnsupportedModelError(f"{model_dir}: no GGUF name for checkpoint tensor {hf_name!r}")
-            data = tensor.to(torch.float32).numpy()
-            if arch.interleave_rope and (".self_attn.q_proj." in hf_name or ".self_attn.k_proj." in hf_name):
-                data = _interleave_rope_rows(data, n_head if ".q_proj." in hf_name else n_kv_head)
-            if gguf_name == "token_embd.weight":
-                n_vocab, embedding = data.shape[0], tensor
-            encoded, stored_as = _encode_tensor(data, qtype)
-            writer.add_tensor(gguf_name, encoded, raw_dtype=stored_as)
-        if n_vocab is None:
-            raise UnsupportedModelError(f"{model_dir}: the checkpoint has no token embedding (embed_tokens)")
-        # Without an `output` tensor llama.cpp reuses the embedding (tied weights). A checkpoint that stores
-        # lm_head although the config says "tied" keeps it, as transformers does, unless it is the same matrix.
-        if output is not None and not (tied and torch.equal(output, embedding)):
-            encoded, stored_as = _encode_tensor(output.to(torch.float32).numpy(), qtype)
-            writer.add_tensor("output.weight", encoded, raw_dtype=stored_as)
+    with atomic_path(out) as staging:
+        writer = gguf.GGUFWriter(staging, arch_name)
+        try:
+            n_vocab, embedding, output = None, None, None
+            for hf_name, tensor in _iter_checkpoint(model_dir):
+                if hf_name.endswith(_IGNORED_SUFFIXES):
+                    continue
+                if hf_name == "lm_head.weight":  # decided once the embedding has been seen too
+                    output = tensor
+                    continue
+                gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+                if gguf_name is None:
+                    raise UnsupportedModelError(f"{model_dir}: no GGUF name for checkpoint tensor {hf_name!r}")
+                data = tensor.to(torch.float32).numpy()
+                if arch.interleave_rope and (".self_attn.q_proj." in hf_name or ".self_attn.k_proj." in hf_name):
+                    data = _interleave_rope_rows(data, n_head if ".q_proj." in hf_name else n_kv_head)
+                if gguf_name == "token_embd.weight":
+                    n_vocab, embedding = data.shape[0], tensor
+                encoded, stored_as = _encode_tensor(data, qtype)
+                writer.add_tensor(gguf_name, encoded, raw_dtype=stored_as)
+            if n_vocab is None:
+                raise UnsupportedModelError(f"{model_dir}: the checkpoint has no token embedding (embed_tokens)")
+            # Without an `output` tensor llama.cpp reuses the embedding (tied weights). A checkpoint that stores
+            # lm_head although the config says "tied" keeps it, as transformers does, unless it is the same matrix.
+            if output is not None and not (tied and torch.equal(output, embedding)):
+                encoded, stored_as = _encode_tensor(output.to(torch.float32).numpy(), qtype)
+                writer.add_tensor("output.weight", encoded, raw_dtype=stored_as)
 
-        rope_type = rope["rope_type"]
-        if rope_type == "llama3" and arch.gguf_arch == gguf.MODEL_ARCH.LLAMA:
-            writer.add_tensor(
-                gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
-                _llama3_rope_factors(rope, rope_dim, max_positions),
-            )
-        elif rope_type == "linear":
-            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-            writer.add_rope_scaling_factor(float(rope["factor"]))
-        elif rope_type == "yarn":
-            writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-            writer.add_rope_scaling_factor(float(rope["factor"]))
-            writer.add_rope_scaling_orig_ctx_len(int(rope.get("original_max_position_embeddings", max_positions)))
+            rope_type = rope["rope_type"]
+            if rope_type == "llama3" and arch.gguf_arch == gguf.MODEL_ARCH.LLAMA:
+                writer.add_tensor(
+                    gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
+                    _llama3_rope_factors(rope, rope_dim, max_positions),
+                )
+            elif rope_type == "linear":
+                writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+                writer.add_rope_scaling_factor(float(rope["factor"]))
+            elif rope_type == "yarn":
+                writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+                writer.add_rope_scaling_factor(float(rope["factor"]))
+                writer.add_rope_scaling_orig_ctx_len(int(rope.get("original_max_position_embeddings", max_positions)))
 
-        writer.add_name(model_dir.name)
-        writer.add_file_type(file_type)
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        writer.add_context_length(max_positions)
-        writer.add_embedding_length(hidden)
-        writer.add_block_count(n_layers)
-        writer.add_feed_forward_length(int(config["intermediate_size"]))
-        writer.add_head_count(n_head)
-        writer.add_head_count_kv(n_kv_head)
-        if head_dim != hidden // n_head:
-            writer.add_key_length(head_dim)
-            writer.add_value_length(head_dim)
-        writer.add_rope_dimension_count(rope_dim)
-        writer.add_rope_freq_base(float(rope["rope_theta"]))
-        writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
-        writer.add_vocab_size(n_vocab)
+            writer.add_name(model_dir.name)
+            writer.add_file_type(file_type)
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            writer.add_context_length(max_positions)
+            writer.add_embedding_length(hidden)
+            writer.add_block_count(n_layers)
+            writer.add_feed_forward_length(int(config["intermediate_size"]))
+            writer.add_head_count(n_head)
+            writer.add_head_count_kv(n_kv_head)
+            if head_dim != hidden // n_head:
+                writer.add_key_length(head_dim)
+                writer.add_value_length(head_dim)
+            writer.add_rope_dimension_count(rope_dim)
+            writer.add_rope_freq_base(float(rope["rope_theta"]))
+            writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
+            writer.add_vocab_size(n_vocab)
 
-        vocab = _read_vocab(tokenizer, pre, n_vocab, _read_json(model_dir / "generation_config.json"))
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(vocab.pre)
-        writer.add_token_list(vocab.tokens)
-        writer.add_token_types(vocab.types)
-        writer.add_token_merges(vocab.merges)
-        adders = {
-            "bos": writer.add_bos_token_id,
-            "eos": writer.add_eos_token_id,
-            "unk": writer.add_unk_token_id,
-            "pad": writer.add_pad_token_id,
-            "eot": writer.add_eot_token_id,
-        }
-        for name, token_id in vocab.special_ids.items():
-            adders[name](token_id)
-        writer.add_add_bos_token(vocab.add_bos)
-        writer.add_add_eos_token(vocab.add_eos)
-        if vocab.chat_template:
-            writer.add_chat_template(vocab.chat_template)
+            vocab = _read_vocab(tokenizer, pre, n_vocab, _read_json(model_dir / "generation_config.json"))
+            writer.add_tokenizer_model("gpt2")
+            writer.add_tokenizer_pre(vocab.pre)
+            writer.add_token_list(vocab.tokens)
+            writer.add_token_types(vocab.types)
+            writer.add_token_merges(vocab.merges)
+            adders = {
+                "bos": writer.add_bos_token_id,
+                "eos": writer.add_eos_token_id,
+                "unk": writer.add_unk_token_id,
+                "pad": writer.add_pad_token_id,
+                "eot": writer.add_eot_token_id,
+            }
+            for name, token_id in vocab.special_ids.items():
+                adders[name](token_id)
+            writer.add_add_bos_token(vocab.add_bos)
+            writer.add_add_eos_token(vocab.add_eos)
+            if vocab.chat_template:
+                writer.add_chat_template(vocab.chat_template)
 
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        for handle in writer.fout or []:
-            handle.flush()
-            os.fsync(handle.fileno())
-        writer.close()
-        os.replace(staging, out)
-    finally:
-        writer.close()
-        staging.unlink(missing_ok=True)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            for handle in writer.fout or []:
+                handle.flush()
+                os.fsync(handle.fileno())
+        finally:
+            writer.close()
     logger.info("wrote %s (%s, %d tokens)", out, outtype, n_vocab)
     return out
 

@@ -14,12 +14,11 @@ import contextlib
 import hashlib
 import logging
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from chattune.atomic import atomic_path
 from chattune.errors import ChattuneError
 
 logger = logging.getLogger(__name__)
@@ -152,16 +151,10 @@ def convert(gguf_file: Path, folder: Path) -> Path:
     check_architecture(gguf_file, architecture)
     logger.info("%s: %s model; converting it once to a Hugging Face folder %s", gguf_file, architecture, folder)
     started = time.monotonic()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    with atomic_path(folder, folder=True, keep_existing=True) as staging:  # another process may finish first
         model, tokenizer = load_from_gguf(gguf_file)
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        with contextlib.suppress(FileExistsError, OSError):  # another process may have finished first
-            os.replace(staging, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     if not (folder / "config.json").is_file():
         raise GGUFError(f"{gguf_file}: conversion to {folder} did not complete")
     logger.info("converted %s in %.0f s", gguf_file.name, time.monotonic() - started)

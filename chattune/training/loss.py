@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 
-IGNORE_INDEX = -100
+from chattune.data.masking import IGNORE_INDEX
+
 LEAN_LOSS_ENV = "CHATTUNE_LEAN_LOSS"
 # Elements of one fp32 working chunk (rows x vocabulary): 2**22 = 16 MiB, ~28 rows of a 150k vocabulary. Larger
 # chunks buy no speed on a CPU and add their size (a few times over, for temporaries) to the peak.

@@ -1,6 +1,6 @@
 """Preference training on TRL's trainers: DPO (and its loss variants), SimPO, ORPO and KTO.
 
-Accepted rows:
+Accepted rows (their formats are entries of chattune.data.formats' registry):
 * the data generator's pairs: {"system", "question", "chosen", "rejected"} (system optional)
 * TRL's pairs: {"prompt", "chosen", "rejected"}, as plain strings or as lists of chat messages
 * TRL's pairs with an implicit prompt: {"chosen", "rejected"} conversations whose common first messages are the
@@ -24,16 +24,12 @@ import torch
 from datasets import Dataset
 
 from chattune.config.flags import FlagError, TrainFlags
+from chattune.data import formats
 from chattune.data.formats import DataError, load_rows
 from chattune.training.arguments import training_args
 from chattune.training.safety import AtomicCheckpointMixin
 
 logger = logging.getLogger(__name__)
-
-GENERATOR_COLUMNS = ("question", "chosen", "rejected")
-TRL_COLUMNS = ("prompt", "chosen", "rejected")
-UNPAIRED_COLUMNS = ("prompt", "completion", "label")
-PAIRED_HELP = "{system, question, chosen, rejected}, {prompt, chosen, rejected} or {chosen, rejected} conversations"
 
 # Where TRL keeps each method's config and trainer, newest layout first: TRL moves trainers between its stable
 # API and trl.experimental from one release to the next.
@@ -86,43 +82,34 @@ def check_method(flags: TrainFlags) -> None:
 def load_preferences(source: str, method: str = "dpo", seed: int = 42) -> Dataset:
     """Preference rows in TRL's format: pairs for DPO, SimPO and ORPO; unpaired rows, shuffled, for KTO.
 
-    Pairs whose chosen and rejected answers are identical are dropped, with a count in the log.
+    The rows' format comes from the registry of chattune.data.formats (PAIRS, and UNPAIRED for KTO). Pairs whose
+    chosen and rejected answers are identical are dropped, with a count in the log.
     """
     rows = load_rows(source)
-    columns = set(rows.column_names)
-    if {"completion", "label"} <= columns and "chosen" not in columns:
-        if method != "kto":
+    uses = (formats.PAIRS, formats.UNPAIRED) if method == "kto" else (formats.PAIRS,)
+    if method != "kto" and formats.FORMATS["unpaired"].detects(rows.column_names):
+        if not any(f.detects(rows.column_names) for f in formats.FORMATS.values() if f.use == formats.PAIRS):
             raise DataError(
                 f"{source}: {{prompt, completion, label}} rows are unpaired (KTO's format); train them with "
-                f"--method kto, or give --method {method} pairs: {PAIRED_HELP}"
+                f"--method kto, or give --method {method} pairs; {formats.formats_help(uses)}"
             )
-        wanted, convert = UNPAIRED_COLUMNS, _from_unpaired
-    elif "question" in columns or "system" in columns:
-        wanted, convert = GENERATOR_COLUMNS, _from_generator
-    elif "prompt" in columns or "chosen" not in columns or "rejected" not in columns:
-        wanted, convert = TRL_COLUMNS, _from_trl
-    else:
-        wanted, convert = ("chosen", "rejected"), _from_implicit_prompt
-    missing = [c for c in wanted if c not in columns]
-    if missing:
-        expected = PAIRED_HELP + (" or {prompt, completion, label}" if method == "kto" else "")
-        raise DataError(f"{source}: preference data lacks column(s) {missing}; expected {expected}")
+    data_format = formats.detect_format(rows, source, uses)
     rows = rows.map(
-        lambda row, index: convert(row, f"{source}: row {index + 1}: "),
+        lambda row, index: data_format.convert(row, f"{source}: row {index + 1}: "),
         with_indices=True,
         remove_columns=rows.column_names,
         desc="Reading preference rows",
     )
-    if "chosen" in rows.column_names:
+    if data_format.use == formats.PAIRS:
         same = rows.filter(lambda row: row["chosen"] == row["rejected"])
         if len(same):
             logger.warning("%s: skipped %d pair(s) whose chosen and rejected answers are identical", source, len(same))
             rows = rows.filter(lambda row: row["chosen"] != row["rejected"])
     if len(rows) == 0:
         raise DataError(f"{source}: no usable preference row left")
-    logger.info("%s: %d preference %s", source, len(rows), "pairs" if "chosen" in rows.column_names else "rows")
+    logger.info("%s: %d preference %s", source, len(rows), "pairs" if data_format.use == formats.PAIRS else "rows")
     if method == "kto":
-        if "chosen" in rows.column_names:
+        if data_format.use == formats.PAIRS:
             rows = rows.map(_unpair, batched=True, remove_columns=rows.column_names, desc="Splitting pairs for KTO")
         rows = rows.shuffle(seed=seed).flatten_indices()
     return rows
@@ -141,53 +128,6 @@ def _unpair(batch: dict[str, list]) -> dict[str, list]:
         "completion": batch["chosen"] + batch["rejected"],
         "label": [True] * n + [False] * n,
     }
-
-
-def _assistant(text: Any) -> list[dict]:
-    return text if isinstance(text, list) else [{"role": "assistant", "content": str(text)}]
-
-
-def _from_generator(row: dict, where: str) -> dict:
-    prompt = [{"role": "system", "content": row["system"]}] if row.get("system") else []
-    prompt.append({"role": "user", "content": row["question"]})
-    return {"prompt": prompt, "chosen": _assistant(row["chosen"]), "rejected": _assistant(row["rejected"])}
-
-
-def _from_trl(row: dict, where: str) -> dict:
-    prompt = row["prompt"]
-    if isinstance(prompt, str):  # plain text pairs stay plain text for TRL
-        return {"prompt": prompt, "chosen": row["chosen"], "rejected": row["rejected"]}
-    return {"prompt": prompt, "chosen": _assistant(row["chosen"]), "rejected": _assistant(row["rejected"])}
-
-
-def _from_implicit_prompt(row: dict, where: str) -> dict:
-    """{chosen, rejected} whole conversations: the messages they share are the prompt (TRL's extract_prompt)."""
-    chosen, rejected = row["chosen"], row["rejected"]
-    if not (isinstance(chosen, list) and isinstance(rejected, list)):
-        raise DataError(
-            f"{where}chosen and rejected without a prompt must be conversations (lists of messages) whose shared "
-            "first messages are the prompt; plain-text pairs need a `prompt` column"
-        )
-    shared = 0
-    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
-        shared += 1
-    if chosen == rejected:
-        return {"prompt": chosen, "chosen": [], "rejected": []}  # identical: counted and dropped by the caller
-    if shared == 0:
-        raise DataError(f"{where}chosen and rejected share no first message, so there is no prompt to answer")
-    if shared in (len(chosen), len(rejected)):
-        raise DataError(f"{where}one of chosen and rejected is the other's prompt; each needs a reply of its own")
-    return {"prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:]}
-
-
-def _from_unpaired(row: dict, where: str) -> dict:
-    label = row["label"]
-    if not isinstance(label, bool):
-        raise DataError(f"{where}label must be true (a good completion) or false (a bad one), not {label!r}")
-    prompt, completion = row["prompt"], row["completion"]
-    if isinstance(prompt, str):
-        return {"prompt": prompt, "completion": str(completion), "label": label}
-    return {"prompt": prompt, "completion": _assistant(completion), "label": label}
 
 
 def build_preference_trainer(

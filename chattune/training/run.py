@@ -151,8 +151,7 @@ def read_data(flags: TrainFlags, tokenizer: Any, masker: ChatMasker | None, sour
 
 def prepare(flags: TrainFlags, tokenizer: Any, masker: ChatMasker | None, source: str) -> Any:
     rows = formats.load_rows(source)
-    column = formats.detect_format(rows, source)
-    if column != "text" and masker is None:
+    if formats.detect_format(rows, source).use != formats.TEXT and masker is None:
         raise FlagError(NO_TEMPLATE_HELP.format(model=flags.base_model))
     prefix, suffix = explicit_ids(flags)
     dataset, counts = tokenization.tokenize_dataset(

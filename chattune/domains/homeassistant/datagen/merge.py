@@ -1,6 +1,8 @@
 """--merge: mixing an Alpaca dataset ({instruction, input, output}) into the train split.
 
-Accepts a JSON list or JSONL; every error names file:line so a broken record is easy to find.
+Accepts a JSON list or JSONL; every error names file:line so a broken record is easy to find. A record becomes
+a conversation through the `alpaca` entry of chattune.data.formats' registry, as train.py and evaluate.py read
+Alpaca rows.
 """
 
 from __future__ import annotations
@@ -9,23 +11,20 @@ import json
 from pathlib import Path
 from typing import Any
 
+from chattune.data.formats import ALPACA_KEYS, FORMATS, Conversation, DataError
 from chattune.domains.homeassistant.datagen.errors import DataGenError
 from chattune.domains.homeassistant.datagen.examples import MERGED_KIND, Example
 from chattune.domains.homeassistant.datagen.piles import LanguagePile
 
-ALPACA_KEYS = ("instruction", "input", "output")
 
-
-def load_alpaca(path: Path) -> list[tuple[str, dict[str, Any]]]:
-    """Records as ("file:line", record) pairs, from a JSON list or a JSON-lines file."""
+def load_alpaca(path: Path) -> list[tuple[str, Conversation]]:
+    """Records as ("file:line", conversation) pairs, from a JSON list or a JSON-lines file."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise DataGenError(f"{path}: cannot read merge file ({exc})") from exc
     records = _json_list(path, text) if text.lstrip().startswith("[") else _json_lines(path, text)
-    for where, record in records:
-        _check_record(where, record)
-    return records
+    return [(where, _conversation(where, record)) for where, record in records]
 
 
 def _json_lines(path: Path, text: str) -> list[tuple[str, Any]]:
@@ -69,15 +68,13 @@ def _skip_space(text: str, position: int) -> int:
     return position
 
 
-def _check_record(where: str, record: Any) -> None:
+def _conversation(where: str, record: Any) -> Conversation:
     if not isinstance(record, dict):
         raise DataGenError(f"{where}: expected an object with keys {', '.join(ALPACA_KEYS)}")
-    missing = [key for key in ("instruction", "output") if key not in record]
-    if missing:
-        raise DataGenError(f"{where}: missing key(s) {', '.join(missing)} (expected {', '.join(ALPACA_KEYS)})")
-    for key in ALPACA_KEYS:
-        if key in record and not isinstance(record[key], str):
-            raise DataGenError(f"{where}: {key!r} must be a string")
+    try:
+        return FORMATS["alpaca"].convert(record, f"{where}: ")
+    except DataError as error:
+        raise DataGenError(str(error)) from None
 
 
 def merged_examples(path: Path, pile: LanguagePile) -> list[Example]:
@@ -88,12 +85,7 @@ def merged_examples(path: Path, pile: LanguagePile) -> list[Example]:
     """
     persona = next(iter(pile.personas))
     examples = []
-    for where, record in load_alpaca(path):
-        user = record["instruction"].strip()
-        if record.get("input", "").strip():
-            user = f"{user}\n\n{record['input'].strip()}"
-        output = record["output"].strip()
-        if not user or not output:
-            raise DataGenError(f"{where}: instruction and output must not be empty")
+    for _, conversation in load_alpaca(path):
+        user, output = (message["content"] for message in conversation.messages)
         examples.append(Example(pile.personas[persona], user, output, pile.language, MERGED_KIND, persona))
     return examples

@@ -3,48 +3,36 @@
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from chattune.atomic import atomic_path
+from chattune.data.chatml import render_chatml
 from chattune.domains.homeassistant.datagen.examples import Example
 
 FORMATS = ("sharegpt", "raw_corpus")
 
 
-def chatml(system: str, user: str, assistant: str) -> str:
-    """The ChatML text a raw-corpus line holds (the same template train.py applies to conversations)."""
-    turns = (("system", system), ("user", user), ("assistant", assistant))
-    return "".join(f"<|im_start|>{role}\n{content}<|im_end|>\n" for role, content in turns)
-
-
 def example_record(example: Example, fmt: str) -> dict[str, Any]:
-    """One output line for `example` in format `fmt`."""
-    if fmt == "raw_corpus":
-        text = chatml(example.system, example.user, example.assistant)
-        return {"text": text, "language": example.language, "kind": example.kind}
+    """One output line for `example` in format `fmt`: its conversation, or (raw corpus) that conversation as
+    train.py's ChatML template renders it."""
     conversations = [
         {"role": "system", "content": example.system},
         {"role": "user", "content": example.user},
         {"role": "assistant", "content": example.assistant},
     ]
+    if fmt == "raw_corpus":
+        return {"text": render_chatml(conversations), "language": example.language, "kind": example.kind}
     return {"conversations": conversations, "language": example.language, "kind": example.kind}
 
 
 def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
     """Write JSON lines atomically: a crash leaves the old file (or none), never half of a new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as handle:
-            for record in records:
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as staging, open(staging, "w", encoding="utf-8", newline="\n") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def count_table(title: str, counts: Counter, languages: Sequence[str], kinds: Sequence[str]) -> str:
