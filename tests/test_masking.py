@@ -15,6 +15,7 @@ from chattune.data.masking import (
     labels_from_spans,
     trim_suffix_overlap,
 )
+from chattune.data.split_finder import label_runs
 from conftest import shared_tokenizer_path
 from templates import INLINE_TEMPLATES, SHARED_TEMPLATES
 
@@ -74,24 +75,13 @@ def test_labels_token_by_token(masker_for, shared_name, template, eot, system_ok
     encoded = masker.encode(messages)
     assert encoded.labels == expected_labels(masker, messages, eot)
     # What the labels decode to: each assistant message, then its end-of-turn token, and nothing else.
-    runs = _label_runs(encoded.labels)
+    runs = label_runs(encoded.labels)
     assistant = [m["content"] for m in messages if m["role"] == "assistant"]
     assert len(runs) == len(assistant)
     for run, content in zip(runs, assistant):
         decoded = masker.tokenizer.decode(run)
         assert decoded.strip().endswith(eot)
         assert content.strip() in decoded
-
-
-def _label_runs(labels: list[int]) -> list[list[int]]:
-    runs, current = [], []
-    for label in labels + [IGNORE_INDEX]:
-        if label != IGNORE_INDEX:
-            current.append(label)
-        elif current:
-            runs.append(current)
-            current = []
-    return runs
 
 
 special_free = st.text(
@@ -155,7 +145,7 @@ def test_encode_many_matches_encode_and_keeps_errors_in_place(test_tokenizer):
 def test_trimmed_content_follows_the_rendered_text(test_tokenizer):
     masker = ChatMasker(test_tokenizer, INLINE_TEMPLATES["llama3"][0])
     encoded = masker.encode([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  spaced out \n"}])
-    (run,) = _label_runs(encoded.labels)
+    (run,) = label_runs(encoded.labels)
     assert test_tokenizer.decode(run) == "spaced out<|eot_id|>"
 
 
