@@ -148,15 +148,21 @@ def parse_tools(tools: Any) -> list | None:
 
 
 def _trained(turns: list[dict], messages: list[dict], where: str) -> list[bool]:
-    """Per message: an assistant turn without `"weight": 0`. `weight` is 0 or 1, on assistant turns only."""
+    """Per message: an assistant turn the loss is computed on. `"weight": 0` (0 or 1) or home-llm V2's
+    `"train_on_turn": false` (a bool) on an assistant turn makes it context only."""
     flags = []
     for turn, message in zip(turns, messages):
-        weight = turn.get("weight")
+        weight, train_on_turn = turn.get("weight"), turn.get("train_on_turn")
         if weight is not None and (weight not in (0, 1) or message["role"] != "assistant"):
             raise DataError(
                 f"{where}`weight` is 0 or 1 on an assistant turn, not {weight!r} on a {message['role']} turn"
             )
-        flags.append(message["role"] == "assistant" and weight != 0)
+        if train_on_turn is not None and (not isinstance(train_on_turn, bool) or message["role"] != "assistant"):
+            raise DataError(
+                f"{where}`train_on_turn` is true or false on an assistant turn, not {train_on_turn!r} on a "
+                f"{message['role']} turn"
+            )
+        flags.append(message["role"] == "assistant" and weight != 0 and train_on_turn is not False)
     return flags
 
 

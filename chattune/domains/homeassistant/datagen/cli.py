@@ -15,6 +15,8 @@ from chattune.domains.homeassistant.datagen.pipeline import (
     GenerateConfig,
     generate,
 )
+from chattune.domains.homeassistant.datagen.tool_calls import TOOL_SETS
+from chattune.domains.homeassistant.datagen.writers import FORMATS
 
 
 def build_parser(default_output_dir: Path) -> argparse.ArgumentParser:
@@ -44,6 +46,27 @@ def build_parser(default_output_dir: Path) -> argparse.ArgumentParser:
     )
     formats.add_argument(
         "--raw_corpus", dest="fmt", action="store_const", const="raw_corpus", help="one ChatML text per line"
+    )
+    formats.add_argument(
+        "--format",
+        dest="fmt",
+        choices=FORMATS,
+        help="sharegpt (conversations with a ```homeassistant block; default), raw_corpus, or tool_calls "
+        "(OpenAI-style messages with tool_calls, tool results and a final reply, plus a tools column)",
+    )
+    parser.add_argument(
+        "--tools",
+        dest="tool_set",
+        choices=TOOL_SETS,
+        default="intents",
+        help="with --format tool_calls: Home Assistant's intent tools addressed by device name (default), or one "
+        "tool per service addressed by entity_id",
+    )
+    parser.add_argument(
+        "--no_system_role",
+        action="store_true",
+        help="put the system prompt at the start of the first user turn, for chat templates that reject a system "
+        "message (e.g. Gemma's)",
     )
     parser.add_argument(
         "--language",
@@ -87,6 +110,8 @@ def main(argv: Sequence[str] | None = None, default_output_dir: Path = Path("dat
         sample=args.sample,
         dpo=args.dpo,
         fmt=args.fmt,
+        tool_set=args.tool_set,
+        no_system_role=args.no_system_role,
         seed=args.seed,
         merge=args.merge,
         max_devices=args.max_devices,

@@ -32,6 +32,7 @@ from chattune.domains.homeassistant.datagen.piles import (
 )
 from chattune.domains.homeassistant.datagen.prompts import system_prompt
 from chattune.domains.homeassistant.datagen.templates import check_filled, fill, parse_placeholder, placeholder_names
+from chattune.domains.homeassistant.datagen.tool_calls import FAILED_CALL_KIND, Failure, services_with_tools
 from chattune.domains.homeassistant.datagen.values import (
     ARG_OF_PLACEHOLDER,
     PLACEHOLDER_OF_ARG,
@@ -80,6 +81,7 @@ class Example:
     listed: list[Device] = field(default_factory=list)
     target: Device | None = None  # the device asked about (status) or missing (refusal)
     refused_call: dict[str, Any] | None = None
+    failure: Failure | None = None  # tool-calling format: how a failed-call recovery example fails
 
     @property
     def calls(self) -> list[dict[str, Any]]:
@@ -97,18 +99,39 @@ class ExampleBuilder:
     """Builds examples of every kind for one language and one split."""
 
     def __init__(
-        self, pile: LanguagePile, split: str, rng: random.Random, max_devices: int, compact: bool = False
+        self,
+        pile: LanguagePile,
+        split: str,
+        rng: random.Random,
+        max_devices: int,
+        compact: bool = False,
+        tool_set: str | None = None,
     ) -> None:
-        self.compact = compact
+        self.compact, self.tool_set = compact, tool_set
+        # The tool-calling format can only express the services its tool set covers.
+        usable = services_with_tools(tool_set) if tool_set else None
         self.pile, self.split, self.rng = pile, split, rng
         self.max_devices = max(1, max_devices)
         self.personas = list(pile.personas)
         self.devices = {domain: [d for d in devices if d.split == split] for domain, devices in pile.devices.items()}
         self.all_devices = [device for devices in self.devices.values() for device in devices]
-        self.actions = _group([t for t in pile.actions if t.split == split], lambda t: t.service.full_name)
+        self.actions = _group(
+            [t for t in pile.actions if t.split == split and _usable(t.service.full_name, usable)],
+            lambda t: t.service.full_name,
+        )
         self.services = list(self.actions)
-        self.multi = [t for t in pile.multi if t.split == split and len(t.services) <= self.max_devices]
-        self.specific = [a for a in pile.specific if a.split == split]
+        self.multi = [
+            t
+            for t in pile.multi
+            if t.split == split
+            and len(t.services) <= self.max_devices
+            and all(
+                _usable(f"{domain}.{service.split('.')[-1]}", usable)
+                for service in t.services
+                for domain in slot_domains(service)
+            )
+        ]
+        self.specific = [a for a in pile.specific if a.split == split and _usable(a.service.full_name, usable)]
         self.status = _group([t for t in pile.status if t.split == split], lambda t: t.domain)
         self.status_domains = list(self.status)
         self.responses = _group(list(pile.responses), lambda r: (r.persona, r.service.full_name))
@@ -119,11 +142,14 @@ class ExampleBuilder:
             "multi_device_action": self._multi_device_action,
             "status": self._status,
             "refusal": self._refusal,
+            FAILED_CALL_KIND: self._failed_call_recovery,
         }
 
     def available_kinds(self) -> list[str]:
-        """Kinds this split can produce (multi-device needs room for 2+ devices in the prompt)."""
-        return [kind for kind in KINDS if kind != "multi_device_action" or self.multi]
+        """Kinds this split can produce (multi-device needs room for 2+ devices in the prompt; failed-call
+        recovery exists only in the tool-calling format)."""
+        kinds = [kind for kind in KINDS if kind != "multi_device_action" or self.multi]
+        return [*kinds, FAILED_CALL_KIND] if self.tool_set else kinds
 
     def build(self, kind: str) -> Example:
         for _ in range(MAX_ATTEMPTS):
@@ -200,6 +226,27 @@ class ExampleBuilder:
         listed = self._listing([], {}, lambda d: d.entity_id == missing.entity_id)
         example = self._finish("refusal", persona, request, answer, listed)
         example.target, example.refused_call = missing, slot.call()
+        return example
+
+    def _failed_call_recovery(self) -> Example:
+        """A single-device action whose call fails once: half retry after naming a device that is not listed,
+        half explain that the (right) device is unavailable."""
+        example = self._template_action()
+        example.kind = FAILED_CALL_KIND
+        device = example.slots[0].device
+        if self.rng.random() < 0.5:
+            listed = {listed.entity_id for listed in example.listed}
+            others = [d for d in self.devices[device.domain] if d.entity_id not in listed]
+            if not others:
+                raise SkipExample
+            wrong = self.rng.choice(others)
+            example.failure = Failure("retry", wrong.name, wrong.entity_id)
+            return example
+        replies = [row for row in self.pile.tool_errors if row.persona == example.persona]
+        if not replies:
+            raise SkipExample
+        row = self.rng.choice(replies)
+        example.failure = Failure("explain", reply=fill(row.text, device.placeholder_values(), row.where))
         return example
 
     # ------------------------------------------------------------ pieces
@@ -319,7 +366,7 @@ class ExampleBuilder:
     def _finish(
         self, kind: str, persona: str, user: str, assistant: str, listed: list[tuple[Device, DeviceState]]
     ) -> Example:
-        system = system_prompt(self.pile, persona, listed, self.rng, self.compact)
+        system = system_prompt(self.pile, persona, listed, self.rng, self.compact, tools=self.tool_set is not None)
         for text in (system, user, assistant):
             check_filled(text, f"{self.pile.language} {kind}")
         sentence = assistant if kind in ("status", "refusal") else ""
@@ -333,3 +380,7 @@ class ExampleBuilder:
             sentence,
             listed=[device for device, _ in listed],
         )
+
+
+def _usable(service: str, usable: set[str] | None) -> bool:
+    return usable is None or service in usable

@@ -123,6 +123,8 @@ class LanguagePile:
     datetime: dict[str, str]
     grammar: dict[str, str]
     warnings: list[str] = field(default_factory=list)
+    # Replies to a failed tool call (tool-calling format only); tool_errors.csv is optional.
+    tool_errors: tuple[RefusalTemplate, ...] = ()
 
 
 def discover_languages(piles_dir: Path) -> list[str]:
@@ -130,6 +132,9 @@ def discover_languages(piles_dir: Path) -> list[str]:
     if not piles_dir.is_dir():
         return []
     return sorted(path.name for path in piles_dir.iterdir() if path.is_dir() and not path.name.startswith("."))
+
+
+TOOL_ERRORS_FILE = "tool_errors.csv"
 
 
 def load_language(piles_dir: Path, language: str) -> LanguagePile:
@@ -154,6 +159,8 @@ def load_language(piles_dir: Path, language: str) -> LanguagePile:
         datetime=_load_datetime(root / "datetime.csv"),
         grammar=read_key_values(root / "grammar.csv", GRAMMAR_KEYS),
     )
+    if (root / TOOL_ERRORS_FILE).exists():
+        pile.tool_errors = _load_refusals(root / TOOL_ERRORS_FILE, personas)
     _check_forms(pile)
     _check_specific_devices(pile)
     pile.warnings.extend(_coverage_warnings(pile))

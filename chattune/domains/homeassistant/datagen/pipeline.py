@@ -22,6 +22,7 @@ from chattune.domains.homeassistant.datagen.errors import DataGenError
 from chattune.domains.homeassistant.datagen.examples import KINDS, MERGED_KIND, Example, ExampleBuilder
 from chattune.domains.homeassistant.datagen.merge import merged_examples
 from chattune.domains.homeassistant.datagen.piles import LanguagePile, discover_languages, load_language
+from chattune.domains.homeassistant.datagen.tool_calls import FAILED_CALL_KIND, TOOL_SETS, tool_call_record
 from chattune.domains.homeassistant.datagen.writers import FORMATS, count_table, example_record, write_jsonl
 
 # Train examples per language; test is TEST_FRACTION of that, DPO pairs DPO_FRACTION of it.
@@ -35,6 +36,7 @@ KIND_WEIGHTS: dict[str, float] = {
     "multi_device_action": 0.15,
     "status": 0.2,
     "refusal": 0.15,
+    FAILED_CALL_KIND: 0.1,  # the tool-calling format only
 }
 DEFAULT_SEED = 42
 DEFAULT_MAX_DEVICES = 16
@@ -61,6 +63,8 @@ class GenerateConfig:
     sample: bool = False
     dpo: bool = False
     fmt: str = "sharegpt"
+    tool_set: str = "intents"  # the tool-calling format's tools: Home Assistant intents or services
+    no_system_role: bool = False  # fold the system prompt into the first user turn
     seed: int = DEFAULT_SEED
     merge: Path | None = None
     max_devices: int = DEFAULT_MAX_DEVICES
@@ -107,7 +111,7 @@ def generate(config: GenerateConfig, warn: Callable[[str], None] = _stderr_warni
             outputs[part] = records
     if config.merge is not None and "train" in outputs:
         merged = merged_examples(config.merge, piles[languages[0]])
-        outputs["train"] += [example_record(example, config.fmt) for example in merged]
+        outputs["train"] += [_record(example, config) for example in merged]
         counts["train"][(languages[0], MERGED_KIND)] += len(merged)
     files = _write(config, outputs, shuffle_seed)
     table = _tables(counts, languages, config.merge is not None)
@@ -127,6 +131,12 @@ def _check_config(config: GenerateConfig) -> list[str]:
         raise DataGenError(f"unknown size {config.size!r}; known: {', '.join(SIZES)}")
     if config.fmt not in FORMATS:
         raise DataGenError(f"unknown format {config.fmt!r}; known: {', '.join(FORMATS)}")
+    if config.tool_set not in TOOL_SETS:
+        raise DataGenError(f"unknown tool set {config.tool_set!r}; known: {', '.join(TOOL_SETS)}")
+    if config.no_system_role and config.fmt == "raw_corpus":
+        raise DataGenError("--no_system_role applies to conversations; the raw corpus is rendered as ChatML")
+    if config.dpo and config.fmt == "tool_calls":
+        raise DataGenError("--dpo pairs are written in the block format only; drop --dpo or --format tool_calls")
     if config.max_devices < 1:
         raise DataGenError("--max_devices must be at least 1")
     if not (config.train or config.test or config.sample or config.dpo):
@@ -148,7 +158,7 @@ def _plan(config: GenerateConfig, train_count: int) -> dict[str, int]:
     if config.test:
         plan["test"] = max(1, round(train_count * TEST_FRACTION))
     if config.sample:
-        plan["sample"] = SAMPLE_PER_KIND * len(KINDS)
+        plan["sample"] = SAMPLE_PER_KIND * (len(KINDS) + (config.fmt == "tool_calls"))
     if config.dpo:
         plan["dpo"] = max(len(REJECTIONS), round(train_count * DPO_FRACTION))
     return plan
@@ -178,15 +188,22 @@ def _build_part(
     for language, pile in piles.items():
         rng = random.Random(seeds[language][part])
         split = "test" if part == "test" else "train"
-        builder = ExampleBuilder(pile, split, rng, config.max_devices, config.compact_prompt)
+        tool_set = config.tool_set if config.fmt == "tool_calls" else None
+        builder = ExampleBuilder(pile, split, rng, config.max_devices, config.compact_prompt, tool_set)
         if part == "dpo":
             items = _dpo_records(builder, per_language, rng, bar)
         else:
             examples = _examples(builder, per_language, part, bar)
-            items = [example_record(example, config.fmt) for example in examples]
+            items = [_record(example, config) for example in examples]
         records.extend(items)
         counts.update((item["language"], item["kind"]) for item in items)
     return records, counts
+
+
+def _record(example: Example, config: GenerateConfig) -> dict[str, Any]:
+    if config.fmt == "tool_calls":
+        return tool_call_record(example, config.tool_set, config.no_system_role)
+    return example_record(example, config.fmt, config.no_system_role)
 
 
 def _examples(builder: ExampleBuilder, total: int, part: str, bar: tqdm) -> list[Example]:
@@ -237,6 +254,7 @@ def _write(config: GenerateConfig, outputs: dict[str, list[dict[str, Any]]], shu
 def _tables(counts: dict[str, Counter], languages: list[str], merged: bool) -> str:
     tables = []
     for part, counter in counts.items():
-        kinds = [*KINDS, *([MERGED_KIND] if merged and part == "train" else [])]
+        tool_kinds = [FAILED_CALL_KIND] if any(kind == FAILED_CALL_KIND for _, kind in counter) else []
+        kinds = [*KINDS, *tool_kinds, *([MERGED_KIND] if merged and part == "train" else [])]
         tables.append(count_table(f"{FILE_NAMES[part]}:", counter, languages, kinds))
     return "\n\n".join(tables)

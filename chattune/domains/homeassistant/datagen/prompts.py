@@ -45,22 +45,30 @@ def system_prompt(
     listed: list[tuple[Device, DeviceState]],
     rng: random.Random,
     compact: bool = False,
+    tools: bool = False,
 ) -> str:
     """The whole system prompt for one example.
 
     `compact` keeps the persona's first sentence, the Services line and the device list: half the tokens,
     for training on a CPU (the demo). The Services line stays because a pretrained model copies the service
     names from it instead of having to learn them by heart.
+
+    `tools` (the tool-calling format) keeps the persona's first sentence, which never mentions the reply format,
+    and drops the Services line: the tool schemas describe what can be called.
     """
+    first_sentence = pile.personas[persona].split(". ")[0].rstrip(".") + "."
+    devices = [DEVICES_LABEL, *(device_line(device, state) for device, state in listed)]
+    if tools:
+        return "\n".join([first_sentence, *([] if compact else [date_line(pile, rng)]), *devices])
+    services = services_line({device.domain for device, _ in listed})
     if compact:
-        first_sentence = pile.personas[persona].split(". ")[0].rstrip(".") + "."
-        services = services_line({device.domain for device, _ in listed})
-        return "\n".join([first_sentence, services, DEVICES_LABEL, *(device_line(d, s) for d, s in listed)])
-    lines = [
-        pile.personas[persona],
-        date_line(pile, rng),
-        services_line({device.domain for device, _ in listed}),
-        DEVICES_LABEL,
-        *(device_line(device, state) for device, state in listed),
-    ]
-    return "\n".join(lines)
+        return "\n".join([first_sentence, services, *devices])
+    return "\n".join([pile.personas[persona], date_line(pile, rng), services, *devices])
+
+
+def opening_turns(system: str, user: str, no_system_role: bool = False) -> list[dict]:
+    """The system and user turns of a row; with `no_system_role` the system text opens the user turn instead,
+    for chat templates that reject a system message (Gemma's)."""
+    if no_system_role:
+        return [{"role": "user", "content": f"{system}\n\n{user}"}]
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]

@@ -11,18 +11,16 @@ from typing import Any
 from chattune.atomic import atomic_path
 from chattune.data.chatml import render_chatml
 from chattune.domains.homeassistant.datagen.examples import Example
+from chattune.domains.homeassistant.datagen.prompts import opening_turns
 
-FORMATS = ("sharegpt", "raw_corpus")
+FORMATS = ("sharegpt", "raw_corpus", "tool_calls")
 
 
-def example_record(example: Example, fmt: str) -> dict[str, Any]:
+def example_record(example: Example, fmt: str, no_system_role: bool = False) -> dict[str, Any]:
     """One output line for `example` in format `fmt`: its conversation, or (raw corpus) that conversation as
-    train.py's ChatML template renders it."""
-    conversations = [
-        {"role": "system", "content": example.system},
-        {"role": "user", "content": example.user},
-        {"role": "assistant", "content": example.assistant},
-    ]
+    train.py's ChatML template renders it. `no_system_role` opens the user turn with the system text instead."""
+    opening = opening_turns(example.system, example.user, no_system_role)
+    conversations = [*opening, {"role": "assistant", "content": example.assistant}]
     if fmt == "raw_corpus":
         return {"text": render_chatml(conversations), "language": example.language, "kind": example.kind}
     return {"conversations": conversations, "language": example.language, "kind": example.kind}

@@ -1,0 +1,171 @@
+"""The generator's tool-calling format (`--format tool_calls`): rows, tools, failed-call recovery, held-out split."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from chattune.data.formats import DataError, _trained, normalize_messages
+from chattune.domains.homeassistant.datagen import DataGenError, GenerateConfig, generate
+from chattune.domains.homeassistant.datagen.piles import PILES_DIR, discover_languages
+from chattune.domains.homeassistant.datagen.tool_calls import INTENT_OF_SERVICE, INTENTS
+from tests.test_datagen import DEVICE_LINE, read_jsonl
+
+LANGUAGES = discover_languages(PILES_DIR)
+KINDS = {"specific_action", "template_action", "multi_device_action", "status", "refusal", "failed_call_recovery"}
+
+
+def generated(tmp_path: Path, **overrides) -> dict[str, list[dict]]:
+    values = {
+        "output_dir": tmp_path / "out",
+        "piles_dir": PILES_DIR,
+        "languages": LANGUAGES,
+        "train_count": 200,
+        "fmt": "tool_calls",
+        "progress": False,
+    }
+    generate(GenerateConfig(**{**values, **overrides}))
+    return {split: read_jsonl(tmp_path / "out" / f"home_assistant_{split}.jsonl") for split in ("train", "test")}
+
+
+@pytest.fixture(scope="module")
+def intents(tmp_path_factory) -> dict[str, list[dict]]:
+    return generated(tmp_path_factory.mktemp("intents"))
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory) -> dict[str, list[dict]]:
+    return generated(tmp_path_factory.mktemp("services"), tool_set="services")
+
+
+def listed_devices(system: str) -> dict[str, str]:
+    """{entity_id: friendly name} from the Devices list of a system prompt."""
+    lines = system.split("\n")
+    matches = [DEVICE_LINE.match(line) for line in lines[lines.index("Devices:") + 1 :]]
+    return {match.group(1): match.group(2) for match in matches if match}
+
+
+def calls_of(message: dict) -> list[tuple[str, dict]]:
+    return [(call["function"]["name"], json.loads(call["function"]["arguments"])) for call in message["tool_calls"]]
+
+
+def check_row(row: dict, key: str) -> None:
+    """Structure every row must have; `key` is how calls address devices ('name' or 'entity_id')."""
+    messages = row["messages"]
+    assert [m["role"] for m in messages[:2]] == ["system", "user"]
+    assert "Services:" not in messages[0]["content"]
+    devices = listed_devices(messages[0]["content"])
+    tool_names = {tool["function"]["name"] for tool in row["tools"]}
+    assert messages[-1]["role"] == "assistant" and messages[-1]["content"] and "tool_calls" not in messages[-1]
+    pending: dict[str, str] = {}
+    for message in messages[2:-1]:
+        if message["role"] == "assistant":
+            assert not pending, "a new call before every tool result came back"
+            for call, (name, arguments) in zip(message["tool_calls"], calls_of(message)):
+                assert name in tool_names and isinstance(call["function"]["arguments"], str)
+                pending[call["id"]] = name
+                if message.get("train_on_turn") is not False:  # the corrected call acts on a listed device
+                    assert arguments[key] in (devices.values() if key == "name" else devices)
+        else:
+            assert message["role"] == "tool" and pending.pop(message["tool_call_id"]) == message["name"]
+            json.loads(message["content"])
+    assert not pending, "a call without its tool result"
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_intent_rows_are_well_formed_in_every_language(intents, split):
+    rows = intents[split]
+    assert {row["language"] for row in rows} == set(LANGUAGES)
+    assert {row["kind"] for row in rows} == KINDS
+    for row in rows:
+        check_row(row, "name")
+        called = {name for m in row["messages"] if m.get("tool_calls") for name, _ in calls_of(m)}
+        assert called <= set(INTENTS)
+        has_calls = bool(called)
+        assert has_calls == (row["kind"] not in ("status", "refusal"))
+
+
+def test_service_rows_address_entity_ids_and_offer_the_listed_domains(services):
+    for row in services["train"]:
+        check_row(row, "entity_id")
+        domains = {entity.split(".")[0] for entity in listed_devices(row["messages"][0]["content"])}
+        assert {tool["function"]["name"].split(".")[0] for tool in row["tools"]} == domains
+    called = {
+        name for row in services["train"] for m in row["messages"] if m.get("tool_calls") for name, _ in calls_of(m)
+    }
+    assert called - set(INTENT_OF_SERVICE), "the services tool set keeps services that no intent covers"
+
+
+def test_intents_cover_exactly_the_mapped_services(intents):
+    """No intent row needs a service outside the mapping (toggle, stop_cover, set_hvac_mode...)."""
+    assert "light.toggle" not in INTENT_OF_SERVICE and "cover.stop_cover" not in INTENT_OF_SERVICE
+    for row in intents["train"]:
+        for message in row["messages"]:
+            for name, arguments in calls_of(message) if message.get("tool_calls") else []:
+                for key in arguments:
+                    assert key in dict(INTENTS[name].parameters), (name, key)
+
+
+def test_failed_call_recovery_retries_or_explains(intents):
+    recoveries = [row for row in intents["train"] if row["kind"] == "failed_call_recovery"]
+    retries = [row for row in recoveries if len(row["messages"]) == 7]
+    explains = [row for row in recoveries if len(row["messages"]) == 5]
+    assert retries and explains and len(retries) + len(explains) == len(recoveries)
+    for row in retries:
+        first, error, second = row["messages"][2:5]
+        assert first["train_on_turn"] is False and "train_on_turn" not in second
+        (name, wrong), (retried_name, right) = calls_of(first)[0], calls_of(second)[0]
+        assert name == retried_name and wrong["name"] != right["name"]
+        assert wrong["name"] not in listed_devices(row["messages"][0]["content"]).values()
+        assert json.loads(error["content"])["error"] == "MatchFailedError"
+    for row in explains:
+        result = json.loads(row["messages"][3]["content"])
+        assert result["error"] == "DeviceUnavailable"
+        assert calls_of(row["messages"][2])[0][1]["name"] in row["messages"][-1]["content"]
+
+
+def test_test_split_keeps_its_devices_and_requests_held_out(intents):
+    def names(rows: list[dict]) -> set[str]:
+        return {name for row in rows for name in listed_devices(row["messages"][0]["content"]).values()}
+
+    assert not names(intents["train"]) & names(intents["test"])
+    train_users = {row["messages"][1]["content"] for row in intents["train"]}
+    assert not train_users & {row["messages"][1]["content"] for row in intents["test"]}
+
+
+@pytest.mark.parametrize("fmt", ["tool_calls", "sharegpt"])
+def test_no_system_role_opens_the_user_turn_with_the_system_text(tmp_path, fmt):
+    rows = generated(tmp_path, fmt=fmt, no_system_role=True, languages=["english"], train_count=40)["train"]
+    for row in rows:
+        messages = row.get("messages") or row["conversations"]
+        assert messages[0]["role"] == "user" and all(m["role"] != "system" for m in messages)
+        assert "Devices:" in messages[0]["content"]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"fmt": "raw_corpus", "no_system_role": True}, "--no_system_role"),
+        ({"dpo": True}, "--dpo"),
+        ({"tool_set": "apis"}, "unknown tool set"),
+    ],
+)
+def test_bad_combinations_are_refused_before_any_work(tmp_path, overrides, message):
+    with pytest.raises(DataGenError, match=message):
+        generated(tmp_path, **overrides)
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_on_turn_false_makes_a_turn_context_only():
+    turns = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "wrong", "train_on_turn": False},
+        {"role": "user", "content": "again"},
+        {"role": "assistant", "content": "right", "train_on_turn": True},
+    ]
+    assert _trained(turns, normalize_messages(turns), "") == [False, False, False, True]
+    bad = [{"role": "user", "content": "hi", "train_on_turn": False}]
+    with pytest.raises(DataError, match="train_on_turn"):
+        _trained(bad, normalize_messages(bad), "f.jsonl:3: ")
