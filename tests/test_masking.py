@@ -30,16 +30,16 @@ MULTI = SINGLE + [
 ]
 
 
-def expected_labels(masker: ChatMasker, messages: list[dict], end_of_turn: str) -> list[int]:
+def expected_labels(masker: ChatMasker, messages: list[dict], end_of_turn: str, tools: list | None = None) -> list[int]:
     """Independent oracle: render the conversation turn by turn; each assistant turn runs from the end
     of the generation prompt to the end of the template's end-of-turn text."""
-    text = masker.render(messages)
+    text = masker.render(messages, tools)
     spans = []
     for k, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start = len(masker.render(messages[:k], add_generation_prompt=True))
-        upto = masker.render(messages[: k + 1])
+        start = len(masker.render(messages[:k], tools, add_generation_prompt=True))
+        upto = masker.render(messages[: k + 1], tools)
         end = upto.index(end_of_turn, start) + len(end_of_turn)
         assert text.startswith(upto[:end])
         spans.append((start, end))
@@ -211,3 +211,78 @@ def test_labels_from_spans_matches_the_overlap_rule(case):
 
     expected = [i if labelled(*offset) else IGNORE_INDEX for i, offset in zip(ids, offsets)]
     assert labels_from_spans(ids, offsets, spans) == expected
+
+
+# ------------------------------------------------------------------------------------------ tool calls
+
+names = st.sampled_from(["HassTurnOn", "HassLightSet", "calendar_add_event", "get_weather"])
+arguments = st.dictionaries(st.sampled_from(["name", "area", "brightness", "when"]), special_free, max_size=3)
+
+
+@st.composite
+def tool_conversations(draw):
+    """system?, then rounds of: user, assistant calls (content often empty), one tool result per call, reply."""
+    messages = [SYSTEM] if draw(st.booleans()) else []
+    for _ in range(draw(st.integers(min_value=1, max_value=2))):
+        messages.append({"role": "user", "content": draw(content)})
+        calls = draw(st.lists(st.tuples(names, arguments), min_size=1, max_size=2))
+        messages.append(
+            {
+                "role": "assistant",
+                "content": draw(st.one_of(st.just(""), special_free)),
+                "tool_calls": [
+                    {"id": f"call{i:05d}", "type": "function", "function": {"name": name, "arguments": args}}
+                    for i, (name, args) in enumerate(calls)
+                ],
+            }
+        )
+        for i, (name, _) in enumerate(calls):
+            messages.append({"role": "tool", "tool_call_id": f"call{i:05d}", "name": name, "content": draw(content)})
+        messages.append({"role": "assistant", "content": draw(special_free.filter(str.strip))})
+    return messages
+
+
+def test_property_tool_call_turns_are_labelled_exactly_on_a_template_with_tools():
+    """Qwen2's template prints a calling turn's content only when non-empty: the calls, the reply and each
+    end-of-turn token are labelled, and never a tool result, system or user text."""
+    masker = ChatMasker(AutoTokenizer.from_pretrained(shared_tokenizer_path("qwen2-instruct")))
+    tools = [{"type": "function", "function": {"name": "HassTurnOn", "parameters": {"type": "object"}}}]
+
+    @settings(max_examples=40, deadline=None)
+    @given(tool_conversations())
+    def check(messages):
+        encoded = masker.encode(messages, tools)
+        assert encoded.labels == expected_labels(masker, messages, "<|im_end|>", tools)
+        labelled = masker.tokenizer.decode([t for t in encoded.labels if t != IGNORE_INDEX])
+        assert "<tool_response>" not in labelled and "<tool_call>" in labelled
+
+    check()
+
+
+def test_a_turn_marked_not_trained_keeps_its_calls_out_of_the_labels():
+    masker = ChatMasker(AutoTokenizer.from_pretrained(shared_tokenizer_path("qwen2-instruct")))
+    call = {"id": "call00001", "type": "function", "function": {"name": "HassTurnOn", "arguments": {"name": "Lamp"}}}
+    wrong = {**call, "function": {"name": "HassTurnOn", "arguments": {"name": "Lmap"}}}
+    messages = [
+        {"role": "user", "content": "Lamp on"},
+        {"role": "assistant", "content": "", "tool_calls": [wrong]},
+        {"role": "tool", "content": '{"error": "MatchFailedError"}'},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": '{"success": true}'},
+        {"role": "assistant", "content": "The lamp is on."},
+    ]
+    encoded = masker.encode_many([(messages, None)], [[False, True, True]])[0]
+    labelled = masker.tokenizer.decode([t for t in encoded.labels if t != IGNORE_INDEX])
+    assert "Lmap" not in labelled and '"Lamp"' in labelled and labelled.endswith("The lamp is on.<|im_end|>")
+
+
+@pytest.mark.parametrize("shared_name, problem", [("qwen2-instruct", None), ("mistral-v1-instruct", "fails")])
+def test_tool_call_support_of_real_templates(shared_name, problem):
+    masker = ChatMasker(AutoTokenizer.from_pretrained(shared_tokenizer_path(shared_name)))
+    found = masker.tool_call_problem()
+    assert found is None if problem is None else problem in found
+
+
+def test_chatml_without_tool_syntax_is_reported(test_tokenizer):
+    """SmolLM2's template (plain ChatML) drops tool_calls: training would learn empty turns."""
+    assert "does not write" in ChatMasker(test_tokenizer, INLINE_TEMPLATES["chatml"][0]).tool_call_problem()

@@ -136,9 +136,27 @@ def normalize_messages(turns: Any, where: str = "") -> list[dict]:
             raise DataError(f"{where}unknown role {role!r}; known: {sorted(set(ROLE_ALIASES))}")
         message = {"role": canonical, "content": content if content is not None else ""}
         if turn.get("tool_calls"):
-            message["tool_calls"] = turn["tool_calls"]
+            message["tool_calls"] = [_tool_call(call, where) for call in turn["tool_calls"]]
         messages.append(message)
     return messages
+
+
+def _tool_call(call: Any, where: str) -> dict:
+    """A call with its arguments as a dict: OpenAI's format stores them as a JSON string, and chat templates
+    (Qwen2's, Llama 3.1's, ...) write them with `tojson`, which would quote the string a second time."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise DataError(f'{where}a tool call needs {{"function": {{"name": ..., "arguments": ...}}}}, got {call!r}')
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError as error:
+            name = function["name"]
+            raise DataError(
+                f"{where}the arguments of tool call {name!r} are not valid JSON ({error.msg}): {arguments!r}"
+            ) from None
+    return {**call, "function": {**function, "arguments": arguments if arguments is not None else {}}}
 
 
 def parse_tools(tools: Any) -> list | None:

@@ -28,6 +28,7 @@ IGNORE_INDEX = -100
 
 # Private-use code points: no tokenizer template touches them and no real message contains them.
 _SENTINEL = "\ue000\ue001"
+_PROBE_TOOL = "chattune_probe_tool"
 
 
 class MaskingError(ChattuneError, ValueError):
@@ -79,19 +80,19 @@ class ChatMasker:
     def assistant_spans(self, messages: Sequence[dict], tools: list | None = None) -> tuple[str, list[TurnSpan]]:
         """Render `messages` and locate every assistant turn in the text."""
         text = self.render(messages, tools)
-        n_assistant = sum(1 for m in messages if m.get("role") == "assistant")
-        if n_assistant == 0:
+        if not any(m.get("role") == "assistant" for m in messages):
             return text, []
         if any(_SENTINEL in str(m.get("content") or "") for m in messages):
             raise MaskingError("a message contains the masking sentinel U+E000 U+E001")
-        blanked = [{**m, "content": _SENTINEL} if m.get("role") == "assistant" else m for m in messages]
-        pieces = self.render(blanked, tools).split(_SENTINEL)
-        if len(pieces) != n_assistant + 1:
-            raise MaskingError(
-                f"the chat template renders {len(pieces) - 1} of {n_assistant} assistant messages verbatim; "
-                "it rewrites or drops assistant turns, so use --prefix_ids/--suffix_ids"
-            )
-        contents = _align(text, pieces)
+        try:
+            pieces, contents = self._pieces(text, messages, tools, keep_tool_calls=True)
+        except MaskingError:
+            if not any(m.get("tool_calls") for m in messages):
+                raise
+            # Templates that print a tool-calling turn's content only when it is non-empty (Qwen2's) render
+            # the sentinel differently from an empty content. Blanking the whole turn, calls included, leaves
+            # the pieces around it as for a plain reply, and the calls' text inside the labelled span.
+            pieces, contents = self._pieces(text, messages, tools, keep_tool_calls=False)
         final_eot = self._first_special(pieces[-1])
         spans = []
         for (start, end), opening, closing in zip(contents, pieces[:-1], pieces[1:]):
@@ -99,6 +100,42 @@ class ChatMasker:
                 start -= len(self._generated_header)
             spans.append(TurnSpan(start, end, end + self._end_of_turn(closing, final_eot)))
         return text, spans
+
+    def _pieces(
+        self, text: str, messages: Sequence[dict], tools: list | None, keep_tool_calls: bool
+    ) -> tuple[list[str], list[tuple[int, int]]]:
+        """The template text around each assistant turn (rendered with a sentinel as every assistant content),
+        and where each turn sits in `text`."""
+        blanked = [_blank(m, keep_tool_calls) if m.get("role") == "assistant" else m for m in messages]
+        try:
+            pieces = self.render(blanked, tools).split(_SENTINEL)
+        except Exception as error:  # a template that checks call/result pairing rejects the blanked turns
+            raise MaskingError(f"the chat template rejects a blanked assistant turn: {error}") from error
+        n_assistant = sum(1 for m in messages if m.get("role") == "assistant")
+        if len(pieces) != n_assistant + 1:
+            raise MaskingError(
+                f"the chat template renders {len(pieces) - 1} of {n_assistant} assistant messages verbatim; "
+                "it rewrites or drops assistant turns, so use --prefix_ids/--suffix_ids"
+            )
+        return pieces, _align(text, pieces)
+
+    def tool_call_problem(self) -> str | None:
+        """Why this template cannot train tool-calling rows, or None. It must render a conversation with a call,
+        its `tool` result and a reply, and write the call: SmolLM2's ChatML drops `tool_calls`, which would train
+        on an empty turn; Mistral v1's refuses `tool` messages."""
+        # nine alphanumerics: Mistral's tool templates insist on that id shape
+        call = {"id": "call00001", "type": "function", "function": {"name": _PROBE_TOOL, "arguments": {}}}
+        probe = [
+            {"role": "user", "content": "ping"},
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "content": "{}", "tool_call_id": "call00001", "name": _PROBE_TOOL},
+            {"role": "assistant", "content": "pong"},
+        ]
+        try:
+            text = self.render(probe)
+        except Exception as error:
+            return f"fails on a tool call and its result ({error})"
+        return None if _PROBE_TOOL in text else "does not write an assistant turn's tool_calls"
 
     def encode(self, messages: Sequence[dict], tools: list | None = None) -> Encoded:
         result = self.encode_many([(messages, tools)])[0]
@@ -184,6 +221,13 @@ class ChatMasker:
                 return index + len(final_eot)
         match = self._special_re.search(closing) if self._special_re.pattern else None
         return match.end() if match else 0
+
+
+def _blank(message: dict, keep_tool_calls: bool) -> dict:
+    blanked = {**message, "content": _SENTINEL}
+    if not keep_tool_calls:
+        blanked.pop("tool_calls", None)
+    return blanked
 
 
 def _align(text: str, pieces: list[str]) -> list[tuple[int, int]]:

@@ -119,6 +119,8 @@ def tokenize_dataset(
             raise DataError(f"{source}: row 1: an empty conversation; {formats_help((CHAT, TEXT))}")
         if masker is None:
             raise DataError(f"{source}: chat data needs a chat template, and the tokenizer has none")
+        if not prefix_ids:
+            _check_tool_calls(dataset, data_format, masker, source)
     function = Tokenize(
         tokenizer, masker, data_format.name, ctx_size, prefix_ids, suffix_ids, train_on_prompts, str(source)
     )
@@ -138,6 +140,24 @@ def tokenize_dataset(
     counts = Counter({STATUS_NAMES[code]: n for code, n in Counter(tokenized["status"]).items()})
     kept = tokenized.filter(lambda status: [s == KEPT for s in status], input_columns="status", batched=True)
     return kept.remove_columns("status"), counts
+
+
+# Rows read to find tool calls before tokenizing; a dataset mixes them in from its first rows in practice.
+TOOL_CALL_SCAN_ROWS = 1024
+
+
+def _check_tool_calls(dataset: Dataset, data_format: Any, masker: ChatMasker, source: str) -> None:
+    """Refuse, before any work, tool-calling rows with a template that cannot render them."""
+    for index in range(min(len(dataset), TOOL_CALL_SCAN_ROWS)):
+        conversation = data_format.convert(dataset[index], f"{source}: row {index + 1}: ")
+        if any(message.get("tool_calls") for message in conversation.messages):
+            problem = masker.tool_call_problem()
+            if problem:
+                raise DataError(
+                    f"{source}: row {index + 1} has tool calls, but the chat template {problem}; give a template "
+                    "that renders tool calls and `tool` messages with --prompt_template_file (docs/data.md)"
+                )
+            return
 
 
 def _cache_listing(dataset: Dataset) -> set[str]:

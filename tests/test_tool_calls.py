@@ -1,4 +1,5 @@
-"""The generator's tool-calling format (`--format tool_calls`): rows, tools, failed-call recovery, held-out split."""
+"""Tool calling: the generator's `--format tool_calls` (rows, tools, failed-call recovery, held-out split), and
+training on tool-calling rows (a user's own schema; templates and rows that cannot train are refused)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
+from test_datagen import DEVICE_LINE, read_jsonl
 
 from chattune.data.formats import DataError, _trained, normalize_messages
 from chattune.domains.homeassistant.datagen import DataGenError, GenerateConfig, generate
 from chattune.domains.homeassistant.datagen.piles import PILES_DIR, discover_languages
 from chattune.domains.homeassistant.datagen.tool_calls import INTENT_OF_SERVICE, INTENTS
-from tests.test_datagen import DEVICE_LINE, read_jsonl
+from conftest import TRAIN, make_tiny_model, run_script, shared_tokenizer_path, train_argv, write_jsonl
 
 LANGUAGES = discover_languages(PILES_DIR)
 KINDS = {"specific_action", "template_action", "multi_device_action", "status", "refusal", "failed_call_recovery"}
@@ -169,3 +171,81 @@ def test_train_on_turn_false_makes_a_turn_context_only():
     bad = [{"role": "user", "content": "hi", "train_on_turn": False}]
     with pytest.raises(DataError, match="train_on_turn"):
         _trained(bad, normalize_messages(bad), "f.jsonl:3: ")
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+CALENDAR_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "calendar_add_event",
+            "description": "Adds an event to the user's calendar",
+            "parameters": {
+                "type": "object",
+                "properties": {"title": {"type": "string"}, "date": {"type": "string"}},
+                "required": ["title", "date"],
+            },
+        },
+    }
+]
+
+
+def calendar_rows(n: int = 8, arguments: str | None = None) -> list[dict]:
+    """A user's own tool schema, nothing of Home Assistant: add an event, get the result, confirm."""
+    rows = []
+    for i in range(n):
+        call_arguments = arguments or json.dumps({"title": f"Dentist {i}", "date": f"2026-12-{i + 1:02d}"})
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"Put the dentist on December {i + 1}"},
+                    {
+                        "role": "assistant",
+                        "content": "",
+                        "tool_calls": [
+                            {
+                                "id": "call00001",
+                                "type": "function",
+                                "function": {"name": "calendar_add_event", "arguments": call_arguments},
+                            }
+                        ],
+                    },
+                    {
+                        "role": "tool",
+                        "tool_call_id": "call00001",
+                        "name": "calendar_add_event",
+                        "content": '{"ok": true}',
+                    },
+                    {"role": "assistant", "content": f"Added the dentist on December {i + 1}."},
+                ],
+                "tools": CALENDAR_TOOLS,
+            }
+        )
+    return rows
+
+
+def test_a_users_own_tool_schema_trains_on_a_template_with_tools(tmp_path):
+    base = make_tiny_model(shared_tokenizer_path("qwen2-instruct"), tmp_path / "base")
+    data = write_jsonl(tmp_path / "calendar.jsonl", calendar_rows())
+    result = run_script(TRAIN, *train_argv(base, data, tmp_path / "out", max_steps=2))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "out" / "models" / "run" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        (calendar_rows(), "row 1 has tool calls, but the chat template does not write"),
+        (calendar_rows(arguments='{"title": "Dentist"'), "row 1: the arguments of tool call 'calendar_add_event'"),
+    ],
+    ids=["template-without-tool-syntax", "arguments-not-json"],
+)
+def test_tool_rows_that_cannot_train_are_refused_naming_the_row(tiny_model_dir, tmp_path, rows, message):
+    data = write_jsonl(tmp_path / "calendar.jsonl", rows)
+    result = run_script(TRAIN, *train_argv(tiny_model_dir, data, tmp_path / "out", max_steps=2))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert message in result.stderr and "calendar.jsonl" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / "models").exists()
