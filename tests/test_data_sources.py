@@ -311,3 +311,16 @@ def test_train_py_trains_on_a_weighted_mixture_of_formats(tiny_model_dir, tmp_pa
     assert f"      16 of       16  ({16 / total:.1%}, weight 0.8)  {chat}:0.8" in caplog.text
     assert 16 < total < 30
     assert (tmp_path / "out" / "models" / "run" / "model.safetensors").is_file()
+
+
+def test_preference_sources_are_read_each_in_its_format_and_concatenated(tmp_path):
+    from chattune.training.preference import load_preferences
+
+    generator = write_jsonl(tmp_path / "gen.jsonl", [{"question": "q", "chosen": "yes", "rejected": "no"}] * 3)
+    explicit = [{"prompt": [{"role": "user", "content": "q"}], "chosen": "yes", "rejected": "no"}] * 2
+    trl = write_jsonl(tmp_path / "trl.jsonl", explicit)
+    rows = load_preferences([str(generator), str(trl)])
+    assert len(rows) == 5 and rows[4]["prompt"] == [{"role": "user", "content": "q"}]
+    plain = write_jsonl(tmp_path / "plain.jsonl", [{"prompt": "q", "chosen": "yes", "rejected": "no"}])
+    with pytest.raises(DataError, match=r"gen\.jsonl and .*plain\.jsonl cannot be mixed: their prepared rows differ"):
+        load_preferences([str(generator), str(plain)])
