@@ -239,6 +239,23 @@ def test_cli_same_seed_is_byte_identical_and_prints_counts(tmp_path):
     assert 24 <= len(read_jsonl(tmp_path / "a" / "home_assistant_sample.jsonl")) <= 100
 
 
+def test_per_language_files_split_the_merged_file_by_language(tmp_path):
+    result = run_cli(
+        "--train", "--test", "--per_language_files", "--language", "english", "german", "--output_dir", str(tmp_path)
+    )
+    assert result.returncode == 0, result.stderr
+    for part in ("train", "test"):
+        merged = read_jsonl(tmp_path / f"home_assistant_{part}.jsonl")
+        per_language = {
+            lang: read_jsonl(tmp_path / f"home_assistant_{part}_{lang}.jsonl") for lang in ("english", "german")
+        }
+        for language, rows in per_language.items():
+            assert rows and {row["language"] for row in rows} == {language}
+            assert rows == [row for row in merged if row["language"] == language]  # the same rows, in the same order
+        assert f"wrote {tmp_path / f'home_assistant_{part}_german.jsonl'}" in result.stdout
+    assert not (tmp_path / "home_assistant_train_french.jsonl").exists()
+
+
 def test_different_seed_gives_different_data(tmp_path):
     generate(small_config(tmp_path / "a", seed=1))
     generate(small_config(tmp_path / "b", seed=2))

@@ -25,10 +25,14 @@ class TrainFlags:
     # --- run and data -------------------------------------------------------------------------------
     run_name: str = _flag(None, "Name of the run; outputs go to models/<run_name> and loras/<run_name>.")
     base_model: str = _flag(None, "Model to start from: a hub id or a local folder.")
-    train_dataset: str = _flag(
-        None, "Training data: a .jsonl/.json file or a folder saved by `datasets` (see docs/data.md)."
+    train_dataset: list[str] = _flag(
+        None,
+        "Training data: one or more sources, each a .jsonl/.json/.parquet file, a .txt file (one document per "
+        "blank-line-separated block), a folder saved by `datasets`, or a hub dataset id org/name[:split][@revision]; "
+        "prefixes jsonl:, text:, local:, hub: say how to read one. A weight per source (a.jsonl:0.8 b.jsonl:0.2) "
+        "samples a mixture with --seed; without weights every row of every source is used once (docs/data.md).",
     )
-    test_dataset: str | None = _flag(None, "Evaluation data, same formats as --train_dataset.")
+    test_dataset: list[str] | None = _flag(None, "Evaluation data: one or more sources, as for --train_dataset.")
     dataset_processing_threads: int | None = _flag(
         None, "Processes for tokenizing and masking the data (default: up to 4, one per CPU core)."
     )
@@ -368,11 +372,16 @@ def load_recipe(path: str | os.PathLike) -> dict:
 
 def config_to_argv(recipe: dict, source: str = "recipe") -> list[str]:
     known = set(flag_names())
+    several = {f.name for f in fields(TrainFlags) if str(f.type).startswith("list[")}  # flags of nargs="+"
     argv = []
     for key, value in recipe.items():
         if key not in known:
             raise FlagError(f"{source}: unknown key {key!r}{_suggest(key)}")
         if value is None:
+            continue
+        if key in several:
+            items = value if isinstance(value, list) else [value]
+            argv += [f"--{key}", *(_source_spec(item, f"{source}: {key}") for item in items)]
             continue
         if isinstance(value, bool):
             value = "true" if value else "false"
@@ -380,6 +389,26 @@ def config_to_argv(recipe: dict, source: str = "recipe") -> list[str]:
             value = ",".join(str(v) for v in value)
         argv += [f"--{key}", str(value)]
     return argv
+
+
+SOURCE_KEYS = ("path", "split", "revision", "weight")
+
+
+def _source_spec(item: object, where: str) -> str:
+    """A recipe's data source: a string as on the command line, or {path, split, revision, weight}."""
+    if not isinstance(item, dict):
+        return str(item)
+    unknown = sorted(set(item) - set(SOURCE_KEYS))
+    if unknown or "path" not in item:
+        raise FlagError(
+            f"{where}: a source is a string or a mapping with `path` and optional split, revision, "
+            f"weight; got keys {sorted(item)}"
+        )
+    spec = str(item["path"])
+    spec += f":{item['split']}" if item.get("split") is not None else ""
+    spec += f"@{item['revision']}" if item.get("revision") is not None else ""
+    spec += f":{item['weight']}" if item.get("weight") is not None else ""
+    return spec
 
 
 def _suggest(name: str) -> str:

@@ -1,6 +1,6 @@
 """Training and test data on disk: loading rows, and the one registry of row formats.
 
-Accepted inputs: .jsonl / .json files or a folder written by `datasets.save_to_disk`, one format per dataset.
+Rows are loaded by chattune.data.sources (files, datasets folders, hub ids; one format per source).
 
 Every row format is one `Format` entry in `FORMATS`: the columns that detect it, and how one row becomes chattune's
 canonical form. SFT (chattune.data.tokenization), evaluation (chattune.evaluation.inputs), preference training
@@ -24,7 +24,6 @@ import json
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from chattune.errors import ChattuneError
@@ -52,53 +51,12 @@ class DataError(ChattuneError, ValueError):
     """Bad input data; the message names the file (and line when there is one)."""
 
 
-def load_rows(path: str | os.PathLike) -> Dataset:
-    """Load a dataset file or folder, with errors that name the file and line."""
-    from datasets import DatasetDict, load_dataset, load_from_disk
+def load_rows(source: str | os.PathLike, default_split: str = "train") -> Dataset:
+    """The rows of one source (a file, a datasets folder or a hub id: chattune.data.sources), with errors that
+    name it and the line."""
+    from chattune.data.sources import load_source, parse_source
 
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: no such file or folder")
-    if path.is_dir():
-        data = load_from_disk(str(path))
-        if isinstance(data, DatasetDict):
-            if len(data) != 1:
-                raise DataError(f"{path}: holds splits {sorted(data)}; point to one split's folder")
-            data = next(iter(data.values()))
-        return data
-    if path.suffix not in (".jsonl", ".json"):
-        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl, .json or a datasets folder")
-    _check_json_file(path)
-    try:
-        return load_dataset("json", data_files=str(path), split="train")
-    except Exception as error:  # datasets wraps parse errors in many types; name the file either way
-        raise DataError(f"{path}: could not be read as {path.suffix} ({error})") from error
-
-
-def _check_json_file(path: Path) -> None:
-    """Find the first malformed line before `datasets` does, so the error can name it."""
-    if path.suffix == ".json":
-        with path.open(encoding="utf-8") as file:
-            head = file.read(1).strip()
-        if head == "[":
-            try:
-                rows = json.loads(path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}:{error.lineno}: invalid JSON: {error.msg}") from None
-            for index, row in enumerate(rows):
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}: item {index} is {type(row).__name__}, expected an object")
-            return
-    with path.open(encoding="utf-8") as file:
-        for line_number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}:{line_number}: invalid JSON: {error.msg}") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
+    return load_source(parse_source(str(source), "data"), default_split)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -184,8 +142,19 @@ def _trained(turns: list[dict], messages: list[dict], where: str) -> list[bool]:
     return flags
 
 
+def _check_present(row: dict, column: str, where: str) -> None:
+    """A row without the column that decided its file's format is a row of another format: say so, not a type."""
+    if row.get(column) is None:
+        present = sorted(key for key, value in row.items() if value is not None)
+        raise DataError(
+            f"{where}has no `{column}`, the column that decided this source's format (this row has {present}); "
+            "a file holds one format: split it and give each part as its own source"
+        )
+
+
 def _chat_column(column: str) -> Callable[[dict, str], Conversation]:
     def convert(row: dict, where: str) -> Conversation:
+        _check_present(row, column, where)
         turns = row[column]
         if not isinstance(turns, list) or not all(isinstance(turn, dict) for turn in turns):
             raise DataError(f"{where}column `{column}` must hold a list of turns; {formats_help((CHAT, TEXT))}")
@@ -197,6 +166,7 @@ def _chat_column(column: str) -> Callable[[dict, str], Conversation]:
 
 
 def _text(row: dict, where: str) -> str:
+    _check_present(row, "text", where)
     if not isinstance(row["text"], str):
         raise DataError(f"{where}`text` must be a string, not {type(row['text']).__name__}")
     return row["text"]

@@ -70,11 +70,14 @@ class Tokenize:
         return out
 
     def encode_text(self, text: str) -> tuple[list[int], list[int], int]:
-        """Plain text: every token is trained, and an EOS closes it."""
+        """Plain text, closed by an EOS: every token is trained, or with --prefix_ids only the tokens from each
+        prefix through the suffix that follows it (home-llm's raw-corpus mode: a conversation rendered as text)."""
         tokenizer = self.tokenizer
         ids = tokenizer(text, add_special_tokens=True)["input_ids"]
         if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
             ids.append(tokenizer.eos_token_id)
+        if self.prefix_ids:
+            return self.finish(ids, explicit_labels(ids, self.prefix_ids, self.suffix_ids))
         return self.finish(ids, list(ids))
 
     def encode_explicit(self, conversation: Conversation) -> tuple[list[int], list[int], int]:
@@ -121,6 +124,17 @@ def tokenize_dataset(
             raise DataError(f"{source}: chat data needs a chat template, and the tokenizer has none")
         if not prefix_ids:
             _check_tool_calls(dataset, data_format, masker, source)
+    elif prefix_ids:
+        logger.info(
+            "%s: text rows: training on the tokens from each --prefix_ids through the next --suffix_ids",
+            source,
+        )
+    else:
+        logger.info(
+            "%s: text rows: training on every token (give --prefix_ids/--suffix_ids to train only the spans between "
+            "them, as home-llm's raw-corpus mode did)",
+            source,
+        )
     function = Tokenize(
         tokenizer, masker, data_format.name, ctx_size, prefix_ids, suffix_ids, train_on_prompts, str(source)
     )

@@ -79,7 +79,7 @@ def _adapter_base(folder: Path) -> str:
 
 def load_examples(path: str, max_examples: int | None = None) -> list[Example]:
     """Chat rows -> prompts and references. Raises DataError naming the file (and row) on bad input."""
-    rows = formats.load_rows(path)
+    rows = formats.load_rows(path, default_split="test")
     data_format = formats.detect_format(rows, path)
     if data_format.use == formats.TEXT:
         raise formats.DataError(

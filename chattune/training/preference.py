@@ -18,6 +18,7 @@ import copy
 import importlib
 import logging
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -25,7 +26,8 @@ from datasets import Dataset
 
 from chattune.config.flags import FlagError, TrainFlags
 from chattune.data import formats
-from chattune.data.formats import DataError, load_rows
+from chattune.data.formats import DataError
+from chattune.data.sources import Source, read_sources
 from chattune.training.arguments import training_args
 from chattune.training.safety import AtomicCheckpointMixin
 
@@ -79,13 +81,27 @@ def check_method(flags: TrainFlags) -> None:
             raise FlagError(f"--dpo_loss {flags.dpo_loss!r} is not a TRL DPO loss; choose one of {', '.join(known)}")
 
 
-def load_preferences(source: str, method: str = "dpo", seed: int = 42) -> Dataset:
+def load_preferences(
+    specs: str | Sequence[str], method: str = "dpo", seed: int = 42, flag: str = "--train_dataset"
+) -> Dataset:
     """Preference rows in TRL's format: pairs for DPO, SimPO and ORPO; unpaired rows, shuffled, for KTO.
 
-    The rows' format comes from the registry of chattune.data.formats (PAIRS, and UNPAIRED for KTO). Pairs whose
-    chosen and rejected answers are identical are dropped, with a count in the log.
+    Each source (chattune.data.sources) is read in its own format, from the registry of chattune.data.formats
+    (PAIRS, and UNPAIRED for KTO); several are then mixed or concatenated. Pairs whose chosen and rejected
+    answers are identical are dropped, with a count in the log.
     """
-    rows = load_rows(source)
+
+    def prepare_source(rows: Dataset, source: Source) -> Dataset:
+        return _preference_rows(rows, source.text, method)
+
+    rows = read_sources(specs, prepare_source, seed=seed, flag=flag)
+    if method == "kto":
+        rows = rows.shuffle(seed=seed).flatten_indices()
+    return rows
+
+
+def _preference_rows(rows: Dataset, source: str, method: str) -> Dataset:
+    """One source's rows as TRL preference rows (KTO's pairs split into a good and a bad row)."""
     uses = (formats.PAIRS, formats.UNPAIRED) if method == "kto" else (formats.PAIRS,)
     if method != "kto" and formats.FORMATS["unpaired"].detects(rows.column_names):
         if not any(f.detects(rows.column_names) for f in formats.FORMATS.values() if f.use == formats.PAIRS):
@@ -108,10 +124,8 @@ def load_preferences(source: str, method: str = "dpo", seed: int = 42) -> Datase
     if len(rows) == 0:
         raise DataError(f"{source}: no usable preference row left")
     logger.info("%s: %d preference %s", source, len(rows), "pairs" if data_format.use == formats.PAIRS else "rows")
-    if method == "kto":
-        if data_format.use == formats.PAIRS:
-            rows = rows.map(_unpair, batched=True, remove_columns=rows.column_names, desc="Splitting pairs for KTO")
-        rows = rows.shuffle(seed=seed).flatten_indices()
+    if method == "kto" and data_format.use == formats.PAIRS:
+        rows = rows.map(_unpair, batched=True, remove_columns=rows.column_names, desc="Splitting pairs for KTO")
     return rows
 
 

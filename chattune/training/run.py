@@ -7,6 +7,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from accelerate import PartialState
@@ -16,6 +17,7 @@ from chattune.cli import entry_point
 from chattune.config.flags import FlagError, TrainFlags, parse_flags
 from chattune.data import formats, tokenization
 from chattune.data.masking import ChatMasker, trim_suffix_overlap
+from chattune.data.sources import Source, read_sources
 from chattune.data.tokenizer import NO_TEMPLATE_HELP, add_tokens, load_tokenizer, resize_embeddings, set_stop_tokens
 from chattune.training.arguments import check_integrations
 from chattune.training.batching import plan_batching
@@ -69,8 +71,10 @@ def train(flags: TrainFlags, state: PartialState) -> int:
 
     # 2. data: tokenized and masked once, on the main process first; other ranks read the cache
     with state.main_process_first():
-        train_data = read_data(flags, tokenizer, masker, flags.train_dataset)
-        full_eval = read_data(flags, tokenizer, masker, flags.test_dataset) if flags.test_dataset else None
+        train_data = read_data(flags, tokenizer, masker, flags.train_dataset, "--train_dataset")
+        full_eval = None
+        if flags.test_dataset:
+            full_eval = read_data(flags, tokenizer, masker, flags.test_dataset, "--test_dataset")
     eval_data = sample_eval(full_eval, flags.eval_fraction, flags.seed)
 
     # 3. model
@@ -142,15 +146,20 @@ def sample_eval(dataset: Any, fraction: float, seed: int) -> Any:
     return dataset.shuffle(seed=seed).select(range(size))
 
 
-def read_data(flags: TrainFlags, tokenizer: Any, masker: ChatMasker | None, source: str) -> Any:
-    """Preference rows for TRL's preference trainers, or conversations tokenized and masked for SFT."""
+def read_data(flags: TrainFlags, tokenizer: Any, masker: ChatMasker | None, specs: Sequence[str], flag: str) -> Any:
+    """Preference rows for TRL's preference trainers, or conversations tokenized and masked for SFT; from one
+    source or a mixture of several (chattune.data.sources), each read in its own format."""
     if flags.preference:
-        return load_preferences(source, flags.method, flags.seed)
-    return prepare(flags, tokenizer, masker, source)
+        return load_preferences(specs, flags.method, flags.seed, flag)
+
+    def prepare_source(rows: Any, source: Source) -> Any:
+        return prepare(flags, tokenizer, masker, rows, source.text)
+
+    return read_sources(specs, prepare_source, seed=flags.seed, flag=flag)
 
 
-def prepare(flags: TrainFlags, tokenizer: Any, masker: ChatMasker | None, source: str) -> Any:
-    rows = formats.load_rows(source)
+def prepare(flags: TrainFlags, tokenizer: Any, masker: ChatMasker | None, rows: Any, source: str) -> Any:
+    """One source's rows tokenized and masked, with a summary of what was kept in the log."""
     if formats.detect_format(rows, source).use != formats.TEXT and masker is None:
         raise FlagError(NO_TEMPLATE_HELP.format(model=flags.base_model))
     prefix, suffix = explicit_ids(flags)

@@ -75,6 +75,11 @@ def build_parser(default_output_dir: Path) -> argparse.ArgumentParser:
         metavar="LANG",
         help="languages (folders of the pile folder), e.g. english german french spanish polish",
     )
+    parser.add_argument(
+        "--per_language_files",
+        action="store_true",
+        help="also write one file per language next to each merged one, e.g. home_assistant_train_german.jsonl",
+    )
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     parser.add_argument("--merge", type=Path, metavar="FILE", help="Alpaca JSON/JSONL to mix into train")
     parser.add_argument("--output_dir", type=Path, default=default_output_dir)
@@ -116,6 +121,7 @@ def main(argv: Sequence[str] | None = None, default_output_dir: Path = Path("dat
         merge=args.merge,
         max_devices=args.max_devices,
         compact_prompt=args.compact_prompt,
+        per_language_files=args.per_language_files,
     )
     result = generate(config)
     print(result.table)

@@ -69,6 +69,7 @@ class GenerateConfig:
     merge: Path | None = None
     max_devices: int = DEFAULT_MAX_DEVICES
     compact_prompt: bool = False  # persona sentence + device list only (see prompts.system_prompt)
+    per_language_files: bool = False  # also one file per language and part, as home-llm wrote them
     train_count: int | None = None  # overrides the size (per language); tests use it to stay fast
     progress: bool | None = None  # None: show the bar only on a terminal
 
@@ -248,7 +249,17 @@ def _write(config: GenerateConfig, outputs: dict[str, list[dict[str, Any]]], shu
         path = config.output_dir / FILE_NAMES[part]
         write_jsonl(path, records)
         files[part] = path
+        if config.per_language_files:
+            for language in dict.fromkeys(config.languages):
+                own = [record for record in records if record["language"] == language]
+                files[f"{part}_{language}"] = language_path = per_language_path(path, language)
+                write_jsonl(language_path, own)
     return files
+
+
+def per_language_path(merged: Path, language: str) -> Path:
+    """home_assistant_train.jsonl -> home_assistant_train_german.jsonl (home-llm's names)."""
+    return merged.with_name(f"{merged.stem}_{language}{merged.suffix}")
 
 
 def _tables(counts: dict[str, Counter], languages: list[str], merged: bool) -> str:
