@@ -122,22 +122,29 @@ def test_incomplete_checkpoints_are_skipped_with_a_warning(run_layout, test_file
     truncated = run_layout / "checkpoint-3" / "model.safetensors"
     truncated.write_bytes(truncated.read_bytes()[:1000])  # killed mid-write
     (run_layout / "checkpoint-10" / "model.safetensors").unlink()  # killed before the weights
+    (run_layout / "checkpoint-2" / "tokenizer.json").unlink()  # killed after the weights, before the tokenizer
     with caplog.at_level(logging.WARNING, logger="chattune.evaluate"):
         table = evaluate(capsys, str(run_layout), "--all_checkpoints", "--test_dataset", str(test_file))
-    assert [row["model"] for row in table["rows"]] == ["checkpoint-2", "models/r"]
-    assert [Path(s["model"]).name for s in table["skipped"]] == ["checkpoint-3", "checkpoint-10"]
+    assert [row["model"] for row in table["rows"]] == ["models/r"]
+    assert sorted(Path(s["model"]).name for s in table["skipped"]) == ["checkpoint-10", "checkpoint-2", "checkpoint-3"]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("checkpoint-3" in w and "truncated" in w for w in warnings)
-    assert any("checkpoint-10" in w for w in warnings)
+    assert any("checkpoint-10" in w and "no model weights" in w for w in warnings)
+    assert any("checkpoint-2" in w and "tokenizer" in w for w in warnings)
+    written = json.loads((run_layout / "eval_table.json").read_text())
+    assert len(written["rows"]) == 1 and len(written["skipped"]) == 3
 
 
-def test_run_without_checkpoints_or_final_folder_is_refused(tmp_path, test_file, capsys):
+def test_run_without_checkpoints_or_final_folder_is_refused(run_layout, tmp_path, test_file, capsys):
     from chattune.evaluation.run import main
 
     (tmp_path / "runs" / "empty").mkdir(parents=True)
     assert main([str(tmp_path / "runs" / "empty"), "--all_checkpoints", "--test_dataset", str(test_file)]) == 2
     error = capsys.readouterr().err
     assert "no checkpoint-N folder" in error and str(tmp_path / "models" / "empty") in error
+    model_folder = run_layout.parents[1] / "models" / "r"  # a final folder is not a run folder
+    assert main([str(model_folder), "--all_checkpoints", "--test_dataset", str(test_file)]) == 2
+    assert "not in a runs/ folder" in capsys.readouterr().err
 
 
 def test_several_models_make_one_comparison_table(tiny_model_dir, test_file, tmp_path, capsys):

@@ -68,7 +68,9 @@ def inspect_model_folder(path: str | os.PathLike) -> ModelSource:
             )
         check_weights_complete(folder, ADAPTER_WEIGHT_FILES)
         return ModelSource(folder, "adapter", _adapter_base(folder))
-    if (folder / "config.json").is_file() and any(name in names for name in WEIGHT_FILES):
+    if (folder / "config.json").is_file():
+        if not any(name in names for name in WEIGHT_FILES):
+            raise IncompleteWeightsError(f"{folder}: config.json but no model weights; {EXPECTED_FOLDER_HELP}")
         check_weights_complete(folder, WEIGHT_FILES)
         return ModelSource(folder, "model")
     found = ", ".join(names) or "nothing"

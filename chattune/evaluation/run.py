@@ -51,6 +51,7 @@ from chattune.evaluation.sweep import (
     named_targets,
     results_folder,
     reuse_key,
+    skip,
     stored_summary,
 )
 
@@ -220,15 +221,29 @@ def run_several(settings: Settings) -> dict:
         targets = checkpoint_targets(settings.model)
     else:
         targets = named_targets([settings.model, *settings.other_models])
-    if not targets.found:
-        reasons = "; ".join(f"{s['model']}: {s['reason']}" for s in targets.skipped)
-        raise EvalError(f"{settings.model}: no complete checkpoint or final model to evaluate ({reasons})")
+    _require_some(settings, targets)
     examples = load_examples(settings.test_dataset, settings.max_examples)
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
-    rows = [_table_row(target, examples, settings, device, dtype) for target in targets.found]
+    rows = []
+    for target in list(targets.found):
+        try:
+            rows.append(_table_row(target, examples, settings, device, dtype))
+        except (EvalError, OSError, ValueError) as error:
+            if not settings.all_checkpoints:  # a model named on the command line: its problem is the user's
+                raise
+            # A checkpoint whose weights check out can still lack a file written after them (tokenizer, config).
+            targets.found.remove(target)
+            skip(targets.skipped, target.source.path, error)
+    _require_some(settings, targets)
     _write_table(settings, targets, rows)
     return {"rows": rows, "skipped": targets.skipped}
+
+
+def _require_some(settings: Settings, targets: Targets) -> None:
+    if not targets.found:
+        reasons = "; ".join(f"{s['model']}: {s['reason']}" for s in targets.skipped)
+        raise EvalError(f"{settings.model}: no complete checkpoint or final model to evaluate ({reasons})")
 
 
 def _table_row(target: Target, examples: list[Example], settings: Settings, device: str, dtype: Any) -> dict:

@@ -62,18 +62,25 @@ def checkpoint_targets(run_dir: str | Path) -> Targets:
     if final is not None:
         candidates.append((f"{final.parent.name}/{final.name}", final, None))
     if not candidates:
+        finals = " or ".join(str(path) for path in _final_candidates(run_dir)) or "none: it is not in a runs/ folder"
         raise EvalError(
-            f"--all_checkpoints {run_dir}: no checkpoint-N folder in it and no final model at "
-            f"{' or '.join(str(p) for p in _final_candidates(run_dir))}; pass a run folder, runs/<run>, of train.py"
+            f"--all_checkpoints {run_dir}: no checkpoint-N folder in it, and no final model ({finals}); "
+            "pass the run folder train.py wrote, <output_dir>/runs/<run>"
         )
     found, skipped = [], []
     for label, path, step in candidates:
         try:
             found.append(Target(label, inspect_model_folder(path), step, final=path == final))
         except EvalError as error:
-            logger.warning("skipping %s: %s", path, error)
-            skipped.append({"model": str(path), "reason": str(error)})
+            skip(skipped, path, error)
     return Targets(found, skipped)
+
+
+def skip(skipped: list[dict], path: Path, error: Exception) -> None:
+    """Leave a checkpoint out of a sweep: a warning, and a `skipped` entry with the reason on one line."""
+    reason = " ".join(str(error).split())
+    logger.warning("skipping %s: %s", path, reason)
+    skipped.append({"model": str(path), "reason": reason})
 
 
 def _checkpoint_folders(run_dir: Path) -> list[tuple[Path, re.Match]]:
