@@ -10,6 +10,7 @@ import contextlib
 import copy
 import logging
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -79,8 +80,12 @@ def generate_replies(
     max_new_tokens: int,
     device: str,
     continuations: Sequence[tuple[list[int], list[int]] | None] | None = None,
+    seconds: list[float | None] | None = None,
 ) -> tuple[list[str], list[tuple[float, int] | None]]:
     """Greedy replies in the order of `prompts`, and the reference NLL of each example with a continuation.
+
+    `seconds`, when given, is filled (in the order of `prompts`) with the wall time of each example's batch,
+    from its first forward pass until its decoded replies: what a request waited for its reply in that batch.
 
     A continuation is the reference turn's ids after the prompt, with its labels. Each batch runs one forward
     pass over prompt + reference: the reference logits give its NLL, and the key/value cache of the prompt
@@ -95,7 +100,10 @@ def generate_replies(
     replies: list[str] = [""] * len(prompts)
     nlls: list[tuple[float, int] | None] = [None] * len(prompts)
     batches = list(length_sorted_batches([len(p) for p in prompts], batch_size))
+    if seconds is not None:
+        seconds[:] = [None] * len(prompts)
     for batch in tqdm(batches, desc="generating", unit="batch", file=sys.stderr):
+        started = time.perf_counter()
         ids, mask = left_pad([prompts[i] for i in batch], tokenizer.pad_token_id, device)
         extra: dict[str, Any] = {}
         with torch.inference_mode():
@@ -108,6 +116,10 @@ def generate_replies(
             output = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, **extra)
         for row, index in enumerate(batch):
             replies[index] = decode_reply(tokenizer, output[row, ids.shape[1] :].tolist(), stops)
+        if seconds is not None:  # .tolist() above waited for the device, so the time is the batch's own
+            elapsed = time.perf_counter() - started
+            for index in batch:
+                seconds[index] = elapsed
     return replies, nlls
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,10 @@ EXPECTED_FOLDER_HELP = (
 
 class EvalError(ChattuneError, ValueError):
     """A problem with the user's inputs; reported in one line, exit status 2."""
+
+
+class IncompleteWeightsError(EvalError):
+    """A weights file that is missing or cut short, as a process killed while saving leaves it."""
 
 
 @dataclass
@@ -58,12 +63,68 @@ def inspect_model_folder(path: str | os.PathLike) -> ModelSource:
     names = sorted(p.name for p in folder.iterdir())
     if (folder / "adapter_config.json").is_file():
         if not any(name in names for name in ADAPTER_WEIGHT_FILES):
-            raise EvalError(f"{folder}: adapter_config.json but no adapter weights; {EXPECTED_FOLDER_HELP}")
+            raise IncompleteWeightsError(
+                f"{folder}: adapter_config.json but no adapter weights; {EXPECTED_FOLDER_HELP}"
+            )
+        check_weights_complete(folder, ADAPTER_WEIGHT_FILES)
         return ModelSource(folder, "adapter", _adapter_base(folder))
-    if (folder / "config.json").is_file() and any(name in names for name in WEIGHT_FILES):
+    if (folder / "config.json").is_file():
+        if not any(name in names for name in WEIGHT_FILES):
+            raise IncompleteWeightsError(f"{folder}: config.json but no model weights; {EXPECTED_FOLDER_HELP}")
+        check_weights_complete(folder, WEIGHT_FILES)
         return ModelSource(folder, "model")
     found = ", ".join(names) or "nothing"
     raise EvalError(f"{folder}: neither a model nor a LoRA adapter; {EXPECTED_FOLDER_HELP}; found: {found}")
+
+
+def check_weights_complete(folder: Path, candidates: tuple[str, ...]) -> None:
+    """Read the headers of the weight files (and every shard an index names) without loading any tensor.
+
+    Raises IncompleteWeightsError for a missing shard or a file cut short. Without this, loading fails deep inside
+    safetensors or torch.load with a message that names neither the file nor the cause.
+    """
+    for name in candidates:
+        path = folder / name
+        if not path.is_file():
+            continue
+        files = _index_shards(path) if name.endswith(".index.json") else [path]
+        for file in files:
+            problem = _weights_file_problem(file)
+            if problem:
+                hint = "a save killed part-way leaves this; re-save the model or pick another checkpoint"
+                raise IncompleteWeightsError(f"{file}: {problem} ({hint})")
+        return
+
+
+def _index_shards(index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        return [index.parent / shard for shard in sorted(set(weight_map.values()))]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise IncompleteWeightsError(f"{index}: unreadable shard index ({error})") from None
+
+
+def _weights_file_problem(file: Path) -> str | None:
+    """Why `file` cannot hold complete weights, or None. safetensors checks that its header covers the whole file."""
+    if not file.is_file():
+        return "missing"
+    if file.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(file), framework="pt"):
+                return None
+        except (SafetensorError, OSError) as error:
+            return f"truncated or corrupt safetensors file ({error})"
+    with file.open("rb") as handle:
+        is_zip = handle.read(2) == b"PK"
+    if is_zip:  # torch.save's format since torch 1.6; its directory is at the end, so a cut-short file lacks it
+        try:
+            with zipfile.ZipFile(file):
+                return None
+        except (zipfile.BadZipFile, OSError) as error:
+            return f"truncated or corrupt torch checkpoint ({error})"
+    return None  # the legacy pickle format: nothing cheap to check
 
 
 def _adapter_base(folder: Path) -> str:

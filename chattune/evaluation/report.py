@@ -1,7 +1,10 @@
-"""evaluate.py's results: the summary table, eval_results.json and eval_failures.jsonl, written atomically."""
+"""evaluate.py's results: the summary table, eval_results.json and eval_failures.jsonl, written atomically; for
+several models, the comparison table (one row per model) and its eval_table.json and eval_table.csv."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import textwrap
 from collections.abc import Sequence
@@ -14,6 +17,8 @@ from chattune.evaluation.inputs import Example
 
 RESULTS_FILE = "eval_results.json"
 FAILURES_FILE = "eval_failures.jsonl"
+TABLE_FILES = ("eval_table.json", "eval_table.csv")
+TABLE_COLUMNS = ("model", "step", "path", "reused")
 
 
 def failure_records(examples: Sequence[Example], replies: Sequence[str], scores: Sequence[ExampleScore]) -> list:
@@ -52,23 +57,67 @@ SHORT_NAMES = {
     "no_call_accuracy": "no_call",
     "perplexity": "ppl",
     "bleu": "bleu",
+    "rouge1": "rouge1",
+    "rouge2": "rouge2",
     "rougeL": "rougeL",
+    "meteor": "meteor",
+    "edit_distance": "edit",
+    "latency_mean_s": "lat_s",
+    "latency_p95_s": "p95_s",
     "n_examples": "n",
 }
+SLICES = (("language", "by_language"), ("kind", "by_kind"), ("devices", "by_devices"))
 
 
 def format_table(summary: dict) -> str:
-    """One row per group (overall, each language, each kind); '-' where a metric does not apply."""
+    """One row per group (overall, each language, kind and device-count bucket); '-' where a metric does not
+    apply."""
     rows = [("overall", summary)]
-    rows += [(f"language={name}", metrics) for name, metrics in summary["by_language"].items()]
-    rows += [(f"kind={name}", metrics) for name, metrics in summary["by_kind"].items()]
+    for prefix, key in SLICES:
+        rows += [(f"{prefix}={name}", metrics) for name, metrics in summary.get(key, {}).items()]
+    return _grid(rows, [])
+
+
+def format_comparison(rows: Sequence[dict], skipped: Sequence[dict] = ()) -> str:
+    """One line per model of a sweep or comparison: its label, step ('final' for a run's final folder, '-' for a
+    model that is not a checkpoint), then the overall metrics; then the checkpoints left out, and why."""
+    labelled = [(row["model"], row) for row in rows]
+    steps = [_step(row) for row in rows]
+    return "\n".join([_grid(labelled, steps), *(f"skipped {s['model']}: {s['reason']}" for s in skipped)])
+
+
+def _step(row: dict) -> str:
+    if row["step"] is not None:
+        return str(row["step"])
+    return "final" if row.get("final") else "-"
+
+
+def _grid(rows: Sequence[tuple[str, dict]], steps: Sequence[str]) -> str:
     width = max(len(name) for name, _ in rows) + 2
-    lines = ["".ljust(width) + "".join(f" {SHORT_NAMES[k]:>8}" for k in METRIC_KEYS)]
-    for name, metrics in rows:
-        lines.append(name.ljust(width) + "".join(f" {_cell(k, metrics[k]):>8}" for k in METRIC_KEYS))
+    step_width = max((len(step) for step in steps), default=0)
+    header = "".ljust(width) + (f"{'step':>{step_width}}" if steps else "")
+    lines = [header + "".join(f" {SHORT_NAMES[k]:>8}" for k in METRIC_KEYS)]
+    for index, (name, metrics) in enumerate(rows):
+        step = f"{steps[index]:>{step_width}}" if steps else ""
+        lines.append(name.ljust(width) + step + "".join(f" {_cell(k, metrics[k]):>8}" for k in METRIC_KEYS))
     legend = ", ".join(f"{short}={key}" for key, short in SHORT_NAMES.items())
-    notes = f"columns: {legend}; '-' = no applicable example; bleu on a 0-100 scale"
+    notes = f"columns: {legend}; '-' = no applicable example; bleu on a 0-100 scale; edit: lower is better"
     return "\n".join([*lines, "", *textwrap.wrap(notes, width=120)])
+
+
+def write_table(folder: Path, rows: Sequence[dict], skipped: Sequence[dict], settings: dict) -> tuple[Path, Path]:
+    """eval_table.json ({"rows", "skipped", "settings"}) and eval_table.csv (the rows, overall metrics only)."""
+    json_path, csv_path = folder / TABLE_FILES[0], folder / TABLE_FILES[1]
+    document = {"rows": list(rows), "skipped": list(skipped), "settings": settings}
+    write_text_atomic(json_path, json.dumps(document, indent=2, ensure_ascii=False))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(
+        buffer, fieldnames=[*TABLE_COLUMNS, *METRIC_KEYS], extrasaction="ignore", lineterminator="\n"
+    )
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(csv_path, buffer.getvalue())
+    return json_path, csv_path
 
 
 def _cell(key: str, value: Any) -> str:

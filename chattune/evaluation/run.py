@@ -1,25 +1,29 @@
-"""The recipe behind evaluate.py: load a model or adapter, generate replies for a test set, score them.
+"""The recipe behind evaluate.py: load a model or adapter, generate replies for a test set, score them; or do that
+for every checkpoint of a run, or for several models, into one comparison table.
 
 Reading the inputs lives in chattune.evaluation.inputs, the torch work in chattune.evaluation.generation,
-the scoring in chattune.domains.homeassistant.scoring and the result files in chattune.evaluation.report.
+the scoring in chattune.domains.homeassistant.scoring, the result files in chattune.evaluation.report, and
+finding and reusing the models of a sweep in chattune.evaluation.sweep.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import logging
 import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from chattune.cli import entry_point
 from chattune.data.masking import ChatMasker
-from chattune.domains.homeassistant.scoring import score_example, summarize
+from chattune.domains.homeassistant.scoring import METRIC_KEYS, devices_in_prompt, score_example, summarize
 from chattune.evaluation.generation import (
     auto_max_new_tokens,
     generate_replies,
@@ -29,6 +33,9 @@ from chattune.evaluation.generation import (
     stop_token_ids,
 )
 from chattune.evaluation.inputs import (
+    EvalError,
+    Example,
+    ModelSource,
     inspect_model_folder,
     load_examples,
     load_model,
@@ -36,7 +43,17 @@ from chattune.evaluation.inputs import (
     pick_device,
     pick_dtype,
 )
-from chattune.evaluation.report import failure_records, format_table, write_outputs
+from chattune.evaluation.report import failure_records, format_comparison, format_table, write_outputs, write_table
+from chattune.evaluation.sweep import (
+    Target,
+    Targets,
+    checkpoint_targets,
+    named_targets,
+    results_folder,
+    reuse_key,
+    skip,
+    stored_summary,
+)
 
 logger = logging.getLogger("chattune.evaluate")
 
@@ -54,6 +71,14 @@ class Settings:
     dtype: str = "auto"
     output_dir: str | None = None
     json: bool = False
+    other_models: list[str] = field(default_factory=list)  # MODELs after the first: a comparison
+    all_checkpoints: bool = False
+    overwrite: bool = False
+
+    @property
+    def several(self) -> bool:
+        """A sweep or a comparison: one table row per model, results reused unless --overwrite."""
+        return self.all_checkpoints or bool(self.other_models)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Settings:
@@ -61,7 +86,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         prog="evaluate.py",
         description="Score a fine-tuned model (full, merged or LoRA adapter) on a Home Assistant test set.",
     )
-    parser.add_argument("model", help="Model folder (config.json + weights) or LoRA adapter folder.")
+    parser.add_argument(
+        "model",
+        nargs="+",
+        help="Model folder (config.json + weights) or LoRA adapter folder; several: one comparison table. "
+        "With --all_checkpoints: a run folder, runs/<run>.",
+    )
     parser.add_argument("--test_dataset", default=DEFAULT_TEST_DATASET, help="Chat rows: .jsonl/.json or folder.")
     parser.add_argument("--batch_size", type=_positive, default=8, help="Prompts generated together.")
     parser.add_argument("--max_examples", type=_positive, default=None, help="Evaluate only the first N rows.")
@@ -78,10 +108,35 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         default="auto",
         help="auto: bfloat16 (float16 on older GPUs) on CUDA; on CPU bfloat16 with AMX or AVX512-BF16, else float32.",
     )
-    parser.add_argument("--output_dir", default=None, help="Where result files go (default: the MODEL folder).")
-    parser.add_argument("--json", action="store_true", help="Print the summary JSON as the last stdout line.")
-    args = parser.parse_args(argv)
-    return Settings(**vars(args))
+    parser.add_argument(
+        "--output_dir",
+        default=None,
+        help="Where result files go (default: the MODEL folder). Several models: <output_dir>/<label>/ for each, "
+        "and the table's eval_table.json/.csv (default: the run folder with --all_checkpoints, else not written).",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="Print the summary JSON (several models: the table) as the last stdout line.",
+    )
+    parser.add_argument(
+        "--all_checkpoints",
+        action="store_true",
+        help="MODEL is a run folder (runs/<run>): score every checkpoint-N in it and the run's final folder "
+        "(models/<run> or loras/<run>), one table row each. Incomplete checkpoints are skipped with a warning.",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="With several models: score again even where an eval_results.json of the same test set, reply budget "
+        "and weights exists (default: reuse it).",
+    )
+    args = vars(parser.parse_args(argv))
+    first, *others = args.pop("model")
+    settings = Settings(model=first, other_models=others, **args)
+    if settings.all_checkpoints and others:
+        raise EvalError(f"--all_checkpoints takes one run folder (runs/<run>), got {len(others) + 1} paths")
+    return settings
 
 
 def _positive(text: str) -> int:
@@ -92,11 +147,19 @@ def _positive(text: str) -> int:
 
 
 def run(settings: Settings) -> dict:
-    """Evaluate and write the result files; returns the summary."""
+    """Evaluate one model and write the result files; returns the summary."""
     source = inspect_model_folder(settings.model)
     examples = load_examples(settings.test_dataset, settings.max_examples)
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
+    folder = Path(settings.output_dir) if settings.output_dir else source.path
+    return score_model(source, examples, settings, device, dtype, folder)
+
+
+def score_model(
+    source: ModelSource, examples: list[Example], settings: Settings, device: str, dtype: Any, folder: Path
+) -> dict:
+    """Load one model, generate and score its replies, write its result files into `folder`; returns the summary."""
     tokenizer = load_tokenizer(source)
     logger.info("loading %s %s on %s (%s)", source.kind, source.path, device, str(dtype).replace("torch.", ""))
     model = load_model(source, tokenizer, device, dtype)
@@ -105,8 +168,9 @@ def run(settings: Settings) -> dict:
     prompts = render_prompts(tokenizer, examples)
     continuations = reference_continuations(ChatMasker(tokenizer), examples, prompts)
     max_new_tokens = settings.max_new_tokens or auto_max_new_tokens(tokenizer, examples)
+    seconds: list[float | None] = []
     replies, nlls = generate_replies(
-        model, tokenizer, prompts, settings.batch_size, max_new_tokens, device, continuations
+        model, tokenizer, prompts, settings.batch_size, max_new_tokens, device, continuations, seconds
     )
     apart = [i for i, continuation in enumerate(continuations) if continuation is None]
     if apart:  # references the prompt is not a prefix of: one teacher-forced pass of their own
@@ -114,10 +178,16 @@ def run(settings: Settings) -> dict:
         for index, result in zip(apart, separate):
             nlls[index] = result
     scores = [score_example(e.reference, reply) for e, reply in zip(examples, replies)]
-    for score, nll in zip(scores, nlls):
+    for score, nll, took in zip(scores, nlls, seconds):
+        score.seconds = took
         if nll is not None:
             score.nll_sum, score.n_tokens = nll
-    summary = summarize(scores, [e.language for e in examples], [e.kind for e in examples])
+    summary = summarize(
+        scores,
+        [e.language for e in examples],
+        [e.kind for e in examples],
+        [devices_in_prompt(e.prompt) for e in examples],
+    )
 
     record = {
         "model": str(source.path),
@@ -133,11 +203,87 @@ def run(settings: Settings) -> dict:
         "decoding": "greedy",
         "stop_token_ids": stop_token_ids(model, tokenizer),
         "seconds": round(time.monotonic() - started, 2),
+        "reuse_key": reuse_key(source, examples, settings.max_new_tokens),
     }
-    folder = Path(settings.output_dir) if settings.output_dir else source.path
     paths = write_outputs(folder, summary, record, failure_records(examples, replies, scores))
     logger.info("wrote %s and %s", *paths)
     return summary
+
+
+def run_several(settings: Settings) -> dict:
+    """Evaluate every checkpoint of a run (--all_checkpoints) or every MODEL named; returns the table:
+    {"rows": one per model, "skipped": incomplete checkpoints left out, with why}.
+
+    Every model is found and checked before the first one loads. Each one's results are stored as a single
+    evaluation stores them, and reused by the next evaluation of the same test set unless --overwrite.
+    """
+    if settings.all_checkpoints:
+        targets = checkpoint_targets(settings.model)
+    else:
+        targets = named_targets([settings.model, *settings.other_models])
+    _require_some(settings, targets)
+    examples = load_examples(settings.test_dataset, settings.max_examples)
+    device = pick_device(settings.device)
+    dtype = pick_dtype(settings.dtype, device)
+    rows = []
+    for target in list(targets.found):
+        try:
+            rows.append(_table_row(target, examples, settings, device, dtype))
+        except (EvalError, OSError, ValueError) as error:
+            if not settings.all_checkpoints:  # a model named on the command line: its problem is the user's
+                raise
+            # A checkpoint whose weights check out can still lack a file written after them (tokenizer, config).
+            targets.found.remove(target)
+            skip(targets.skipped, target.source.path, error)
+    _require_some(settings, targets)
+    _write_table(settings, targets, rows)
+    return {"rows": rows, "skipped": targets.skipped}
+
+
+def _require_some(settings: Settings, targets: Targets) -> None:
+    if not targets.found:
+        reasons = "; ".join(f"{s['model']}: {s['reason']}" for s in targets.skipped)
+        raise EvalError(f"{settings.model}: no complete checkpoint or final model to evaluate ({reasons})")
+
+
+def _table_row(target: Target, examples: list[Example], settings: Settings, device: str, dtype: Any) -> dict:
+    folder = results_folder(target, settings.output_dir)
+    key = reuse_key(target.source, examples, settings.max_new_tokens)
+    summary = None if settings.overwrite else stored_summary(folder, key)
+    reused = summary is not None
+    if reused:
+        logger.info("%s: reusing %s (--overwrite scores again)", target.label, folder)
+    else:
+        summary = score_model(target.source, examples, settings, device, dtype, folder)
+        _release_memory(device)
+    overall = {name: summary.get(name) for name in METRIC_KEYS}
+    return {
+        "model": target.label,
+        "step": target.step,
+        "final": target.final,
+        "path": str(target.source.path),
+        "reused": reused,
+        **overall,
+    }
+
+
+def _release_memory(device: str) -> None:
+    """The last model's weights go before the next one loads, or a sweep holds two models at its peak."""
+    gc.collect()
+    if device == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def _write_table(settings: Settings, targets: Targets, rows: list[dict]) -> None:
+    folder = settings.output_dir or (settings.model if settings.all_checkpoints else None)
+    if folder is None:
+        logger.info("comparison table not written; pass --output_dir to keep it as eval_table.json/.csv")
+        return
+    record = {"test_dataset": settings.test_dataset, "max_examples": settings.max_examples}
+    paths = write_table(Path(folder), rows, targets.skipped, record)
+    logger.info("wrote %s and %s", *paths)
 
 
 @entry_point
@@ -148,9 +294,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     stdout = sys.stdout
     # With --json the summary must be the last stdout line: anything a library prints goes to stderr.
     with contextlib.redirect_stdout(sys.stderr if settings.json else stdout):
-        summary = run(settings)
+        result: Any = run_several(settings) if settings.several else run(settings)
     if settings.json:
-        print(json.dumps(summary, ensure_ascii=False), file=stdout, flush=True)
+        print(json.dumps(result, ensure_ascii=False), file=stdout, flush=True)
     else:
-        print(format_table(summary), file=stdout)
+        print(
+            format_comparison(result["rows"], result["skipped"]) if settings.several else format_table(result),
+            file=stdout,
+        )
     return 0

@@ -8,12 +8,13 @@ the rule throughout is that a metric with no applicable example in a group is No
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from chattune.domains.homeassistant.reply_format import ParsedReply, calls_equal, parse_reply, values_equal
-from chattune.evaluation.metrics import bleu, perplexity, ratio, rouge_l
+from chattune.evaluation.metrics import bleu, edit_distance, latency, meteor, perplexity, ratio, rouge
 
 # Summary keys, in the order the table prints them.
 METRIC_KEYS = (
@@ -25,7 +26,13 @@ METRIC_KEYS = (
     "no_call_accuracy",
     "perplexity",
     "bleu",
+    "rouge1",
+    "rouge2",
     "rougeL",
+    "meteor",
+    "edit_distance",
+    "latency_mean_s",
+    "latency_p95_s",
     "n_examples",
 )
 ENTITY_KEY = "target_device"
@@ -52,6 +59,7 @@ class ExampleScore:
     predicted_calls: list[dict]
     nll_sum: float | None = None  # summed token NLL of the reference answer under the model
     n_tokens: int = 0  # tokens in nll_sum
+    seconds: float | None = None  # wall time until this reply was generated (its batch's)
 
 
 def makes_call(parsed: ParsedReply) -> bool:
@@ -120,6 +128,7 @@ def aggregate(scores: Sequence[ExampleScore]) -> dict[str, Any]:
     no_call = [s for s in scores if not s.expects_call]
     with_block = [s for s in scores if s.has_block]
     sentences = [s.reply_sentence for s in scores], [s.reference_sentence for s in scores]
+    overlap = rouge(*sentences)
     return {
         "service_call_exact_match": ratio(sum(s.exact_match for s in scores), len(scores)),
         "call_precision": ratio(sum(s.n_correct for s in scores), sum(s.n_predicted for s in scores)),
@@ -129,7 +138,12 @@ def aggregate(scores: Sequence[ExampleScore]) -> dict[str, Any]:
         "no_call_accuracy": ratio(sum(not s.makes_call for s in no_call), len(no_call)),
         "perplexity": perplexity(scores),
         "bleu": bleu(*sentences),
-        "rougeL": rouge_l(*sentences),
+        "rouge1": overlap["rouge1"],
+        "rouge2": overlap["rouge2"],
+        "rougeL": overlap["rougeL"],
+        "meteor": meteor(*sentences),
+        "edit_distance": edit_distance(*sentences),
+        **latency([s.seconds for s in scores]),
         "n_examples": len(scores),
     }
 
@@ -142,10 +156,41 @@ def group_by(scores: Sequence[ExampleScore], labels: Iterable[str | None]) -> di
 
 
 def summarize(
-    scores: Sequence[ExampleScore], languages: Sequence[str | None], kinds: Sequence[str | None]
+    scores: Sequence[ExampleScore],
+    languages: Sequence[str | None],
+    kinds: Sequence[str | None],
+    device_counts: Sequence[int] | None = None,
 ) -> dict[str, Any]:
-    """Overall metrics plus the same metrics per language and per kind."""
+    """Overall metrics plus the same metrics per language and per kind, and per DEVICE_BUCKETS range of
+    `device_counts` (devices listed in each prompt, see devices_in_prompt) when given."""
     summary = aggregate(scores)
     summary["by_language"] = {name: aggregate(group) for name, group in group_by(scores, languages).items()}
     summary["by_kind"] = {name: aggregate(group) for name, group in group_by(scores, kinds).items()}
+    if device_counts is not None:
+        groups = group_by(scores, [device_bucket(count) for count in device_counts])
+        # buckets in ascending order, not sorted as text ("17+" before "5-8")
+        summary["by_devices"] = {name: aggregate(groups[name]) for name in DEVICE_BUCKETS if name in groups}
     return summary
+
+
+# Prompt sizes by devices listed: home-llm users with many entities run into the context limit.
+DEVICE_BUCKETS = {"0": (0, 0), "1-4": (1, 4), "5-8": (5, 8), "9-16": (9, 16), "17+": (17, None)}
+# A line of the system prompt's device list starts with an entity id: `light.kitchen 'Kitchen' = on`.
+_DEVICE_LINE = re.compile(r"^\s*[a-z_][a-z0-9_]*\.[a-z0-9_]+\b", re.MULTILINE)
+
+
+def devices_in_prompt(messages: Sequence[dict]) -> int:
+    """Lines starting with an entity id (`domain.object_id`) in the prompt's system and user messages (a template
+    without a system role gets the device list in the first user message)."""
+    return sum(
+        len(_DEVICE_LINE.findall(str(message.get("content") or "")))
+        for message in messages
+        if message.get("role") in ("system", "user")
+    )
+
+
+def device_bucket(count: int) -> str:
+    for name, (low, high) in DEVICE_BUCKETS.items():
+        if count >= low and (high is None or count <= high):
+            return name
+    raise ValueError(f"negative device count {count}")
