@@ -1,8 +1,11 @@
-"""Parsing tool calls from model output in each built-in syntax, and the per-turn tool-calling metrics."""
+"""Parsing tool calls from model output in each built-in syntax, the per-turn tool-calling metrics, and evaluate.py
+on tool-calling data."""
 
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +16,7 @@ from chattune.evaluation.tool_calls import (
     parser_for,
     score_turn,
 )
+from conftest import REPO, run_script
 
 LAMP = {"name": "HassTurnOn", "arguments": {"name": "Desk Lamp"}}
 DIM = {"name": "HassLightSet", "arguments": {"name": "Desk Lamp", "brightness": 40}}
@@ -108,3 +112,47 @@ def test_numbers_compare_with_tolerance_and_strings_exactly():
         reference(DIM), hermes({**DIM, "arguments": {"name": "Desk Lamp", "brightness": 40.0}}), parse
     ).exact_match
     assert not score_turn(reference(LAMP), hermes({**LAMP, "arguments": {"name": "desk lamp"}}), parse).exact_match
+
+
+# ------------------------------------------------------------------------------------------ evaluate.py
+
+
+@pytest.fixture(scope="module")
+def tool_model(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with the ChatML-with-tools template as its own, as train.py saves one trained with it."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("tool-model")
+    shutil.copytree(tiny_model_dir, folder, dirs_exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = (REPO / "recipes" / "templates" / "chatml_tools.jinja").read_text()
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_evaluate_scores_tool_calling_data_turn_by_turn(tool_model, tmp_path):
+    data = tmp_path / "data"
+    generated = run_script("data/generate_home_assistant_data.py", "--test", "--format", "tool_calls",
+                           "--max_devices", "3", "--compact_prompt", "--output_dir", str(data))  # fmt: skip
+    assert generated.returncode == 0, generated.stderr[-2000:]
+    test_file = data / "home_assistant_test.jsonl"
+    rows = [json.loads(line) for line in test_file.read_text().splitlines()[:6]]
+    trained_turns = sum(
+        1 for row in rows for m in row["messages"] if m["role"] == "assistant" and m.get("train_on_turn") is not False
+    )
+    result = run_script("evaluate.py", str(tool_model), "--test_dataset", str(test_file), "--max_examples", "6",
+                        "--max_new_tokens", "8", "--output_dir", str(tmp_path / "eval"), "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.splitlines()[-1])
+    assert summary["task"] == "tool_calls" and summary["n_turns"] == trained_turns
+    assert set(summary["by_kind"]) == {row["kind"] for row in rows}
+    for key in ("tool_call_exact_match", "function_name_accuracy", "no_call_accuracy", "final_reply_rougeL"):
+        assert key in summary
+    failures = (tmp_path / "eval" / "eval_failures.jsonl").read_text().splitlines()
+    assert all("expected_calls" in json.loads(line) for line in failures)
+
+
+def test_a_bad_tool_call_format_is_refused_before_any_model_loads(tmp_path):
+    result = run_script("evaluate.py", str(tmp_path / "nothing-here"), "--tool_call_format", "regex:(")
+    assert result.returncode == 2 and "not a regular expression" in result.stderr
+    assert "Traceback" not in result.stderr

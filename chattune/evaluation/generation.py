@@ -216,7 +216,8 @@ def decode_reply(tokenizer: Any, new_ids: list[int], stops: Sequence[int]) -> st
 
 def reference_token_ids(masker: ChatMasker, example: Example) -> tuple[list[int], list[int]] | None:
     """prompt+reference ids, labelled on the reference turn only (earlier assistant turns are context)."""
-    conversation = [*example.prompt, {"role": "assistant", "content": example.reference}]
+    turn = example.reference_message or {"role": "assistant", "content": example.reference}
+    conversation = [*example.prompt, turn]
     try:
         encoded = masker.encode(conversation, example.tools)
     except MaskingError:

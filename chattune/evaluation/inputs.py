@@ -37,10 +37,17 @@ class IncompleteWeightsError(EvalError):
 @dataclass
 class Example:
     prompt: list[dict]  # every message before the last assistant message
-    reference: str  # the last assistant message
+    reference: str  # the last assistant message (tool calls: its content, then each call's JSON on a line)
     language: str
     kind: str
     tools: list | None = None
+    reference_message: dict | None = None  # tool-calling data: the whole reference turn, calls included
+    after_tool_result: bool = False  # tool-calling data: the turn answers a tool result
+
+
+def is_tool_calling(examples: list[Example]) -> bool:
+    """Tool-calling data is scored turn by turn on its calls (chattune.evaluation.tool_calls)."""
+    return any(example.reference_message is not None for example in examples)
 
 
 @dataclass
@@ -149,11 +156,15 @@ def load_examples(path: str, max_examples: int | None = None) -> list[Example]:
         )
     if max_examples is not None:
         rows = rows.select(range(min(max_examples, len(rows))))
+    conversations = [data_format.convert(row, f"{path}: row {index + 1}: ") for index, row in enumerate(rows)]
+    tool_data = any(c.tools or any(m.get("tool_calls") for m in c.messages) for c in conversations)
     examples = []
-    for index, row in enumerate(rows):
+    for index, (row, conversation) in enumerate(zip(rows, conversations)):
         where = f"{path}: row {index + 1}: "
-        conversation = data_format.convert(row, where)
-        examples.append(_split_conversation(conversation.messages, conversation.tools, row, where))
+        if tool_data:
+            examples.extend(_tool_turns(conversation, row, where))
+        else:
+            examples.append(_split_conversation(conversation.messages, conversation.tools, row, where))
     if not examples:
         raise formats.DataError(f"{path}: no examples to evaluate")
     return examples
@@ -172,6 +183,30 @@ def _split_conversation(messages: list[dict], tools: list | None, row: dict, whe
         kind=str(row.get("kind") or "unknown"),
         tools=tools,
     )
+
+
+def _tool_turns(conversation: formats.Conversation, row: dict, where: str) -> list[Example]:
+    """Every trained assistant turn of a tool-calling conversation, each with the messages before it as its prompt:
+    the calls after the request, the retry after a failed call, the reply after the tool results."""
+    examples = []
+    for index, (message, trained) in enumerate(zip(conversation.messages, conversation.trained)):
+        if not trained or index == 0:
+            continue
+        calls = [json.dumps(call["function"], ensure_ascii=False) for call in message.get("tool_calls") or []]
+        examples.append(
+            Example(
+                prompt=conversation.messages[:index],
+                reference="\n".join([str(message["content"] or ""), *calls]).strip(),
+                language=str(row.get("language") or "unknown"),
+                kind=str(row.get("kind") or "unknown"),
+                tools=conversation.tools,
+                reference_message=message,
+                after_tool_result=conversation.messages[index - 1]["role"] == "tool",
+            )
+        )
+    if not examples:
+        raise formats.DataError(f"{where}no trained assistant turn to use as the reference")
+    return examples
 
 
 def pick_device(requested: str) -> str:

@@ -13,6 +13,7 @@ from typing import Any
 
 from chattune.atomic import write_text_atomic
 from chattune.domains.homeassistant.scoring import METRIC_KEYS, ExampleScore
+from chattune.evaluation import tool_calls
 from chattune.evaluation.inputs import Example
 
 RESULTS_FILE = "eval_results.json"
@@ -65,8 +66,18 @@ SHORT_NAMES = {
     "latency_mean_s": "lat_s",
     "latency_p95_s": "p95_s",
     "n_examples": "n",
+    "tool_call_exact_match": "exact",
+    "function_name_accuracy": "func",
+    "argument_accuracy": "args",
+    "final_reply_rougeL": "final_rL",
+    "n_turns": "turns",
 }
 SLICES = (("language", "by_language"), ("kind", "by_kind"), ("devices", "by_devices"))
+
+
+def metric_keys(summary: dict) -> tuple[str, ...]:
+    """The overall metrics of a summary's task: Home Assistant replies, or tool-calling turns."""
+    return tool_calls.METRIC_KEYS if summary.get("task") == tool_calls.TASK else METRIC_KEYS
 
 
 def format_table(summary: dict) -> str:
@@ -96,11 +107,12 @@ def _grid(rows: Sequence[tuple[str, dict]], steps: Sequence[str]) -> str:
     width = max(len(name) for name, _ in rows) + 2
     step_width = max((len(step) for step in steps), default=0)
     header = "".ljust(width) + (f"{'step':>{step_width}}" if steps else "")
-    lines = [header + "".join(f" {SHORT_NAMES[k]:>8}" for k in METRIC_KEYS)]
+    keys = metric_keys(rows[0][1])
+    lines = [header + "".join(f" {SHORT_NAMES[k]:>8}" for k in keys)]
     for index, (name, metrics) in enumerate(rows):
         step = f"{steps[index]:>{step_width}}" if steps else ""
-        lines.append(name.ljust(width) + step + "".join(f" {_cell(k, metrics[k]):>8}" for k in METRIC_KEYS))
-    legend = ", ".join(f"{short}={key}" for key, short in SHORT_NAMES.items())
+        lines.append(name.ljust(width) + step + "".join(f" {_cell(k, metrics.get(k)):>8}" for k in keys))
+    legend = ", ".join(f"{SHORT_NAMES[key]}={key}" for key in keys)
     notes = f"columns: {legend}; '-' = no applicable example; bleu on a 0-100 scale; edit: lower is better"
     return "\n".join([*lines, "", *textwrap.wrap(notes, width=120)])
 
@@ -112,7 +124,10 @@ def write_table(folder: Path, rows: Sequence[dict], skipped: Sequence[dict], set
     write_text_atomic(json_path, json.dumps(document, indent=2, ensure_ascii=False))
     buffer = io.StringIO()
     writer = csv.DictWriter(
-        buffer, fieldnames=[*TABLE_COLUMNS, *METRIC_KEYS], extrasaction="ignore", lineterminator="\n"
+        buffer,
+        fieldnames=[*TABLE_COLUMNS, *metric_keys(rows[0] if rows else {})],
+        extrasaction="ignore",
+        lineterminator="\n",
     )
     writer.writeheader()
     writer.writerows(rows)
@@ -123,7 +138,7 @@ def write_table(folder: Path, rows: Sequence[dict], skipped: Sequence[dict], set
 def _cell(key: str, value: Any) -> str:
     if value is None:
         return "-"
-    if key == "n_examples":
+    if key in ("n_examples", "n_turns"):
         return str(value)
     if key in ("perplexity", "bleu"):
         return f"{value:.2f}" if value < 1e5 else f"{value:.2e}"

@@ -23,7 +23,8 @@ from typing import Any
 
 from chattune.cli import entry_point
 from chattune.data.masking import ChatMasker
-from chattune.domains.homeassistant.scoring import METRIC_KEYS, devices_in_prompt, score_example, summarize
+from chattune.domains.homeassistant.scoring import devices_in_prompt, score_example, summarize
+from chattune.evaluation import tool_calls
 from chattune.evaluation.generation import (
     auto_max_new_tokens,
     generate_replies,
@@ -37,13 +38,21 @@ from chattune.evaluation.inputs import (
     Example,
     ModelSource,
     inspect_model_folder,
+    is_tool_calling,
     load_examples,
     load_model,
     load_tokenizer,
     pick_device,
     pick_dtype,
 )
-from chattune.evaluation.report import failure_records, format_comparison, format_table, write_outputs, write_table
+from chattune.evaluation.report import (
+    failure_records,
+    format_comparison,
+    format_table,
+    metric_keys,
+    write_outputs,
+    write_table,
+)
 from chattune.evaluation.sweep import (
     Target,
     Targets,
@@ -74,6 +83,7 @@ class Settings:
     other_models: list[str] = field(default_factory=list)  # MODELs after the first: a comparison
     all_checkpoints: bool = False
     overwrite: bool = False
+    tool_call_format: str = "auto"  # how tool calls are read from replies (chattune.evaluation.tool_calls)
 
     @property
     def several(self) -> bool:
@@ -131,7 +141,15 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         help="With several models: score again even where an eval_results.json of the same test set, reply budget "
         "and weights exists (default: reuse it).",
     )
+    parser.add_argument(
+        "--tool_call_format",
+        default="auto",
+        help="Tool-calling test data: how calls are read from the model's replies: hermes "
+        "(<tool_call>{...}</tool_call>, Qwen2), mistral ([TOOL_CALLS] [...]), json (a bare JSON call, Llama 3.1), "
+        "auto (the first whose marker appears; default), or regex:PATTERN whose first group is one call's JSON.",
+    )
     args = vars(parser.parse_args(argv))
+    tool_calls.parser_for(args["tool_call_format"])  # a bad value fails here, before any model loads
     first, *others = args.pop("model")
     settings = Settings(model=first, other_models=others, **args)
     if settings.all_checkpoints and others:
@@ -177,17 +195,23 @@ def score_model(
         separate = reference_nll(model, tokenizer, [examples[i] for i in apart], settings.batch_size, device)
         for index, result in zip(apart, separate):
             nlls[index] = result
-    scores = [score_example(e.reference, reply) for e, reply in zip(examples, replies)]
+    tool_data = is_tool_calling(examples)
+    if tool_data:
+        parse = tool_calls.parser_for(settings.tool_call_format)
+        scores = [
+            tool_calls.score_turn(e.reference_message, r, parse, e.after_tool_result) for e, r in zip(examples, replies)
+        ]
+    else:
+        scores = [score_example(e.reference, reply) for e, reply in zip(examples, replies)]
     for score, nll, took in zip(scores, nlls, seconds):
         score.seconds = took
         if nll is not None:
             score.nll_sum, score.n_tokens = nll
-    summary = summarize(
-        scores,
-        [e.language for e in examples],
-        [e.kind for e in examples],
-        [devices_in_prompt(e.prompt) for e in examples],
-    )
+    languages, kinds = [e.language for e in examples], [e.kind for e in examples]
+    if tool_data:
+        summary = tool_calls.summarize(scores, languages, kinds)
+    else:
+        summary = summarize(scores, languages, kinds, [devices_in_prompt(e.prompt) for e in examples])
 
     record = {
         "model": str(source.path),
@@ -256,13 +280,14 @@ def _table_row(target: Target, examples: list[Example], settings: Settings, devi
     else:
         summary = score_model(target.source, examples, settings, device, dtype, folder)
         _release_memory(device)
-    overall = {name: summary.get(name) for name in METRIC_KEYS}
+    overall = {name: summary.get(name) for name in metric_keys(summary)}
     return {
         "model": target.label,
         "step": target.step,
         "final": target.final,
         "path": str(target.source.path),
         "reused": reused,
+        **({"task": summary["task"]} if "task" in summary else {}),
         **overall,
     }
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from chattune.domains.homeassistant.reply_format import values_equal
 from chattune.errors import ChattuneError
-from chattune.evaluation.metrics import ratio, rouge_l
+from chattune.evaluation.metrics import latency, perplexity, ratio, rouge_l
 
 FORMATS = ("auto", "hermes", "mistral", "json")
 _HERMES = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.S)
@@ -167,6 +167,9 @@ class TurnScore:
     reference_text: str
     expected_calls: list[dict]
     predicted_calls: list[dict]
+    nll_sum: float | None = None  # summed token NLL of the reference turn under the model
+    n_tokens: int = 0
+    seconds: float | None = None  # wall time of the turn's generation batch
 
 
 def _same_call(a: ToolCall, b: ToolCall) -> bool:
@@ -222,6 +225,8 @@ def score_turn(
     )
 
 
+TASK = "tool_calls"
+# Summary keys, in the order evaluate.py's table prints them.
 METRIC_KEYS = (
     "tool_call_exact_match",
     "function_name_accuracy",
@@ -229,6 +234,9 @@ METRIC_KEYS = (
     "json_valid_rate",
     "no_call_accuracy",
     "final_reply_rougeL",
+    "perplexity",
+    "latency_mean_s",
+    "latency_p95_s",
     "n_turns",
 )
 
@@ -252,5 +260,19 @@ def aggregate(scores: Sequence[TurnScore]) -> dict[str, Any]:
         "json_valid_rate": ratio(sum(s.json_valid for s in scores if s.attempted), sum(s.attempted for s in scores)),
         "no_call_accuracy": ratio(sum(not s.makes_call for s in silent), len(silent)),
         "final_reply_rougeL": rouge_l([s.reply_text for s in finals], [s.reference_text for s in finals]),
+        "perplexity": perplexity(scores),
+        **latency([s.seconds for s in scores]),
         "n_turns": len(scores),
     }
+
+
+def summarize(scores: Sequence[TurnScore], languages: Sequence[str], kinds: Sequence[str]) -> dict[str, Any]:
+    """Overall metrics plus the same per language and per kind (the keys evaluate.py's table reads)."""
+
+    def groups(labels: Sequence[str]) -> dict[str, dict[str, Any]]:
+        grouped: dict[str, list[TurnScore]] = {}
+        for score, label in zip(scores, labels):
+            grouped.setdefault(label, []).append(score)
+        return {name: aggregate(group) for name, group in sorted(grouped.items())}
+
+    return {"task": TASK, **aggregate(scores), "by_language": groups(languages), "by_kind": groups(kinds)}
