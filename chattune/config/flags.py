@@ -34,7 +34,11 @@ class TrainFlags:
     )
     ctx_size: int = _flag(2048, "Maximum tokens per example; longer examples are skipped and counted.")
     output_dir: str | None = _flag(None, "Root folder for models/, loras/ and runs/ (default: the current directory).")
-    overwrite_output_dir: bool = _flag(False, "Allow writing into output folders that are not empty.")
+    overwrite_output_dir: bool = _flag(
+        False,
+        "Allow writing into output folders that are not empty; the checkpoints of the run replaced are removed "
+        "(and named) when training starts, unless --resume_from_checkpoint continues it.",
+    )
     seed: int = _flag(42, "Random seed for weights of new modules, data order and dropout.")
 
     # --- precision and model loading -------------------------------------------------------------------
