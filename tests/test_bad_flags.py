@@ -69,7 +69,7 @@ CASES = {  # id: (flags after the defaults, the message, what must not have star
     "epochs-zero": (["--epochs", "0"], "--epochs 0 trains nothing"),
     "run-name-escapes": (["--run_name", "../../x"], "--run_name '../../x' must be a plain folder name"),
     "run-name-path": (["--run_name", "a/b"], "--run_name 'a/b' must be a plain folder name"),
-    "learning-rate-negative": (["--learning_rate=-1e-4"], "--learning_rate must be above 0, not -0.0001"),
+    "learning-rate-negative": (["--learning_rate=-1e-4"], "--learning_rate must not be negative, not -0.0001"),
     "unknown-schedule": (["--learning_rate_schedule", "cosinus"], "'cosinus' is not one of transformers' schedules"),
     "unknown-dpo-loss": (["--dpo", "--dpo_loss", "sigmoidal"], "--dpo_loss 'sigmoidal' is not a TRL DPO loss"),
     "unknown-attention": (["--attn_implementation", "flash"], "--attn_implementation 'flash' is not an attention"),
@@ -102,11 +102,11 @@ def test_bad_input_is_refused_before_work(case, inputs, tiny_model_dir, tmp_path
     out = tmp_path / "out"
     (out / "models").mkdir(parents=True)
     (out / "models" / "keep.txt").write_text("an earlier result")
-    before_run = snapshot(tmp_path)
+    before_run = snapshot(tmp_path), snapshot(places["root"])  # the outputs, and the inputs (a_file is one)
     argv = train_argv(tiny_model_dir, inputs["data"], out, *(flag.format(**places) for flag in flags))
     err = refused(argv, capsys, monkeypatch, *before)
     assert message.format(**places) in err
-    assert snapshot(tmp_path) == before_run
+    assert (snapshot(tmp_path), snapshot(places["root"])) == before_run
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders (see the /proc case below)")
@@ -228,6 +228,16 @@ def test_resume_accepts_the_same_base_moved_elsewhere(lora_run, tiny_model_dir, 
 
     moved = shutil.copytree(tiny_model_dir, tmp_path / "moved")
     check_same_base(str(moved), lora_run["checkpoint"], None)  # no error: same shape, same weights
+
+
+@pytest.mark.slow
+def test_resume_with_the_same_batch_in_other_micro_batches_is_a_warning(lora_run, tiny_model_dir, caplog):
+    from chattune.config.flags import parse_flags
+    from chattune.training.resume import check_same_batch
+
+    argv = train_argv(tiny_model_dir, lora_run["data"], lora_run["out"], *LORA, micro_batch_size=1)
+    check_same_batch(parse_flags(argv), lora_run["checkpoint"])  # no error: the same 4 examples make each step
+    assert "trained with micro-batches of 2 on 1 process(es), this run uses 1 on 1" in caplog.text
 
 
 @pytest.mark.slow

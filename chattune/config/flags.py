@@ -283,8 +283,8 @@ def check_values(flags: TrainFlags) -> None:
             f"--epochs {flags.epochs:g} trains nothing, and the untrained base model would be saved as the result; "
             "give --epochs above 0, or a number of steps with --max_steps"
         )
-    if flags.learning_rate <= 0:
-        raise FlagError(f"--learning_rate must be above 0, not {flags.learning_rate:g}")
+    if flags.learning_rate < 0:  # 0 is allowed: it measures without learning
+        raise FlagError(f"--learning_rate must not be negative, not {flags.learning_rate:g}")
     if flags.use_lora and flags.lora_rank < 1:
         raise FlagError(f"--lora_rank must be at least 1, not {flags.lora_rank}")
     from transformers.trainer_utils import SchedulerType

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -125,15 +126,16 @@ def check_same_batch(flags: TrainFlags, checkpoint: Path) -> None:
             f"resume with --batch_size {saved['batch_size']} (an exact resume keeps the effective batch), or start "
             "a new run"
         )
-    current = batch_record(flags, saved["processes"])
+    current = batch_record(flags, int(os.environ.get("WORLD_SIZE", "1")))  # the launcher's process count
     if saved != current:
         logger.warning(
-            "%s was trained with micro-batches of %d on %d process(es), this run uses %d; the effective batch is "
-            "the same %d examples, so the resumed run differs from an uninterrupted one only by rounding",
+            "%s was trained with micro-batches of %d on %d process(es), this run uses %d on %d; the effective batch "
+            "is the same %d examples, so the resumed run differs from an uninterrupted one only by rounding",
             checkpoint,
             saved["micro_batch_size"],
             saved["processes"],
-            flags.micro_batch_size,
+            current["micro_batch_size"],
+            current["processes"],
             flags.batch_size,
         )
 
