@@ -47,6 +47,7 @@ def test_dpo_raises_the_reward_margin(tiny_model_dir, tmp_path):
     assert margins[0] == pytest.approx(0.0, abs=1e-6)  # policy == reference at the first step
     assert sum(margins[-4:]) / 4 > 0.5
     assert all(entry["rewards/accuracies"] == 1.0 for entry in logs[-4:])
+    assert logs[-1]["num_input_tokens_seen"] > logs[0]["num_input_tokens_seen"] > 0  # the summary's "tokens seen"
     generates(tmp_path / "models" / "run")
 
 

@@ -38,7 +38,11 @@ class TrainFlags:
     )
     ctx_size: int = _flag(2048, "Maximum tokens per example; longer examples are skipped and counted.")
     output_dir: str | None = _flag(None, "Root folder for models/, loras/ and runs/ (default: the current directory).")
-    overwrite_output_dir: bool = _flag(False, "Allow writing into output folders that are not empty.")
+    overwrite_output_dir: bool = _flag(
+        False,
+        "Allow writing into output folders that are not empty; the checkpoints of the run replaced are removed "
+        "(and named) when training starts, unless --resume_from_checkpoint continues it.",
+    )
     seed: int = _flag(42, "Random seed for weights of new modules, data order and dropout.")
 
     # --- precision and model loading -------------------------------------------------------------------
@@ -208,6 +212,7 @@ class TrainFlags:
             raise FlagError("--suffix_ids needs --prefix_ids (or drop both to use automatic masking)")
         _parse_ids("--prefix_ids", self.prefix_ids)  # validate the id lists before any work
         _parse_ids("--suffix_ids", self.suffix_ids)
+        check_values(self)
 
     # --- derived values ----------------------------------------------------------------------------------
     @property
@@ -260,6 +265,59 @@ class TrainFlags:
 
 class FlagError(ChattuneError, ValueError):
     """A flag value that cannot work; the message says which and why."""
+
+
+def check_values(flags: TrainFlags) -> None:
+    """Refuse values that cannot work, or would quietly train something else than asked, while nothing has been
+    read yet: later they would fail after data preparation and model loading, or not fail at all."""
+    if not flags.run_name or flags.run_name in (".", "..") or any(sep and sep in flags.run_name for sep in _SEPARATORS):
+        raise FlagError(
+            f"--run_name {flags.run_name!r} must be a plain folder name (no path separator, not '.' or '..'): it "
+            "becomes models/<run_name>, loras/<run_name> and runs/<run_name>; choose where those go with --output_dir"
+        )
+    if flags.lora_merge and not flags.use_lora:
+        raise FlagError(
+            "--lora_merge merges a LoRA adapter into its base: add --use_lora, or drop --lora_merge (full "
+            "fine-tuning already writes the whole model to models/<run_name>)"
+        )
+    if flags.ctx_size < 1:
+        raise FlagError(f"--ctx_size must be a number of tokens of at least 1, not {flags.ctx_size}")
+    if flags.epochs <= 0 and flags.max_steps <= 0:
+        raise FlagError(
+            f"--epochs {flags.epochs:g} trains nothing, and the untrained base model would be saved as the result; "
+            "give --epochs above 0, or a number of steps with --max_steps"
+        )
+    if flags.learning_rate < 0:  # 0 is allowed: it measures without learning
+        raise FlagError(f"--learning_rate must not be negative, not {flags.learning_rate:g}")
+    if flags.use_lora and flags.lora_rank < 1:
+        raise FlagError(f"--lora_rank must be at least 1, not {flags.lora_rank}")
+    from transformers.trainer_utils import SchedulerType
+
+    schedules = [schedule.value for schedule in SchedulerType]
+    if flags.learning_rate_schedule not in schedules:
+        raise FlagError(
+            f"--learning_rate_schedule {flags.learning_rate_schedule!r} is not one of transformers' schedules: "
+            f"{', '.join(schedules)}"
+        )
+    # a kernel from the Hub (the `kernels` package) is named owner/repo; transformers checks it when loading
+    if flags.attn_implementation is not None and "/" not in flags.attn_implementation:
+        kernels = attention_kernels()
+        if flags.attn_implementation not in kernels:
+            raise FlagError(
+                f"--attn_implementation {flags.attn_implementation!r} is not an attention kernel; choose one of "
+                f"{', '.join(kernels)}"
+            )
+
+
+_SEPARATORS = ("/", "\\", os.sep, os.altsep)
+
+
+def attention_kernels() -> list[str]:
+    """The attention kernels the installed transformers knows by name (whether each can run here is checked when
+    the model loads: flash-attention needs its package and a GPU)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
 
 
 def _resolve_method(flags: TrainFlags) -> str:

@@ -197,13 +197,23 @@ def _replies(answer: Any, where: str) -> Any:
     return [{"role": "assistant", "content": str(answer)}]
 
 
+def _require(row: dict, keys: tuple[str, ...], where: str) -> None:
+    """Columns a row of this format must fill: a file that lacks them in some rows reads them as null, which would
+    otherwise train on the text "None"."""
+    missing = [key for key in keys if row.get(key) is None]
+    if missing:
+        raise DataError(f"{where}{' and '.join(missing)} missing or null; every row needs {', '.join(keys)}")
+
+
 def _generator_pair(row: dict, where: str) -> dict:
+    _require(row, ("question", "chosen", "rejected"), where)
     prompt = [{"role": "system", "content": row["system"]}] if row.get("system") else []
     prompt.append({"role": "user", "content": row["question"]})
     return {"prompt": prompt, "chosen": _replies(row["chosen"], where), "rejected": _replies(row["rejected"], where)}
 
 
 def _explicit_pair(row: dict, where: str) -> dict:
+    _require(row, ("prompt", "chosen", "rejected"), where)
     prompt = row["prompt"]
     if isinstance(prompt, str):  # plain text pairs stay plain text for TRL
         return {"prompt": prompt, "chosen": row["chosen"], "rejected": row["rejected"]}
@@ -213,6 +223,7 @@ def _explicit_pair(row: dict, where: str) -> dict:
 
 def _implicit_pair(row: dict, where: str) -> dict:
     """{chosen, rejected} whole conversations: the messages they share are the prompt (TRL's extract_prompt)."""
+    _require(row, ("chosen", "rejected"), where)
     if not (isinstance(row["chosen"], list) and isinstance(row["rejected"], list)):
         raise DataError(
             f"{where}chosen and rejected without a prompt must be conversations (lists of messages) whose shared "
@@ -232,6 +243,7 @@ def _implicit_pair(row: dict, where: str) -> dict:
 
 
 def _unpaired(row: dict, where: str) -> dict:
+    _require(row, ("prompt", "completion", "label"), where)
     label = row["label"]
     if not isinstance(label, bool):
         raise DataError(f"{where}label must be true (a good completion) or false (a bad one), not {label!r}")

@@ -63,6 +63,8 @@ class Tokenize:
             ]
         else:
             encoded = [self.encode_explicit(conversation) for conversation in rows]
+        text = FORMATS[self.format_name].use == TEXT
+        out["empty_replies"] = [0 if text else empty_trained_replies(row) for row in rows]
         for ids, labels, status in encoded:
             out["input_ids"].append(ids)
             out["labels"].append(labels)
@@ -152,6 +154,9 @@ def tokenize_dataset(
     if tokenized.cache_files and all(Path(f["filename"]).name in cached_before for f in tokenized.cache_files):
         logger.info("%s: reusing the cached tokenization (same data, tokenizer and settings)", source)
     counts = Counter({STATUS_NAMES[code]: n for code, n in Counter(tokenized["status"]).items()})
+    if "empty_replies" in tokenized.column_names:  # absent from a cache written before it was counted
+        warn_empty_replies(tokenized["empty_replies"], tokenized["status"], source)
+        tokenized = tokenized.remove_columns("empty_replies")
     kept = tokenized.filter(lambda status: [s == KEPT for s in status], input_columns="status", batched=True)
     return kept.remove_columns("status"), counts
 
@@ -172,6 +177,31 @@ def _check_tool_calls(dataset: Dataset, data_format: Any, masker: ChatMasker, so
                     "that renders tool calls and `tool` messages with --prompt_template_file (docs/data.md)"
                 )
             return
+
+
+def empty_trained_replies(conversation: Conversation) -> int:
+    """Trained assistant replies with no text: they teach the model to answer with nothing at all."""
+    replies = [message for message in conversation.messages if message["role"] == "assistant"]
+    return sum(
+        1
+        for message, trained in zip(replies, conversation.trained_replies)
+        if trained and not str(message["content"] or "").strip() and not message.get("tool_calls")
+    )
+
+
+def warn_empty_replies(empty: list[int], status: list[int], source: str) -> None:
+    rows = [index for index, (count, code) in enumerate(zip(empty, status)) if count and code == KEPT]
+    if not rows:
+        return
+    total = sum(empty[index] for index in rows)
+    logger.warning(
+        "%s: %d trained assistant %s empty (first in row %d); the model learns to answer with nothing: drop those "
+        'turns, or give them "weight": 0 to keep them as context only',
+        source,
+        total,
+        "reply is" if total == 1 else "replies are",
+        rows[0] + 1,
+    )
 
 
 def _cache_listing(dataset: Dataset) -> set[str]:

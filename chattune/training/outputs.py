@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
 from chattune.config.flags import FlagError, TrainFlags
 from chattune.export.merge import merge_adapter
 from chattune.export.save import save_model
+
+logger = logging.getLogger(__name__)
 
 
 def check_outputs_are_free(flags: TrainFlags) -> None:
@@ -19,6 +23,21 @@ def check_outputs_are_free(flags: TrainFlags) -> None:
                 f"{folder} exists and is not empty; pass --overwrite_output_dir to replace it, or "
                 "--resume_from_checkpoint latest to continue the run"
             )
+
+
+def clear_old_checkpoints(run_dir: Path) -> None:
+    """--overwrite_output_dir starts the run afresh: the checkpoints of the run it replaces go, so that neither the
+    rotation (which keeps the highest step numbers) nor a later `--resume_from_checkpoint latest` picks them."""
+    old = sorted(run_dir.glob("checkpoint-*"), key=lambda path: (len(path.name), path.name))  # by step
+    for checkpoint in old:
+        shutil.rmtree(checkpoint)
+    if old:
+        logger.warning(
+            "--overwrite_output_dir: removed the %d checkpoint(s) of the previous run in %s: %s",
+            len(old),
+            run_dir,
+            ", ".join(path.name for path in old),
+        )
 
 
 def check_export(flags: TrainFlags, tokenizer: Any) -> None:

@@ -174,8 +174,10 @@ def build_preference_trainer(
         return trainer_class(model=model, args=config_class(**common, beta=flags.beta), **shared)
     if flags.method == "kto":
         config = config_class(**common, beta=flags.beta)
-    else:
-        config = config_class(**common, beta=flags.beta, loss_type=[flags.dpo_loss])
+    else:  # DPO's batches carry input_ids and attention_mask, so the trainer can count the tokens it trains on
+        config = config_class(
+            **common, beta=flags.beta, loss_type=[flags.dpo_loss], include_num_input_tokens_seen="non_padding"
+        )
     # The reference is the starting model. With LoRA, TRL disables the adapter instead of keeping a copy.
     reference = None if peft_config is not None else _frozen_copy(model)
     return trainer_class(model=model, ref_model=reference, args=config, **shared)

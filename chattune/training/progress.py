@@ -49,11 +49,10 @@ def summary(state: Any, started: float, outputs: list[Path], final_eval: dict | 
     """The lines printed when a run ends."""
     eval_losses = [entry["eval_loss"] for entry in state.log_history if "eval_loss" in entry]
     train_losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
-    lines = [
-        f"steps:          {state.global_step}",
-        f"tokens seen:    {state.num_input_tokens_seen:,}",
-        f"wall time:      {(time.time() - started) / 60:.1f} min",
-    ]
+    lines = [f"steps:          {state.global_step}"]
+    if state.num_input_tokens_seen:  # SFT and DPO count them; TRL's SimPO, ORPO and KTO trainers do not
+        lines.append(f"tokens seen:    {state.num_input_tokens_seen:,}")
+    lines.append(f"wall time:      {(time.time() - started) / 60:.1f} min")
     if train_losses:
         lines.append(f"last loss:      {train_losses[-1]:.4f}")
     if eval_losses:

@@ -23,10 +23,11 @@ from chattune.training.arguments import check_integrations
 from chattune.training.batching import plan_batching
 from chattune.training.gguf_models import find_gguf, resolve_model
 from chattune.training.modeling import choose_attention, choose_dtype, load_model, lora_config, weight_dtype
-from chattune.training.outputs import check_export, check_outputs_are_free, save_outputs
+from chattune.training.outputs import check_export, check_outputs_are_free, clear_old_checkpoints, save_outputs
 from chattune.training.preference import build_preference_trainer, check_method, load_preferences
+from chattune.training.preflight import check_inputs
 from chattune.training.progress import ThroughputCallback, run_first, summary
-from chattune.training.resume import resolve_resume
+from chattune.training.resume import ContinueSchedule, resolve_resume, run_record
 from chattune.training.safety import GracefulStop, clear_staging
 from chattune.training.sft_trainer import build_trainer
 
@@ -48,6 +49,7 @@ def train(flags: TrainFlags, state: PartialState) -> int:
     started = time.time()
     check_integrations(flags)
     check_method(flags)
+    check_inputs(flags)
     with state.main_process_first():  # a GGUF file is converted once, by the main process
         base_folder = resolve_model(flags.base_model)
     gguf_source = find_gguf(flags.base_model) if base_folder != flags.base_model else None
@@ -100,7 +102,7 @@ def train(flags: TrainFlags, state: PartialState) -> int:
     # 4. train; Ctrl-C or SIGTERM saves a checkpoint and stops
     stop = GracefulStop()
     throughput = ThroughputCallback(model.num_parameters(), state.num_processes, flags.flops_baseline)
-    callbacks = [stop, throughput]
+    callbacks = [stop, throughput, run_record(flags, state.num_processes), ContinueSchedule()]
     if flags.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=flags.early_stopping_patience))
     if flags.preference:
@@ -115,7 +117,11 @@ def train(flags: TrainFlags, state: PartialState) -> int:
             flags, model, tokenizer, train_data, eval_data, plan, dtype, peft_config, callbacks=callbacks
         )
     run_first(trainer, throughput)
-    clear_staging(flags.run_dir)
+    if state.is_main_process:
+        clear_staging(flags.run_dir)
+        if resume is None and flags.overwrite_output_dir:
+            clear_old_checkpoints(flags.run_dir)
+    state.wait_for_everyone()
     trainer.train(resume_from_checkpoint=resume)
     if stop.stopped:
         logger.error(

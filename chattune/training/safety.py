@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
@@ -49,8 +48,8 @@ class AtomicCheckpointMixin:
             if target.exists():
                 shutil.rmtree(target)
             os.replace(staging_root / name, target)
-            with contextlib.suppress(OSError):
-                staging_root.rmdir()
+            # TRL's trainers also write a model card into what they take for the run folder: the staging root
+            shutil.rmtree(staging_root, ignore_errors=True)
             from transformers.trainer_utils import rotate_checkpoints
 
             rotate_checkpoints(

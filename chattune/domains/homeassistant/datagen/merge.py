@@ -24,6 +24,8 @@ def load_alpaca(path: Path) -> list[tuple[str, Conversation]]:
     except (OSError, UnicodeDecodeError) as exc:
         raise DataGenError(f"{path}: cannot read merge file ({exc})") from exc
     records = _json_list(path, text) if text.lstrip().startswith("[") else _json_lines(path, text)
+    if not records:
+        raise DataGenError(f"{path}: the merge file holds no records; give one with Alpaca records, or drop --merge")
     return [(where, _conversation(where, record)) for where, record in records]
 
 

@@ -93,6 +93,8 @@ def generate(config: GenerateConfig, warn: Callable[[str], None] = _stderr_warni
     warnings = [message for pile in piles.values() for message in pile.warnings]
     for message in warnings:
         warn(message)
+    # read before generating, so that a bad merge file stops the run before the work
+    merged = merged_examples(config.merge, piles[languages[0]]) if config.merge is not None else None
     master = random.Random(config.seed)
     seeds = {language: {part: master.getrandbits(64) for part in PARTS} for language in languages}
     shuffle_seed = master.getrandbits(64)
@@ -110,8 +112,7 @@ def generate(config: GenerateConfig, warn: Callable[[str], None] = _stderr_warni
         for part in plan:
             records, counts[part] = _build_part(part, plan[part], piles, seeds, config, bar)
             outputs[part] = records
-    if config.merge is not None and "train" in outputs:
-        merged = merged_examples(config.merge, piles[languages[0]])
+    if merged is not None and "train" in outputs:
         outputs["train"] += [_record(example, config) for example in merged]
         counts["train"][(languages[0], MERGED_KIND)] += len(merged)
     files = _write(config, outputs, shuffle_seed)
