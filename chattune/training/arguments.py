@@ -64,18 +64,34 @@ def schedule_args(flags: TrainFlags) -> dict[str, Any]:
 
 
 def check_optimizer(flags: TrainFlags) -> None:
-    """Fail before any work when the optimizer's package (bitsandbytes, torchao, ...) is missing."""
+    """Fail before any work when the optimizer's package (bitsandbytes, torchao, ...) is missing: transformers'
+    own optimizer factory is asked for the class, as the trainer will ask it later."""
     if not flags.optimizer:
         return
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
-    args = TrainingArguments(output_dir=str(flags.run_dir), optim=flags.optimizer, report_to=[])
     try:
-        Trainer.get_optimizer_cls_and_kwargs(args, model=None)
+        Trainer.get_optimizer_cls_and_kwargs(default_training_args(optim=flags.optimizer), model=None)
     except (ImportError, ValueError) as error:
-        if "model" in str(error):  # LOMO and friends are built from the model; the package check passed
+        if "model" in str(error):  # LOMO and friends are built from the model; their package check passed
             return
         raise FlagError(f"--optimizer {flags.optimizer}: {error}") from None
+
+
+def default_training_args(**values: Any) -> Any:
+    """TrainingArguments' defaults as a plain object: a real TrainingArguments would set up (and, under torchrun,
+    reset) the distributed state before the run has made its own."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from transformers import TrainingArguments
+
+    defaults = {
+        field.name: field.default
+        for field in dataclasses.fields(TrainingArguments)
+        if field.default is not dataclasses.MISSING
+    }
+    return SimpleNamespace(**{**defaults, **values})
 
 
 def set_warmup_epochs(trainer: Any, flags: TrainFlags, num_processes: int) -> None:
