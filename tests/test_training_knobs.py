@@ -206,3 +206,40 @@ def test_lora_variant_merge_matches_adapter(tiny_model_dir, dataset, tmp_path, v
         merged_logits = AutoModelForCausalLM.from_pretrained(merged_dir)(ids).logits
     assert (adapter_logits - base_logits).abs().max() > 1e-3, "the adapter changed nothing"
     assert (merged_logits - adapter_logits).abs().max() < 1e-4
+
+
+def test_loftq_merge_matches_the_quantized_model_with_its_adapter(tiny_model_dir, dataset, tmp_path):
+    """LoftQ's adapter learned the quantization error, so the merge folds it into the dequantized 4-bit weights: the
+    merged model equals the trained one (4-bit base + adapter), not the full-precision base + adapter."""
+    from peft import PeftModel
+    from transformers import BitsAndBytesConfig
+
+    extra = ["--use_lora", "--load_in_4bit", "--lora_init", "loftq", "--lora_merge"]
+    result = run_script(
+        TRAIN, *train_argv(tiny_model_dir, dataset, tmp_path, *extra, max_steps=3, learning_rate="1e-2", save_steps=3)
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "LoftQ: 14 adapted layers" in result.stderr
+    merged_dir = tmp_path / "models" / "run"
+    assert not json.loads((merged_dir / "config.json").read_text()).get("quantization_config")
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    trained = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=quant), tmp_path / "loras" / "run"
+    )
+    # train mode without dropout: in eval mode bitsandbytes' CPU kernel repacks the weights and computes in bfloat16
+    trained.train()
+    for module in trained.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.eval()
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
+    with torch.no_grad():
+        trained_logits = trained(ids).logits
+        merged_logits = AutoModelForCausalLM.from_pretrained(merged_dir)(ids).logits
+        full_base_logits = AutoModelForCausalLM.from_pretrained(tiny_model_dir)(ids).logits
+    assert (merged_logits - trained_logits).abs().max() < 1e-4
+    assert (trained_logits - full_base_logits).abs().max() > 1e-2  # the comparison can tell the bases apart
