@@ -243,3 +243,26 @@ def test_loftq_merge_matches_the_quantized_model_with_its_adapter(tiny_model_dir
         full_base_logits = AutoModelForCausalLM.from_pretrained(tiny_model_dir)(ids).logits
     assert (merged_logits - trained_logits).abs().max() < 1e-4
     assert (trained_logits - full_base_logits).abs().max() > 1e-2  # the comparison can tell the bases apart
+
+
+@pytest.mark.parametrize(
+    "saved,extra,message",
+    [
+        ({"init_lora_weights": "pissa"}, [], "init_lora_weights=pissa, this run asks for default"),
+        ({}, ["--lora_init", "olora"], "this run asks for olora"),
+        ({"use_dora": True}, [], "use_dora=True, this run asks for False"),
+        ({}, ["--use_rslora"], "use_rslora=False, this run asks for True"),
+        ({"init_lora_weights": "gaussian"}, [], None),  # an init that only starts the adapter: resumable as is
+        ({"init_lora_weights": "pissa", "use_dora": True}, ["--lora_init", "pissa", "--use_dora"], None),
+    ],
+)
+def test_resume_refuses_another_lora_variant(tmp_path, saved, extra, message):
+    from chattune.training.resume import check_checkpoint_matches
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 16, "lora_alpha": 32, **saved}))
+    flags = parse_flags([*REQUIRED, "--use_lora", *extra])
+    if message is None:
+        check_checkpoint_matches(flags, tmp_path)
+    else:
+        with pytest.raises(FlagError, match=message.replace("(", r"\(")):
+            check_checkpoint_matches(flags, tmp_path)
