@@ -33,7 +33,9 @@ def examples(tokenizer) -> list[dict]:
     return [dataset[i] for i in range(len(dataset))]
 
 
-def make_trainer(model, tokenizer, examples, tmp_path, padding_free: bool = True, peft: bool = False):
+def make_trainer(
+    model, tokenizer, examples, tmp_path, padding_free: bool = True, peft: bool = False, loss_reduction: str = "tokens"
+):
     config = SFTConfig(
         output_dir=str(tmp_path),
         per_device_train_batch_size=len(examples),
@@ -53,6 +55,7 @@ def make_trainer(model, tokenizer, examples, tmp_path, padding_free: bool = True
         train_dataset=Dataset.from_list(examples),
         processing_class=tokenizer,
         peft_config=peft_config,
+        loss_reduction=loss_reduction,
     )
     trainer.model.train()  # no dropout in the tiny model: train mode only selects the "train" metrics
     return trainer
@@ -64,9 +67,9 @@ def lean_calls(monkeypatch) -> list[int]:
     calls: list[int] = []
     original = chattune.training.loss.forward_kept_logits
 
-    def spy(model, inputs, positions):
+    def spy(model, inputs, positions, *args):
         calls.append(positions.numel())
-        return original(model, inputs, positions)
+        return original(model, inputs, positions, *args)
 
     monkeypatch.setattr(chattune.training.loss, "forward_kept_logits", spy)
     return calls
@@ -153,6 +156,54 @@ def test_padding_free_examples_stay_apart(tiny_model_dir, tokenizer, examples, t
         )
     assert labelled > 0
     torch.testing.assert_close(packed_sum, alone_sum, atol=TOLERANCE * labelled, rtol=TOLERANCE)
+
+
+def mean_of_example_means(model, trainer, examples) -> torch.Tensor:
+    """--loss_reduction sequences by definition: each example's token-mean loss, run alone, averaged."""
+    return sum(reference_loss(model, trainer.data_collator([example])) for example in examples) / len(examples)
+
+
+@pytest.mark.parametrize("padding_free", [True, False], ids=["padding-free", "padded"])
+def test_sequences_loss_and_gradients_are_the_mean_of_example_means(
+    tiny_model_dir, tokenizer, examples, tmp_path, padding_free
+):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    trainer = make_trainer(model, tokenizer, examples, tmp_path, padding_free=padding_free, loss_reduction="sequences")
+    batch = trainer.data_collator(examples)
+    model = trainer.model
+    sequences = loss_and_grads(model, lambda: trainer.compute_loss(model, dict(batch)))
+    assert_same(sequences, loss_and_grads(model, lambda: mean_of_example_means(model, trainer, examples)))
+    # the examples differ in length, so the token mean is another number (close: a random model's NLL is flat)
+    assert (sequences[0] - reference_loss(model, batch).detach()).abs() > 20 * TOLERANCE
+
+
+@pytest.mark.parametrize("reduction", ["tokens", "sequences"])
+def test_accumulated_micro_batches_equal_one_batch(tiny_model_dir, tokenizer, examples, tmp_path, reduction):
+    """The step's count (tokens or examples) comes from all its micro-batches, so their losses add up exactly."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    trainer = make_trainer(model, tokenizer, examples, tmp_path, loss_reduction=reduction)
+    model = trainer.model
+    micro_batches = [trainer.data_collator(examples[:2]), trainer.data_collator(examples[2:])]
+    _, count = trainer.get_batch_samples(iter(micro_batches), 2, torch.device("cpu"))
+    if reduction == "sequences":
+        assert int(count) == len(examples)
+
+    def accumulated():
+        return sum(trainer.compute_loss(model, dict(batch), num_items_in_batch=count) for batch in micro_batches)
+
+    whole = trainer.data_collator(examples)
+    one_batch = loss_and_grads(model, lambda: trainer.compute_loss(model, dict(whole)))
+    assert_same(loss_and_grads(model, accumulated), one_batch)
+
+
+def test_sequences_count_skips_examples_without_labels(tokenizer, tmp_path):
+    from chattune.training.loss import labelled_example_count
+
+    position_ids = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 0, 1]])
+    labels = torch.tensor([[-100, 5, 6, -100, -100, -100, -100, -100, 7]])
+    assert labelled_example_count({"labels": labels, "position_ids": position_ids}) == 2  # the second has none
+    padded = torch.tensor([[-100, 5, -100], [-100, -100, -100], [-100, 3, 4]])
+    assert labelled_example_count({"labels": padded}) == 2
 
 
 def test_kept_positions_are_shifted():

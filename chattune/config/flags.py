@@ -14,6 +14,8 @@ from pathlib import Path
 from chattune.errors import ChattuneError
 
 METHODS = ("sft", "dpo", "simpo", "orpo", "kto")
+LOSS_REDUCTIONS = ("tokens", "sequences")
+LORA_INITS = ("pissa", "olora", "gaussian", "loftq")
 
 
 def _flag(default, help: str, **metadata):
@@ -52,6 +54,12 @@ class TrainFlags:
         "frozen base weights in bfloat16; full fine-tuning keeps float32 master weights under bfloat16 autocast, "
         "because bfloat16 weights round small updates away (see --pure_bf16).",
     )
+    fp16: bool = _flag(
+        False,
+        "Compute in float16 with dynamic loss scaling, for GPUs without bfloat16 (T4, V100); needs a CUDA GPU. "
+        "Trained weights stay float32 (LoRA's frozen base weights are float16). See docs/training.md for which "
+        "precision suits which hardware.",
+    )
     pure_bf16: bool = _flag(
         False,
         "With --bf16 and full fine-tuning: hold the trained weights themselves in bfloat16 (half the memory of "
@@ -83,6 +91,28 @@ class TrainFlags:
         "cosine", "Learning-rate schedule: cosine, linear, constant, constant_with_warmup, …"
     )
     learning_rate_warmup: float = _flag(0.0, "Warm-up: a fraction of all steps when below 1, else a number of steps.")
+    warmup_epochs: float | None = _flag(
+        None, "Warm-up in epochs (e.g. 0.5), rounded to whole optimizer steps; instead of --learning_rate_warmup."
+    )
+    min_learning_rate: float | None = _flag(
+        None, "Floor of the cosine schedule: the learning rate decays from --learning_rate to this value, not to 0."
+    )
+    min_learning_rate_ratio: float | None = _flag(
+        None,
+        "Floor of the cosine schedule as a fraction of --learning_rate (e.g. 0.1); instead of --min_learning_rate.",
+    )
+    optimizer: str | None = _flag(
+        None,
+        "Optimizer, by transformers' name: adamw_torch, adamw_torch_fused (the default where PyTorch has it), "
+        "adamw_8bit and paged_adamw_8bit (bitsandbytes, 8-bit states, for QLoRA), adafactor, sgd, lion_8bit, ….",
+    )
+    loss_reduction: str = _flag(
+        "tokens",
+        "How SFT averages the loss: tokens (every labelled token of the batch weighs the same, so long answers "
+        "weigh more) or sequences (each example's mean over its own tokens, then the mean over examples). Both "
+        "are exact over padding-free batches, gradient accumulation and processes.",
+        choices=LOSS_REDUCTIONS,
+    )
     weight_decay: float = _flag(0.1, "AdamW weight decay.")
     gradient_clip: float = _flag(1.0, "Clip the gradient norm to this value (0 disables clipping).")
     gradient_checkpointing: bool = _flag(False, "Recompute activations in the backward pass to save memory.")
@@ -159,6 +189,16 @@ class TrainFlags:
         None, "Comma-separated modules trained in full next to the adapter, e.g. embed_tokens,lm_head."
     )
     lora_merge: bool = _flag(False, "Also write the merged model to models/<run_name>.")
+    use_dora: bool = _flag(
+        False, "DoRA: train a magnitude per output feature besides the LoRA direction (peft; slower steps)."
+    )
+    use_rslora: bool = _flag(False, "rsLoRA: scale the adapter by alpha / sqrt(rank) instead of alpha / rank.")
+    lora_init: str | None = _flag(
+        None,
+        "Initialise the adapter by peft's pissa or olora (from the base weights, which they rewrite; not on a "
+        "quantized base), gaussian, or loftq (with --load_in_4bit: the adapter starts as the quantization error).",
+        choices=LORA_INITS,
+    )
 
     export_gguf: str | None = _flag(
         None, "Also write a GGUF file of the final model for llama.cpp/Ollama: f16, q8_0 or f32 (docs/export.md)."
@@ -213,6 +253,9 @@ class TrainFlags:
         _parse_ids("--prefix_ids", self.prefix_ids)  # validate the id lists before any work
         _parse_ids("--suffix_ids", self.suffix_ids)
         check_values(self)
+        _check_precision(self)
+        _check_optimizer_and_schedule(self)
+        _check_lora_variants(self)
 
     # --- derived values ----------------------------------------------------------------------------------
     @property
@@ -350,6 +393,69 @@ def _resolve_method(flags: TrainFlags) -> str:
             "another prompt of the same micro-batch"
         )
     return method
+
+
+def _check_precision(flags: TrainFlags) -> None:
+    if flags.fp16 and flags.bf16:
+        raise FlagError("--fp16 and --bf16 contradict each other; give one (bf16 where the hardware has it)")
+    if flags.fp16 and flags.pure_bf16:
+        raise FlagError("--pure_bf16 holds the weights in bfloat16 and contradicts --fp16")
+
+
+def _check_optimizer_and_schedule(flags: TrainFlags) -> None:
+    """Names and numbers only; whether the optimizer's package is installed is checked by the run, before any work."""
+    if flags.optimizer is not None:
+        from transformers.training_args import OptimizerNames
+
+        names = [name.value for name in OptimizerNames]
+        if flags.optimizer not in names:
+            import difflib
+
+            close = difflib.get_close_matches(flags.optimizer, names, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise FlagError(
+                f"--optimizer {flags.optimizer} is not a transformers optimizer; {hint}one of {', '.join(names)}"
+            )
+    if flags.min_learning_rate is not None and flags.min_learning_rate_ratio is not None:
+        raise FlagError("give --min_learning_rate or --min_learning_rate_ratio, not both")
+    if flags.min_learning_rate is not None and not 0 <= flags.min_learning_rate < flags.learning_rate:
+        raise FlagError(f"--min_learning_rate must be at least 0 and below --learning_rate {flags.learning_rate}")
+    if flags.min_learning_rate_ratio is not None and not 0 <= flags.min_learning_rate_ratio < 1:
+        raise FlagError("--min_learning_rate_ratio must be in [0, 1)")
+    has_floor = flags.min_learning_rate is not None or flags.min_learning_rate_ratio is not None
+    if has_floor and flags.learning_rate_schedule != "cosine":
+        raise FlagError(
+            f"a minimum learning rate is the floor of the cosine schedule; --learning_rate_schedule is "
+            f"{flags.learning_rate_schedule}: use cosine or drop the floor"
+        )
+    if flags.warmup_epochs is not None:
+        if flags.learning_rate_warmup:
+            raise FlagError("give --warmup_epochs or --learning_rate_warmup, not both")
+        if flags.warmup_epochs < 0:
+            raise FlagError("--warmup_epochs must be at least 0")
+    if flags.loss_reduction != "tokens" and flags.method != "sft":
+        raise FlagError(f"--loss_reduction averages the SFT loss; --method {flags.method} has its own loss")
+
+
+def _check_lora_variants(flags: TrainFlags) -> None:
+    given = [name for name, on in (("--use_dora", flags.use_dora), ("--use_rslora", flags.use_rslora)) if on]
+    if flags.lora_init:
+        given.append(f"--lora_init {flags.lora_init}")
+    if given and not flags.use_lora:
+        raise FlagError(f"{', '.join(given)} shape(s) a LoRA adapter: add --use_lora")
+    if flags.lora_init in ("pissa", "olora") and flags.quantized:
+        raise FlagError(
+            f"--lora_init {flags.lora_init} rewrites the base weights from their decomposition, which a quantized "
+            "base cannot take: drop --load_in_4bit/--load_in_8bit/--load_as_gptq, or use --lora_init loftq with "
+            "--load_in_4bit"
+        )
+    if flags.lora_init == "loftq":
+        if not flags.load_in_4bit:
+            raise FlagError(
+                "--lora_init loftq starts the adapter at the error of 4-bit quantization: add --load_in_4bit"
+            )
+        if flags.use_dora:
+            raise FlagError("--lora_init loftq and --use_dora: DoRA's magnitudes would not match the LoftQ start")
 
 
 def _parse_ids(flag: str, text: str | None) -> list[int] | None:

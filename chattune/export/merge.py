@@ -8,19 +8,33 @@ from typing import Any
 import torch
 
 
-def merge_adapter(peft_model: Any, base_model_path: str, reload: bool, dtype: torch.dtype, adapter_dir: Path) -> Any:
+def merge_adapter(
+    peft_model: Any,
+    base_model_path: str,
+    reload: bool,
+    dtype: torch.dtype,
+    adapter_dir: Path,
+    trained_on_quantization: Any | None = None,
+) -> Any:
     """Fold the LoRA weights into the base weights.
 
     With `reload`, the base is loaded again in full precision and the saved adapter (with any fully
     trained modules) applied to it: a quantized base cannot absorb a LoRA delta exactly, and under FSDP or
-    ZeRO-3 this process does not hold the full weights.
+    ZeRO-3 this process does not hold the full weights. An adapter that learned the quantization error
+    itself (LoftQ) belongs on the quantized weights: with `trained_on_quantization` (the quantization config),
+    the base is quantized as in training and dequantized, and the adapter merged onto that.
     """
     if not reload:
         return peft_model.merge_and_unload()
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(base_model_path, dtype=dtype)
+    if trained_on_quantization is None:
+        base = AutoModelForCausalLM.from_pretrained(base_model_path, dtype=dtype)
+    else:
+        base = AutoModelForCausalLM.from_pretrained(
+            base_model_path, dtype=dtype, quantization_config=trained_on_quantization
+        ).dequantize(dtype=dtype)
     rows = peft_model.get_input_embeddings().weight.shape[0]
     if base.get_input_embeddings().weight.shape[0] != rows:
         base.resize_token_embeddings(rows)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+import math
 from typing import Any
 
 import torch
 
 from chattune.config.flags import FlagError, TrainFlags
+
+logger = logging.getLogger(__name__)
 
 
 def report_targets(report_to: str) -> list[str]:
@@ -40,6 +44,68 @@ LOGGER_PACKAGES = {
     "swanlab": "swanlab",
     "azure_ml": "azureml",
 }
+
+
+def optimizer_args(flags: TrainFlags) -> dict[str, Any]:
+    """transformers' optimizer by name; without --optimizer, its default (fused AdamW where PyTorch has it)."""
+    return {"optim": flags.optimizer} if flags.optimizer else {}
+
+
+def schedule_args(flags: TrainFlags) -> dict[str, Any]:
+    """The schedule; a minimum learning rate turns cosine into transformers' cosine_with_min_lr."""
+    if flags.min_learning_rate is not None:
+        return {"lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr": flags.min_learning_rate}}
+    if flags.min_learning_rate_ratio is not None:
+        return {
+            "lr_scheduler_type": "cosine_with_min_lr",
+            "lr_scheduler_kwargs": {"min_lr_rate": flags.min_learning_rate_ratio},
+        }
+    return {"lr_scheduler_type": flags.learning_rate_schedule}
+
+
+def check_optimizer(flags: TrainFlags) -> None:
+    """Fail before any work when the optimizer's package (bitsandbytes, torchao, ...) is missing: transformers'
+    own optimizer factory is asked for the class, as the trainer will ask it later."""
+    if not flags.optimizer:
+        return
+    from transformers import Trainer
+
+    try:
+        Trainer.get_optimizer_cls_and_kwargs(default_training_args(optim=flags.optimizer), model=None)
+    except (ImportError, ValueError) as error:
+        if "model" in str(error):  # LOMO and friends are built from the model; their package check passed
+            return
+        raise FlagError(f"--optimizer {flags.optimizer}: {error}") from None
+
+
+def default_training_args(**values: Any) -> Any:
+    """TrainingArguments' defaults as a plain object: a real TrainingArguments would set up (and, under torchrun,
+    reset) the distributed state before the run has made its own."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from transformers import TrainingArguments
+
+    defaults = {
+        field.name: field.default
+        for field in dataclasses.fields(TrainingArguments)
+        if field.default is not dataclasses.MISSING
+    }
+    return SimpleNamespace(**{**defaults, **values})
+
+
+def set_warmup_epochs(trainer: Any, flags: TrainFlags, num_processes: int) -> None:
+    """--warmup_epochs as whole optimizer steps, counted as transformers counts an epoch's steps (after packing)."""
+    if flags.warmup_epochs is None:
+        return
+    args = trainer.args
+    batches = math.ceil(len(trainer.train_dataset) / (args.per_device_train_batch_size * num_processes))
+    steps_per_epoch = max(1, math.ceil(batches / args.gradient_accumulation_steps))
+    # a whole number of steps: transformers reads a warmup_steps below 1 as a fraction of all steps
+    args.warmup_steps = max(1, round(flags.warmup_epochs * steps_per_epoch)) if flags.warmup_epochs > 0 else 0
+    logger.info(
+        "warm-up: %g epoch(s) = %d of %d steps per epoch", flags.warmup_epochs, args.warmup_steps, steps_per_epoch
+    )
 
 
 def evaluation_args(flags: TrainFlags, has_eval: bool) -> dict[str, Any]:
@@ -77,11 +143,13 @@ def training_args(flags: TrainFlags, dtype: torch.dtype, has_eval: bool) -> dict
         max_steps=flags.max_steps,
         # optimizer and schedule
         learning_rate=flags.learning_rate,
-        lr_scheduler_type=flags.learning_rate_schedule,
-        warmup_steps=flags.learning_rate_warmup,
+        **optimizer_args(flags),
+        **schedule_args(flags),
+        warmup_steps=flags.learning_rate_warmup,  # --warmup_epochs is set once the steps per epoch are known
         weight_decay=flags.weight_decay,
         max_grad_norm=flags.gradient_clip,
         bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,  # autocast with dynamic loss scaling (accelerate's GradScaler)
         use_cpu=not torch.cuda.is_available(),  # transformers wants this said outright for bf16 on a CPU
         activation_checkpointing=flags.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if flags.gradient_checkpointing else None,

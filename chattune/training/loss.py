@@ -14,6 +14,11 @@ labelled-only logits are leaner.
 
 `CHATTUNE_LEAN_LOSS` overrides the choice: `1` always uses this loss, `0` never (TRL's own loss), unset or
 `auto` decides per device as above.
+
+`--loss_reduction sequences` always uses this loss, on every device: TRL's averages over tokens only. Each
+example's NLL is averaged over its own labelled tokens, then the examples are averaged over the whole optimizer
+step (every micro-batch of the accumulation, on every process), as transformers does for tokens with
+`num_items_in_batch`: here that count is the number of examples with a labelled token.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from typing import Any
 import torch
 
 from chattune.data.masking import IGNORE_INDEX
+from chattune.errors import ChattuneError
 
 LEAN_LOSS_ENV = "CHATTUNE_LEAN_LOSS"
 # Elements of one fp32 working chunk (rows x vocabulary): 2**22 = 16 MiB, ~28 rows of a 150k vocabulary. Larger
@@ -136,19 +142,71 @@ def accepts_logits_to_keep(model: Any) -> bool:
         return False
 
 
-def forward_kept_logits(model: Any, inputs: dict[str, Any], positions: torch.Tensor) -> torch.Tensor:
+def example_index(inputs: dict[str, Any]) -> torch.Tensor:
+    """Which example each token belongs to, numbered across the micro-batch: (batch, length), like the labels.
+
+    Padding-free and packed rows restart position_ids at 0 for every example; padded rows hold one example each.
+    """
+    labels = inputs["labels"]
+    if "position_ids" in inputs:
+        starts = inputs["position_ids"] == 0
+        return starts.flatten().cumsum(0).reshape(labels.shape)
+    return torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)
+
+
+def labelled_example_count(inputs: dict[str, Any]) -> int:
+    """Examples of a micro-batch with at least one labelled target (a label at position 1 or later)."""
+    targets = inputs["labels"][:, 1:] != IGNORE_INDEX
+    return example_index(inputs)[:, 1:][targets].unique().numel()
+
+
+def mean_over_examples(stats: TokenStats, examples: torch.Tensor, count: Any) -> torch.Tensor:
+    """Sum over examples of each one's mean NLL over its own labelled tokens, divided by `count` examples."""
+    _, compact = examples.unique(return_inverse=True)
+    sums = stats.nll.new_zeros(int(compact.max()) + 1 if compact.numel() else 0).index_add(0, compact, stats.nll)
+    tokens = torch.zeros_like(sums).index_add(0, compact, stats.mask.float())
+    per_example = sums / tokens.clamp(min=1)  # zero for examples without a labelled token (their sum is zero)
+    return per_example.sum() / torch.as_tensor(count, device=sums.device).clamp(min=1)
+
+
+class LossReductionError(ChattuneError):
+    """--loss_reduction sequences asked of a trainer set-up whose loss TRL computes itself."""
+
+
+def forward_kept_logits(
+    model: Any, inputs: dict[str, Any], positions: torch.Tensor, takes_logits_to_keep: bool = True
+) -> torch.Tensor:
     """The model's logits at `positions` only: (batch, len(positions), vocab)."""
     model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
     # A KV cache turns off transformers' packed-sequence detection: padding-free rows would attend across examples.
     model_inputs["use_cache"] = False
-    logits = model(**model_inputs, logits_to_keep=positions).logits
+    if takes_logits_to_keep:
+        model_inputs["logits_to_keep"] = positions
+    logits = model(**model_inputs).logits
     if logits.shape[1] != positions.numel():  # a model that ignored logits_to_keep: still right, just not lean
         logits = logits[:, positions.to(logits.device)]
     return logits
 
 
 class LabelledLogitsLossMixin:
-    """Mixed into TRL's SFTTrainer: `compute_loss` projects and scores only the labelled positions."""
+    """Mixed into TRL's SFTTrainer: `compute_loss` projects and scores only the labelled positions, and averages
+    over tokens or, with `loss_reduction="sequences"`, over examples."""
+
+    def __init__(self, *args: Any, loss_reduction: str = "tokens", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.loss_reduction = loss_reduction
+        if loss_reduction == "sequences":
+            # the loss is divided by the whole step's example count, so transformers must not divide it again
+            self.loss_is_scaled_for_ga = True
+
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
+        """The step's micro-batches, and what the loss divides by: tokens (transformers' count) or examples."""
+        batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.loss_reduction == "sequences" and batch_samples:
+            num_items = torch.tensor(sum(labelled_example_count(batch) for batch in batch_samples), device=device)
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                num_items = self.accelerator.gather(num_items).sum()
+        return batch_samples, num_items
 
     def compute_loss(
         self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
@@ -159,16 +217,21 @@ class LabelledLogitsLossMixin:
             )
         labels = inputs["labels"]
         positions = kept_positions(labels)
-        logits = forward_kept_logits(model, inputs, positions)
+        logits = forward_kept_logits(model, inputs, positions, self._model_takes_logits_to_keep(model))
         stats = labelled_token_stats(logits, labels[:, positions + 1])
-        loss = self._normalise(stats, num_items_in_batch)
+        if self.loss_reduction == "sequences":
+            examples = example_index(inputs)[:, positions + 1].reshape(-1)
+            count = labelled_example_count(inputs) if num_items_in_batch is None else num_items_in_batch
+            loss = mean_over_examples(stats, examples, count)
+        else:
+            count = stats.mask.sum() if num_items_in_batch is None else num_items_in_batch
+            loss = stats.nll.sum() / torch.as_tensor(count, device=stats.nll.device).clamp(min=1)
+        loss = self._undo_process_mean(loss, num_items_in_batch)
         self._record_token_metrics(inputs, stats)
         return loss
 
-    def _normalise(self, stats: TokenStats, num_items_in_batch: Any) -> torch.Tensor:
-        """Summed NLL over the tokens of the whole (accumulated, multi-process) batch, as TRL and transformers do."""
-        count = stats.mask.sum() if num_items_in_batch is None else num_items_in_batch
-        loss = stats.nll.sum() / torch.as_tensor(count, device=stats.nll.device).clamp(min=1)
+    def _undo_process_mean(self, loss: torch.Tensor, num_items_in_batch: Any) -> torch.Tensor:
+        """The loss over the whole (accumulated, multi-process) batch, as TRL and transformers normalise it."""
         # num_items_in_batch counts every rank's tokens while DDP averages the gradients: undo that mean
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
@@ -197,22 +260,35 @@ class LabelledLogitsLossMixin:
         return self.accelerator.gather_for_metrics(local).sum().item()
 
     def _lean_loss_applies(self, model: Any, inputs: dict[str, Any]) -> bool:
-        """Plain next-token NLL on a model that takes logits_to_keep, where it is leaner than TRL's fused head."""
+        """Plain next-token NLL on a model that takes logits_to_keep, where it is leaner than TRL's fused head;
+        always for --loss_reduction sequences, which TRL's loss cannot do."""
+        if "labels" not in inputs:
+            return False
+        unsupported = self._set_up_for_trl_loss(inputs)
+        if self.loss_reduction == "sequences":
+            if unsupported:
+                raise LossReductionError(f"--loss_reduction sequences cannot be combined with {unsupported}")
+            return True
         mode = lean_loss_mode()
-        if mode == "off" or "labels" not in inputs or "shift_labels" in inputs:
-            return False
-        # Loss variants and parallel layouts TRL handles itself (custom losses, label smoothing, DFT, MoE aux
-        # loss, sequence/context parallelism) keep TRL's path.
-        if self.compute_loss_func is not None or self.label_smoother is not None or self.args.loss_type != "nll":
-            return False
-        if getattr(self, "aux_loss_enabled", False):
-            return False
-        parallelism = getattr(self.accelerator, "parallelism_config", None)
-        if any(getattr(parallelism, flag, False) for flag in ("sp_enabled", "cp_enabled")):
+        if mode == "off" or unsupported:
             return False
         if mode == "auto" and _trl_head_is_compact(inputs["labels"].device):
             return False
         return self._model_takes_logits_to_keep(model)
+
+    def _set_up_for_trl_loss(self, inputs: dict[str, Any]) -> str | None:
+        """The loss variant or parallel layout that TRL handles itself (custom losses, label smoothing, DFT, MoE
+        aux loss, sequence/context parallelism), if any."""
+        parallelism = getattr(self.accelerator, "parallelism_config", None)
+        reasons = {
+            "sequence or context parallelism": "shift_labels" in inputs
+            or any(getattr(parallelism, flag, False) for flag in ("sp_enabled", "cp_enabled")),
+            "a custom loss function": self.compute_loss_func is not None,
+            "label smoothing": self.label_smoother is not None,
+            f"loss_type {self.args.loss_type}": self.args.loss_type != "nll",
+            "a mixture-of-experts auxiliary loss": getattr(self, "aux_loss_enabled", False),
+        }
+        return next((reason for reason, applies in reasons.items() if applies), None)
 
     def _model_takes_logits_to_keep(self, model: Any) -> bool:
         cached = getattr(self, "_chattune_logits_to_keep", None)

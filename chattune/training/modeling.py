@@ -15,14 +15,30 @@ from chattune.config.flags import FlagError, TrainFlags
 logger = logging.getLogger(__name__)
 
 
-def choose_dtype(bf16: bool) -> torch.dtype:
-    """bfloat16 where the hardware runs it, else float32 with a warning."""
+FP16_NEEDS_GPU = (
+    "--fp16 needs a CUDA GPU: float16 loss scaling is for GPUs without bfloat16 (T4, V100). On a CPU train in "
+    "float32 (no precision flag), or with --bf16 where the CPU has AMX or AVX512-BF16 (docs/training.md)"
+)
+
+
+def check_precision_hardware(flags: TrainFlags) -> None:
+    """--fp16 on a machine without a CUDA GPU is refused before any data or model is loaded."""
+    if flags.fp16 and not torch.cuda.is_available():
+        raise FlagError(FP16_NEEDS_GPU)
+
+
+def choose_dtype(bf16: bool, fp16: bool = False) -> torch.dtype:
+    """The compute dtype: float16 with --fp16 (a GPU), bfloat16 where the hardware runs it, else float32."""
+    if fp16:
+        if not torch.cuda.is_available():
+            raise FlagError(FP16_NEEDS_GPU)
+        return torch.float16
     if not bf16:
         return torch.float32
     if torch.cuda.is_available():
         if torch.cuda.is_bf16_supported():
             return torch.bfloat16
-        logger.warning("--bf16: this GPU does not support bfloat16; training in float32")
+        logger.warning("--bf16: this GPU does not support bfloat16; training in float32 (--fp16 runs on it)")
         return torch.float32
     if _cpu_has_bf16():
         return torch.bfloat16
@@ -33,13 +49,23 @@ def choose_dtype(bf16: bool) -> torch.dtype:
 def weight_dtype(flags: TrainFlags, compute_dtype: torch.dtype) -> torch.dtype:
     """The dtype the model's weights are loaded in, given the dtype its matrix products run in.
 
-    Frozen weights (LoRA, QLoRA) can sit in bfloat16. Trained weights stay float32 under bfloat16 autocast:
-    at fine-tuning learning rates a bfloat16 weight (8 significant bits) rounds most AdamW updates away.
+    Frozen weights (LoRA, QLoRA) can sit in bfloat16 or float16. Trained weights stay float32 under autocast:
+    at fine-tuning learning rates a bfloat16 weight (8 significant bits) rounds most AdamW updates away, and
+    float16 loss scaling refuses float16 gradients.
     """
     trains_base_weights = not flags.use_lora and not flags.quantized
-    if compute_dtype == torch.bfloat16 and trains_base_weights and not flags.pure_bf16:
+    half = compute_dtype in (torch.bfloat16, torch.float16)
+    if half and trains_base_weights and not (flags.pure_bf16 and compute_dtype == torch.bfloat16):
         return torch.float32
     return compute_dtype
+
+
+def upcast_trainable_parameters(model: Any) -> None:
+    """Trained float16 parameters (modules_to_save copies of a float16 base) to float32: float16 loss scaling
+    unscales float32 gradients only. peft already upcasts the LoRA matrices themselves."""
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.dtype == torch.float16:
+            parameter.data = parameter.data.float()
 
 
 def cpu_has_native_bf16() -> bool:
@@ -147,6 +173,10 @@ def lora_config(flags: TrainFlags, model: Any, tokens_added: bool) -> Any:
                 ", ".join(missing),
             )
     return LoraConfig(
+        use_dora=flags.use_dora,
+        use_rslora=flags.use_rslora,
+        # loftq starts from peft's default and is set once the base is quantized (init_loftq); the others are peft's
+        init_lora_weights=flags.lora_init if flags.lora_init in ("pissa", "olora", "gaussian") else True,
         layers_to_transform=last_layers(model, flags.lora_layers),
         r=flags.lora_rank,
         lora_alpha=flags.lora_alpha,

@@ -10,6 +10,7 @@ from typing import Any
 from chattune.config.flags import FlagError, TrainFlags
 from chattune.export.merge import merge_adapter
 from chattune.export.save import save_model
+from chattune.training.modeling import quantization_config
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +76,11 @@ def save_outputs(flags: TrainFlags, trainer: Any, tokenizer: Any, dtype: Any) ->
         outputs.append(save_model(model, tokenizer, target, state_dict))
         if flags.use_lora and flags.lora_merge:
             reload = flags.quantized or accelerator.num_processes > 1  # the local copy holds no full weights
-            merged = merge_adapter(model, flags.base_model, reload, dtype, adapter_dir=flags.lora_dir)
+            # LoftQ's adapter learned the quantization error: it is merged onto the quantized weights it trained with
+            loftq = quantization_config(flags, dtype) if flags.lora_init == "loftq" else None
+            merged = merge_adapter(
+                model, flags.base_model, reload, dtype, flags.lora_dir, trained_on_quantization=loftq
+            )
             merged.generation_config = model.generation_config
             outputs.append(save_model(merged, tokenizer, flags.model_dir))
         if flags.export_gguf:

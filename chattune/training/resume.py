@@ -36,6 +36,8 @@ SHAPE_KEYS = (
 SAMPLES_PER_FILE, SAMPLE_BYTES = 32, 4096
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 
+BASE_REWRITING_INITS = ("pissa", "olora")
+
 
 def resolve_resume(flags: TrainFlags) -> str | None:
     if not flags.resume_from_checkpoint:
@@ -66,10 +68,21 @@ def check_checkpoint_matches(flags: TrainFlags, checkpoint: Path) -> None:
         raise FlagError(f"{checkpoint} holds {kind}, but this run is {'LoRA' if flags.use_lora else 'full'} training")
     if flags.use_lora:
         saved = json.loads(adapter_file.read_text())
-        wanted = {"r": flags.lora_rank, "lora_alpha": flags.lora_alpha}
+        wanted = {
+            "r": flags.lora_rank,
+            "lora_alpha": flags.lora_alpha,
+            "use_dora": flags.use_dora,
+            "use_rslora": flags.use_rslora,
+            # pissa and olora rewrite the base weights the adapter was trained against; other inits only start it
+            "init_lora_weights": flags.lora_init if flags.lora_init in BASE_REWRITING_INITS else "default",
+        }
+        if saved.get("init_lora_weights") not in BASE_REWRITING_INITS:
+            saved["init_lora_weights"] = "default"
         for key, value in wanted.items():
-            if saved.get(key) != value:
-                raise FlagError(f"{checkpoint} was trained with LoRA {key}={saved.get(key)}, this run asks for {value}")
+            if saved.get(key, False) != value:  # an older adapter_config.json may lack a key: peft's default, off
+                raise FlagError(
+                    f"{checkpoint} was trained with LoRA {key}={saved.get(key, False)}, this run asks for {value}"
+                )
         check_same_base(flags.base_model, checkpoint, saved.get("base_model_name_or_path"))
         return
     from transformers import AutoConfig

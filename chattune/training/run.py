@@ -19,10 +19,19 @@ from chattune.data import formats, tokenization
 from chattune.data.masking import ChatMasker, trim_suffix_overlap
 from chattune.data.sources import Source, read_sources
 from chattune.data.tokenizer import NO_TEMPLATE_HELP, add_tokens, load_tokenizer, resize_embeddings, set_stop_tokens
-from chattune.training.arguments import check_integrations
+from chattune.training.arguments import check_integrations, check_optimizer, set_warmup_epochs
 from chattune.training.batching import plan_batching
 from chattune.training.gguf_models import find_gguf, resolve_model
-from chattune.training.modeling import choose_attention, choose_dtype, load_model, lora_config, weight_dtype
+from chattune.training.loftq import check_loftq_weights, init_loftq
+from chattune.training.modeling import (
+    check_precision_hardware,
+    choose_attention,
+    choose_dtype,
+    load_model,
+    lora_config,
+    upcast_trainable_parameters,
+    weight_dtype,
+)
 from chattune.training.outputs import check_export, check_outputs_are_free, clear_old_checkpoints, save_outputs
 from chattune.training.preference import build_preference_trainer, check_method, load_preferences
 from chattune.training.preflight import check_inputs
@@ -50,10 +59,13 @@ def train(flags: TrainFlags, state: PartialState) -> int:
     check_integrations(flags)
     check_method(flags)
     check_inputs(flags)
+    check_precision_hardware(flags)
+    check_optimizer(flags)
     with state.main_process_first():  # a GGUF file is converted once, by the main process
         base_folder = resolve_model(flags.base_model)
     gguf_source = find_gguf(flags.base_model) if base_folder != flags.base_model else None
     flags = dataclasses.replace(flags, base_model=base_folder)
+    check_loftq_weights(flags)
     resume = resolve_resume(flags)
     if resume is None:
         check_outputs_are_free(flags)
@@ -80,7 +92,7 @@ def train(flags: TrainFlags, state: PartialState) -> int:
     eval_data = sample_eval(full_eval, flags.eval_fraction, flags.seed)
 
     # 3. model
-    dtype = choose_dtype(flags.bf16)  # the compute dtype; trained weights may stay float32 (weight_dtype)
+    dtype = choose_dtype(flags.bf16, flags.fp16)  # the compute dtype; trained weights may stay float32 (weight_dtype)
     model = load_model(flags, weight_dtype(flags, dtype), choose_attention(flags.attn_implementation))
     if gguf_source:  # adapters name the GGUF file they were trained on, not its converted copy
         model.name_or_path = model.config._name_or_path = str(gguf_source.resolve())
@@ -116,6 +128,7 @@ def train(flags: TrainFlags, state: PartialState) -> int:
         trainer = build_trainer(
             flags, model, tokenizer, train_data, eval_data, plan, dtype, peft_config, callbacks=callbacks
         )
+    finish_set_up(trainer, flags, dtype, fresh_start=resume is None, num_processes=state.num_processes)
     run_first(trainer, throughput)
     if state.is_main_process:
         clear_staging(flags.run_dir)
@@ -142,6 +155,17 @@ def train(flags: TrainFlags, state: PartialState) -> int:
     if state.is_main_process:
         print(summary(trainer.state, started, outputs, final_eval))
     return 0
+
+
+def finish_set_up(trainer: Any, flags: TrainFlags, dtype: Any, fresh_start: bool, num_processes: int) -> None:
+    """What needs the trainer's PEFT model or prepared data: LoftQ's start, float16 scaling, warm-up epochs."""
+    import torch
+
+    if flags.lora_init == "loftq" and fresh_start:  # a resumed run loads its trained adapter instead
+        init_loftq(trainer.model, flags.base_model)
+    if dtype == torch.float16:
+        upcast_trainable_parameters(trainer.model)
+    set_warmup_epochs(trainer, flags, num_processes)
 
 
 def sample_eval(dataset: Any, fraction: float, seed: int) -> Any:

@@ -53,4 +53,5 @@ def build_trainer(
         processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=callbacks,
+        loss_reduction=flags.loss_reduction,
     )
