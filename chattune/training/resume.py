@@ -97,8 +97,12 @@ def check_checkpoint_matches(flags: TrainFlags, checkpoint: Path) -> None:
 
 
 def recorded(checkpoint: Path) -> dict:
-    """What the run that wrote `checkpoint` recorded about itself (empty for checkpoints older than the record)."""
-    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    """What the run that wrote `checkpoint` recorded about itself (empty for checkpoints older than the record, or
+    without a trainer state: whether such a checkpoint can be resumed is decided elsewhere)."""
+    path = checkpoint / "trainer_state.json"
+    if not path.is_file():
+        return {}
+    state = json.loads(path.read_text(encoding="utf-8"))
     return state.get("stateful_callbacks", {}).get(RunRecord.__name__, {}).get("args", {}).get("record", {})
 
 
