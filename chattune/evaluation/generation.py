@@ -79,6 +79,7 @@ def generate_replies(
     max_new_tokens: int,
     device: str,
     continuations: Sequence[tuple[list[int], list[int]] | None] | None = None,
+    progress: bool = True,
 ) -> tuple[list[str], list[tuple[float, int] | None]]:
     """Greedy replies in the order of `prompts`, and the reference NLL of each example with a continuation.
 
@@ -95,7 +96,7 @@ def generate_replies(
     replies: list[str] = [""] * len(prompts)
     nlls: list[tuple[float, int] | None] = [None] * len(prompts)
     batches = list(length_sorted_batches([len(p) for p in prompts], batch_size))
-    for batch in tqdm(batches, desc="generating", unit="batch", file=sys.stderr):
+    for batch in tqdm(batches, desc="generating", unit="batch", file=sys.stderr, disable=not progress):
         ids, mask = left_pad([prompts[i] for i in batch], tokenizer.pad_token_id, device)
         extra: dict[str, Any] = {}
         with torch.inference_mode():
@@ -190,6 +191,7 @@ def greedy_config(model: Any, tokenizer: Any, stops: list[int], max_new_tokens: 
     config.temperature = config.top_p = config.top_k = None
     config.max_new_tokens = max_new_tokens
     config.max_length = None
+    config.use_cache = True  # train.py turns the model config's cache off for training; replies need it
     config.eos_token_id = stops
     config.pad_token_id = tokenizer.pad_token_id
     return config

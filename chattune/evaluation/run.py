@@ -18,16 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from chattune.cli import entry_point
-from chattune.data.masking import ChatMasker
-from chattune.domains.homeassistant.scoring import score_example, summarize
-from chattune.evaluation.generation import (
-    auto_max_new_tokens,
-    generate_replies,
-    reference_continuations,
-    reference_nll,
-    render_prompts,
-    stop_token_ids,
-)
+from chattune.evaluation.generation import stop_token_ids
 from chattune.evaluation.inputs import (
     inspect_model_folder,
     load_examples,
@@ -37,6 +28,7 @@ from chattune.evaluation.inputs import (
     pick_dtype,
 )
 from chattune.evaluation.report import failure_records, format_table, write_outputs
+from chattune.evaluation.scored import generate_and_score, summarize_examples
 
 logger = logging.getLogger("chattune.evaluate")
 
@@ -102,22 +94,8 @@ def run(settings: Settings) -> dict:
     model = load_model(source, tokenizer, device, dtype)
 
     started = time.monotonic()
-    prompts = render_prompts(tokenizer, examples)
-    continuations = reference_continuations(ChatMasker(tokenizer), examples, prompts)
-    max_new_tokens = settings.max_new_tokens or auto_max_new_tokens(tokenizer, examples)
-    replies, nlls = generate_replies(
-        model, tokenizer, prompts, settings.batch_size, max_new_tokens, device, continuations
-    )
-    apart = [i for i, continuation in enumerate(continuations) if continuation is None]
-    if apart:  # references the prompt is not a prefix of: one teacher-forced pass of their own
-        separate = reference_nll(model, tokenizer, [examples[i] for i in apart], settings.batch_size, device)
-        for index, result in zip(apart, separate):
-            nlls[index] = result
-    scores = [score_example(e.reference, reply) for e, reply in zip(examples, replies)]
-    for score, nll in zip(scores, nlls):
-        if nll is not None:
-            score.nll_sum, score.n_tokens = nll
-    summary = summarize(scores, [e.language for e in examples], [e.kind for e in examples])
+    scored = generate_and_score(model, tokenizer, examples, settings.batch_size, device, settings.max_new_tokens)
+    summary = summarize_examples(examples, scored.scores)
 
     record = {
         "model": str(source.path),
@@ -127,7 +105,7 @@ def run(settings: Settings) -> dict:
         "n_examples": len(examples),
         "batch_size": settings.batch_size,
         "max_examples": settings.max_examples,
-        "max_new_tokens": max_new_tokens,
+        "max_new_tokens": scored.max_new_tokens,
         "device": device,
         "dtype": str(dtype).replace("torch.", ""),
         "decoding": "greedy",
@@ -135,7 +113,7 @@ def run(settings: Settings) -> dict:
         "seconds": round(time.monotonic() - started, 2),
     }
     folder = Path(settings.output_dir) if settings.output_dir else source.path
-    paths = write_outputs(folder, summary, record, failure_records(examples, replies, scores))
+    paths = write_outputs(folder, summary, record, failure_records(examples, scored.replies, scored.scores))
     logger.info("wrote %s and %s", *paths)
     return summary
 
