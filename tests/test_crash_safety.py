@@ -45,22 +45,24 @@ def data(tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", chat_rows(40))
 
 
-def test_resume_after_sigkill_is_exact(tiny_model_dir, data, tmp_path):
-    steps = ["--max_steps", "12", "--save_steps", "4"]
-    straight = run_script(*command(tiny_model_dir, data, tmp_path / "a", *steps))
+def straight_and_killed_then_resumed(base, data, tmp_path: Path, *flags: str) -> None:
+    """The same run twice: straight through into tmp_path/a, and into tmp_path/b SIGKILLed once checkpoint-4
+    exists, then resumed from it."""
+    straight = run_script(*command(base, data, tmp_path / "a", *flags))
     assert straight.returncode == 0, straight.stderr[-3000:]
 
-    killed = popen(command(tiny_model_dir, data, tmp_path / "b", *steps), tmp_path / "killed.log")
+    killed = popen(command(base, data, tmp_path / "b", *flags), tmp_path / "killed.log")
     checkpoint = tmp_path / "b" / "runs" / "run" / "checkpoint-4"
     wait_until(checkpoint.exists, killed, tmp_path / "killed.log")
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     assert (checkpoint / "trainer_state.json").is_file(), "a checkpoint folder exists only once complete"
-    resumed = run_script(
-        *command(tiny_model_dir, data, tmp_path / "b", *steps, "--resume_from_checkpoint", str(checkpoint))
-    )
+    resumed = run_script(*command(base, data, tmp_path / "b", *flags, "--resume_from_checkpoint", str(checkpoint)))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
+
+def test_resume_after_sigkill_is_exact(tiny_model_dir, data, tmp_path):
+    straight_and_killed_then_resumed(tiny_model_dir, data, tmp_path, "--max_steps", "12", "--save_steps", "4")
     a, b = (load_file(tmp_path / side / "models" / "run" / "model.safetensors") for side in ("a", "b"))
     assert max((a[name] - b[name]).abs().max().item() for name in a) < 1e-6
     assert final_loss(tmp_path / "a" / "runs" / "run", 12) == final_loss(tmp_path / "b" / "runs" / "run", 12)

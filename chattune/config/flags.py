@@ -138,7 +138,25 @@ class TrainFlags:
         1.0, "Share of --test_dataset used by the periodic evaluations (home-llm used 0.1); the end uses all of it."
     )
     early_stopping_patience: int | None = _flag(
-        None, "Stop after N evaluations without a lower eval loss, and keep the best checkpoint's weights."
+        None,
+        "Stop after N evaluations without a better --metric_for_best_model, and keep the best checkpoint's weights.",
+    )
+    eval_generate: int | None = _flag(
+        None,
+        "At every evaluation, also generate greedy replies for a fixed sample of N --test_dataset examples and log "
+        "evaluate.py's task metrics (eval_service_call_exact_match, eval_entity_accuracy, ...) next to eval_loss.",
+    )
+    metric_for_best_model: str = _flag(
+        "eval_loss",
+        "The logged metric that picks the best checkpoint (kept by --save_total_limit, loaded by "
+        "--load_best_model_at_end, watched by --early_stopping_patience), with or without its eval_ prefix, e.g. "
+        "service_call_exact_match with --eval_generate. Losses, perplexity and distances are better lower, "
+        "the rest higher.",
+    )
+    load_best_model_at_end: bool = _flag(
+        False,
+        "Make the final model (or adapter) the best checkpoint by --metric_for_best_model instead of the last "
+        "step; evaluations then land on --save_steps.",
     )
     logging_steps: int = _flag(10, "Log loss, learning rate and throughput every N steps.")
     report_to: str = _flag(
@@ -239,8 +257,7 @@ class TrainFlags:
             raise FlagError("--lora_layers needs --use_lora and a number of blocks of at least 1")
         if not 0 < self.eval_fraction <= 1:
             raise FlagError("--eval_fraction must be in (0, 1]")
-        if self.early_stopping_patience is not None and not self.test_dataset:
-            raise FlagError("--early_stopping_patience needs --test_dataset to measure the eval loss on")
+        _check_evaluation_flags(self)
         if self.export_gguf:
             from chattune.export.gguf import OUTTYPES
 
@@ -456,6 +473,27 @@ def _check_lora_variants(flags: TrainFlags) -> None:
             )
         if flags.use_dora:
             raise FlagError("--lora_init loftq and --use_dora: DoRA's magnitudes would not match the LoftQ start")
+
+
+def _check_evaluation_flags(flags: TrainFlags) -> None:
+    """The flags that need evaluations, and --eval_generate's own limits; the metric's name is checked once the
+    test set is read (chattune.training.task_metrics)."""
+    needs_test_set = {
+        "--early_stopping_patience": flags.early_stopping_patience is not None,
+        "--eval_generate": flags.eval_generate is not None,
+        "--load_best_model_at_end": flags.load_best_model_at_end,
+        f"--metric_for_best_model {flags.metric_for_best_model}": flags.metric_for_best_model != "eval_loss",
+    }
+    given = [name for name, value in needs_test_set.items() if value]
+    if given and not flags.test_dataset:
+        raise FlagError(f"{', '.join(given)} needs --test_dataset: the evaluations run on it")
+    if flags.eval_generate is not None and flags.eval_generate < 1:
+        raise FlagError(f"--eval_generate is a number of test examples, at least 1, not {flags.eval_generate}")
+    if flags.eval_generate is not None and flags.method != "sft":
+        raise FlagError(
+            f"--eval_generate scores replies to chat prompts; --method {flags.method} evaluates on preference "
+            "rows (score its model afterwards with evaluate.py)"
+        )
 
 
 def _parse_ids(flag: str, text: str | None) -> list[int] | None:

@@ -81,6 +81,7 @@ def generate_replies(
     device: str,
     continuations: Sequence[tuple[list[int], list[int]] | None] | None = None,
     seconds: list[float | None] | None = None,
+    progress: bool = True,
 ) -> tuple[list[str], list[tuple[float, int] | None]]:
     """Greedy replies in the order of `prompts`, and the reference NLL of each example with a continuation.
 
@@ -102,7 +103,7 @@ def generate_replies(
     batches = list(length_sorted_batches([len(p) for p in prompts], batch_size))
     if seconds is not None:
         seconds[:] = [None] * len(prompts)
-    for batch in tqdm(batches, desc="generating", unit="batch", file=sys.stderr):
+    for batch in tqdm(batches, desc="generating", unit="batch", file=sys.stderr, disable=not progress):
         started = time.perf_counter()
         ids, mask = left_pad([prompts[i] for i in batch], tokenizer.pad_token_id, device)
         extra: dict[str, Any] = {}
@@ -202,6 +203,7 @@ def greedy_config(model: Any, tokenizer: Any, stops: list[int], max_new_tokens: 
     config.temperature = config.top_p = config.top_k = None
     config.max_new_tokens = max_new_tokens
     config.max_length = None
+    config.use_cache = True  # train.py turns the model config's cache off for training; replies need it
     config.eos_token_id = stops
     config.pad_token_id = tokenizer.pad_token_id
     return config

@@ -22,23 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from chattune.cli import entry_point
-from chattune.data.masking import ChatMasker
-from chattune.domains.homeassistant.scoring import devices_in_prompt, score_example, summarize
 from chattune.evaluation import tool_calls
-from chattune.evaluation.generation import (
-    auto_max_new_tokens,
-    generate_replies,
-    reference_continuations,
-    reference_nll,
-    render_prompts,
-    stop_token_ids,
-)
+from chattune.evaluation.generation import stop_token_ids
 from chattune.evaluation.inputs import (
     EvalError,
     Example,
     ModelSource,
     inspect_model_folder,
-    is_tool_calling,
     load_examples,
     load_model,
     load_tokenizer,
@@ -53,6 +43,7 @@ from chattune.evaluation.report import (
     write_outputs,
     write_table,
 )
+from chattune.evaluation.scored import generate_and_score, summarize_examples
 from chattune.evaluation.sweep import (
     Target,
     Targets,
@@ -183,35 +174,16 @@ def score_model(
     model = load_model(source, tokenizer, device, dtype)
 
     started = time.monotonic()
-    prompts = render_prompts(tokenizer, examples)
-    continuations = reference_continuations(ChatMasker(tokenizer), examples, prompts)
-    max_new_tokens = settings.max_new_tokens or auto_max_new_tokens(tokenizer, examples)
-    seconds: list[float | None] = []
-    replies, nlls = generate_replies(
-        model, tokenizer, prompts, settings.batch_size, max_new_tokens, device, continuations, seconds
+    scored = generate_and_score(
+        model,
+        tokenizer,
+        examples,
+        settings.batch_size,
+        device,
+        settings.max_new_tokens,
+        tool_call_format=settings.tool_call_format,
     )
-    apart = [i for i, continuation in enumerate(continuations) if continuation is None]
-    if apart:  # references the prompt is not a prefix of: one teacher-forced pass of their own
-        separate = reference_nll(model, tokenizer, [examples[i] for i in apart], settings.batch_size, device)
-        for index, result in zip(apart, separate):
-            nlls[index] = result
-    tool_data = is_tool_calling(examples)
-    if tool_data:
-        parse = tool_calls.parser_for(settings.tool_call_format)
-        scores = [
-            tool_calls.score_turn(e.reference_message, r, parse, e.after_tool_result) for e, r in zip(examples, replies)
-        ]
-    else:
-        scores = [score_example(e.reference, reply) for e, reply in zip(examples, replies)]
-    for score, nll, took in zip(scores, nlls, seconds):
-        score.seconds = took
-        if nll is not None:
-            score.nll_sum, score.n_tokens = nll
-    languages, kinds = [e.language for e in examples], [e.kind for e in examples]
-    if tool_data:
-        summary = tool_calls.summarize(scores, languages, kinds)
-    else:
-        summary = summarize(scores, languages, kinds, [devices_in_prompt(e.prompt) for e in examples])
+    summary = summarize_examples(examples, scored.scores)
 
     record = {
         "model": str(source.path),
@@ -221,7 +193,7 @@ def score_model(
         "n_examples": len(examples),
         "batch_size": settings.batch_size,
         "max_examples": settings.max_examples,
-        "max_new_tokens": max_new_tokens,
+        "max_new_tokens": scored.max_new_tokens,
         "device": device,
         "dtype": str(dtype).replace("torch.", ""),
         "decoding": "greedy",
@@ -229,7 +201,7 @@ def score_model(
         "seconds": round(time.monotonic() - started, 2),
         "reuse_key": reuse_key(source, examples, settings.max_new_tokens),
     }
-    paths = write_outputs(folder, summary, record, failure_records(examples, replies, scores))
+    paths = write_outputs(folder, summary, record, failure_records(examples, scored.replies, scored.scores))
     logger.info("wrote %s and %s", *paths)
     return summary
 

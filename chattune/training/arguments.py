@@ -111,22 +111,23 @@ def set_warmup_epochs(trainer: Any, flags: TrainFlags, num_processes: int) -> No
 def evaluation_args(flags: TrainFlags, has_eval: bool) -> dict[str, Any]:
     if not has_eval:
         return {"eval_strategy": "no"}
-    if flags.early_stopping_patience is None:
-        return {"eval_strategy": "steps" if flags.eval_steps else "epoch", "eval_steps": flags.eval_steps}
-    # Early stopping keeps the best checkpoint, so every evaluation must land on a saved step.
+    from chattune.training.task_metrics import best_metric_key, greater_is_better
+
+    # The Trainer tracks the best evaluation by this metric at every evaluation, and the rotation of
+    # checkpoints always keeps the best one.
+    metric = best_metric_key(flags.metric_for_best_model)
+    best = {"metric_for_best_model": metric, "greater_is_better": greater_is_better(metric)}
+    load_best = flags.load_best_model_at_end or flags.early_stopping_patience is not None
+    if not load_best:
+        return {"eval_strategy": "steps" if flags.eval_steps else "epoch", "eval_steps": flags.eval_steps, **best}
+    # The best checkpoint is loaded at the end, so every evaluation must land on a saved step.
     eval_steps = flags.eval_steps or flags.save_steps
     if flags.save_steps % eval_steps:
+        wants = "--early_stopping_patience" if flags.early_stopping_patience is not None else "--load_best_model_at_end"
         raise FlagError(
-            f"--early_stopping_patience needs --save_steps ({flags.save_steps}) to be a multiple of "
-            f"--eval_steps ({eval_steps})"
+            f"{wants} needs --save_steps ({flags.save_steps}) to be a multiple of --eval_steps ({eval_steps})"
         )
-    return {
-        "eval_strategy": "steps",
-        "eval_steps": eval_steps,
-        "load_best_model_at_end": True,
-        "metric_for_best_model": "eval_loss",
-        "greater_is_better": False,
-    }
+    return {"eval_strategy": "steps", "eval_steps": eval_steps, "load_best_model_at_end": True, **best}
 
 
 def training_args(flags: TrainFlags, dtype: torch.dtype, has_eval: bool) -> dict[str, Any]:

@@ -45,7 +45,7 @@ def run_first(trainer: Any, callback: TrainerCallback) -> None:
     trainer.callback_handler.callbacks.insert(0, callback)
 
 
-def summary(state: Any, started: float, outputs: list[Path], final_eval: dict | None) -> str:
+def summary(state: Any, args: Any, started: float, outputs: list[Path], final_eval: dict | None) -> str:
     """The lines printed when a run ends."""
     eval_losses = [entry["eval_loss"] for entry in state.log_history if "eval_loss" in entry]
     train_losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
@@ -57,7 +57,28 @@ def summary(state: Any, started: float, outputs: list[Path], final_eval: dict | 
         lines.append(f"last loss:      {train_losses[-1]:.4f}")
     if eval_losses:
         lines.append(f"best eval loss: {min(eval_losses):.4f}")
+    lines += best_step_lines(state, args)
     if final_eval and "eval_loss" in final_eval:
         lines.append(f"final eval loss (whole test set): {final_eval['eval_loss']:.4f}")
     lines += [f"saved: {path}" for path in outputs]
     return "\n".join(lines)
+
+
+def best_step_lines(state: Any, args: Any) -> list[str]:
+    """Which evaluation won by --metric_for_best_model, with every score it logged, and whether it is the final
+    model."""
+    metric, step = args.metric_for_best_model, state.best_global_step
+    scores = next((e for e in state.log_history if e.get("step") == step and metric in e), None) if step else None
+    if scores is None:
+        return []
+    where = f" ({Path(state.best_model_checkpoint).name})" if state.best_model_checkpoint else ""
+    shown = ", ".join(f"{key} {value:.4f}" for key, value in scores.items() if _is_score(key, value))
+    lines = [f"best step:      {step}{where} by {metric} = {scores[metric]:.4f}", f"  its scores:   {shown}"]
+    if args.load_best_model_at_end:
+        lines.append(f"final model:    the best step's weights ({step}), by --load_best_model_at_end")
+    return lines
+
+
+def _is_score(key: str, value: Any) -> bool:
+    bookkeeping = key.endswith(("_runtime", "_per_second", "_num_tokens"))
+    return key.startswith("eval_") and not bookkeeping and isinstance(value, int | float)

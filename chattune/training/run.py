@@ -39,6 +39,7 @@ from chattune.training.progress import ThroughputCallback, run_first, summary
 from chattune.training.resume import ContinueSchedule, resolve_resume, run_record
 from chattune.training.safety import GracefulStop, clear_staging
 from chattune.training.sft_trainer import build_trainer
+from chattune.training.task_metrics import plan_evaluations
 
 logger = logging.getLogger("chattune")
 
@@ -61,6 +62,7 @@ def train(flags: TrainFlags, state: PartialState) -> int:
     check_inputs(flags)
     check_precision_hardware(flags)
     check_optimizer(flags)
+    generation_sample = plan_evaluations(flags)
     with state.main_process_first():  # a GGUF file is converted once, by the main process
         base_folder = resolve_model(flags.base_model)
     gguf_source = find_gguf(flags.base_model) if base_folder != flags.base_model else None
@@ -128,6 +130,7 @@ def train(flags: TrainFlags, state: PartialState) -> int:
         trainer = build_trainer(
             flags, model, tokenizer, train_data, eval_data, plan, dtype, peft_config, callbacks=callbacks
         )
+        trainer.generation_sample = generation_sample
     finish_set_up(trainer, flags, dtype, fresh_start=resume is None, num_processes=state.num_processes)
     run_first(trainer, throughput)
     if state.is_main_process:
@@ -153,7 +156,7 @@ def train(flags: TrainFlags, state: PartialState) -> int:
     if flags.push_to_hub and state.is_main_process:
         trainer.push_to_hub()
     if state.is_main_process:
-        print(summary(trainer.state, started, outputs, final_eval))
+        print(summary(trainer.state, trainer.args, started, outputs, final_eval))
     return 0
 
 

@@ -13,6 +13,7 @@ from chattune.training.arguments import training_args
 from chattune.training.batching import BatchingPlan
 from chattune.training.loss import LabelledLogitsLossMixin
 from chattune.training.safety import AtomicCheckpointMixin
+from chattune.training.task_metrics import TaskMetricsMixin
 
 
 def sft_config(flags: TrainFlags, plan: BatchingPlan, dtype: torch.dtype, has_eval: bool) -> SFTConfig:
@@ -29,7 +30,7 @@ def sft_config(flags: TrainFlags, plan: BatchingPlan, dtype: torch.dtype, has_ev
     )
 
 
-class SFTTrainerWithAtomicCheckpoints(AtomicCheckpointMixin, LabelledLogitsLossMixin, SFTTrainer):
+class SFTTrainerWithAtomicCheckpoints(AtomicCheckpointMixin, TaskMetricsMixin, LabelledLogitsLossMixin, SFTTrainer):
     pass
 
 
