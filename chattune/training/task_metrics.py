@@ -50,11 +50,14 @@ def task_metric_names(summary: dict[str, Any]) -> list[str]:
     ]
 
 
-def load_generation_sample(path: str, size: int, seed: int) -> list[Example]:
-    """The fixed sample of test examples every evaluation generates for: drawn once with --seed, in file order."""
-    examples = load_examples(path)
+def load_generation_sample(sources: str | Sequence[str], size: int, seed: int) -> list[Example]:
+    """The fixed sample of test examples every evaluation generates for: drawn once with --seed from all the
+    --test_dataset sources (in their order), kept in file order."""
+    paths = [sources] if isinstance(sources, str) else list(sources)
+    examples = [example for path in paths for example in load_examples(path)]
     if size > len(examples):
-        logger.warning("--eval_generate %d: %s has %d examples; generating for all of them", size, path, len(examples))
+        named = ", ".join(paths)
+        logger.warning("--eval_generate %d: %s has %d examples; generating for all of them", size, named, len(examples))
         size = len(examples)
     chosen = sorted(random.Random(seed).sample(range(len(examples)), size))
     return [examples[index] for index in chosen]
