@@ -28,6 +28,17 @@ TABLE_ROWS = (
     ("no-call accuracy", "no_call_accuracy"),
     ("perplexity of the references", "perplexity"),
 )
+TOOL_TABLE_ROWS = (
+    ("tool-call exact match", "tool_call_exact_match"),
+    ("function-name accuracy", "function_name_accuracy"),
+    ("argument accuracy", "argument_accuracy"),
+    ("JSON validity", "json_valid_rate"),
+    ("no-call accuracy", "no_call_accuracy"),
+    ("final reply ROUGE-L", "final_reply_rougeL"),
+    ("perplexity of the references", "perplexity"),
+)
+# SmolLM2's own template is plain ChatML, which has no tool-call syntax: this one adds it (docs/data.md).
+TOOLS_TEMPLATE = REPO / "recipes" / "templates" / "chatml_tools.jinja"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,6 +57,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval_examples", type=int, default=64, help="score the first N test examples (0: all 210)")
     parser.add_argument("--eval_batch_size", type=int, default=32)
     parser.add_argument("--skip_base_eval", action="store_true", help="do not score the untuned model")
+    parser.add_argument(
+        "--tool_calls",
+        action="store_true",
+        help="the tool-calling format instead of the ```homeassistant block: Home Assistant intent tools, tool "
+        "results and a final reply, trained and scored through recipes/templates/chatml_tools.jinja",
+    )
     return parser.parse_args(argv)
 
 
@@ -73,6 +90,8 @@ def evaluate(model: str, test_file: Path, out: Path, args: argparse.Namespace) -
                "--batch_size", str(args.eval_batch_size)]  # fmt: skip
     if args.eval_examples:
         command += ["--max_examples", str(args.eval_examples)]
+    if args.tool_calls:
+        command += ["--prompt_template_file", str(TOOLS_TEMPLATE), "--tool_call_format", "hermes"]
     return run(*command)
 
 
@@ -83,7 +102,7 @@ def train_command(args: argparse.Namespace, base_model: str, train_file: Path, w
 
     command = [
         "train.py", "--run_name", "home-demo", "--base_model", base_model, "--train_dataset", str(train_file),
-        "--output_dir", str(work), "--overwrite_output_dir", "--ctx_size", "1024",
+        "--output_dir", str(work), "--overwrite_output_dir", "--ctx_size", "2048" if args.tool_calls else "1024",
         "--batch_size", str(args.batch_size), "--micro_batch_size", str(args.batch_size),
         "--learning_rate_warmup", "0.05", "--weight_decay", "0",
         "--max_steps", str(args.max_steps), "--save_steps", str(args.max_steps), "--save_total_limit", "1",
@@ -93,6 +112,8 @@ def train_command(args: argparse.Namespace, base_model: str, train_file: Path, w
         command += ["--use_lora", "--lora_rank", str(args.lora_rank), "--lora_alpha", str(2 * args.lora_rank),
                     "--lora_dropout", "0", "--lora_layers", str(args.lora_layers), "--lora_merge"]  # fmt: skip
     command += ["--learning_rate", args.learning_rate or ("1e-3" if args.use_lora else "1e-4")]
+    if args.tool_calls:
+        command += ["--prompt_template_file", str(TOOLS_TEMPLATE)]
     if cpu_has_native_bf16():
         command.append("--bf16")
     return command
@@ -103,13 +124,15 @@ def read_summary(folder: Path) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8"))["summary"] if path.is_file() else None
 
 
-def report(base: dict | None, tuned: dict, timings: dict[str, float], model_dir: Path, gguf_file: Path) -> str:
+def report(
+    base: dict | None, tuned: dict, timings: dict[str, float], model_dir: Path, gguf_file: Path, rows=TABLE_ROWS
+) -> str:
     def cell(summary: dict | None, key: str) -> str:
         value = None if summary is None else summary.get(key)
         return "-" if value is None else f"{value:.3f}"
 
     lines = [f"{'':30} {'base':>8} {'tuned':>8}"]
-    lines += [f"{label:30} {cell(base, key):>8} {cell(tuned, key):>8}" for label, key in TABLE_ROWS]
+    lines += [f"{label:30} {cell(base, key):>8} {cell(tuned, key):>8}" for label, key in rows]
     lines += ["", "wall time per step:"]
     lines += [f"  {name:26} {seconds / 60:5.1f} min" for name, seconds in timings.items()]
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2  # KiB on Linux
@@ -132,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     timings["generate data"] = run(
         "data/generate_home_assistant_data.py", "--train", "--test", "--small", "--language", "english",
         "--max_devices", str(args.max_devices), "--compact_prompt", "--output_dir", str(data),
+        *(["--format", "tool_calls"] if args.tool_calls else []),
     )  # fmt: skip
     if not args.skip_base_eval:
         # the first step that reads the GGUF converts it once to a model folder; later steps reuse it
@@ -140,8 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     timings["score the tuned model"] = evaluate(str(model_dir), test_file, work / "eval" / "tuned", args)
     timings["whole demo"] = time.monotonic() - started
 
+    rows = TOOL_TABLE_ROWS if args.tool_calls else TABLE_ROWS
     print("\n" + report(read_summary(work / "eval" / "base"), read_summary(work / "eval" / "tuned"), timings,
-                        model_dir, gguf_file))  # fmt: skip
+                        model_dir, gguf_file, rows))  # fmt: skip
     return 0
 
 

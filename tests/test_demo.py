@@ -13,7 +13,9 @@ from conftest import REPO, run_script
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("method", [[], ["--use_lora", "--lora_layers", "1"]], ids=["full", "lora"])
+@pytest.mark.parametrize(
+    "method", [[], ["--use_lora", "--lora_layers", "1"], ["--tool_calls"]], ids=["full", "lora", "tool-calls"]
+)
 def test_demo_runs_every_step_in_quick_mode(method, tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("CHATTUNE_CACHE", str(tmp_path / "cache"))
     gguf_file = export_gguf(tiny_model_dir, outtype="f32", out=tmp_path / "tiny.gguf")
@@ -25,9 +27,13 @@ def test_demo_runs_every_step_in_quick_mode(method, tiny_model_dir, tmp_path, mo
         assert f"$ python3 {step}" in result.stdout
     for name in ("base", "tuned"):
         summary = json.loads((work / "eval" / name / "eval_results.json").read_text())["summary"]
-        assert summary["n_examples"] == 2
+        if "--tool_calls" in method:  # two rows, scored turn by turn
+            assert summary["task"] == "tool_calls" and summary["n_turns"] >= 2
+        else:
+            assert summary["n_examples"] == 2
     assert (work / "models" / "home-demo" / "home-demo-q8_0.gguf").is_file()
-    table = result.stdout[result.stdout.index("service-call exact match") :]
+    first_row = "tool-call exact match" if "--tool_calls" in method else "service-call exact match"
+    table = result.stdout[result.stdout.index(first_row) :]
     assert "no-call accuracy" in table and "peak RSS" in table and "home-demo-q8_0.gguf" in table
 
 

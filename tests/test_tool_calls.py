@@ -12,7 +12,7 @@ from test_datagen import DEVICE_LINE, read_jsonl
 from chattune.data.formats import DataError, _trained, normalize_messages
 from chattune.domains.homeassistant.datagen import DataGenError, GenerateConfig, generate
 from chattune.domains.homeassistant.datagen.piles import PILES_DIR, discover_languages
-from chattune.domains.homeassistant.datagen.tool_calls import INTENT_OF_SERVICE, INTENTS
+from chattune.domains.homeassistant.datagen.tool_calls import INTENT_OF_SERVICE, INTENTS, INTENTS_BY_DOMAIN
 from conftest import REPO, TRAIN, make_tiny_model, run_script, shared_tokenizer_path, train_argv, write_jsonl
 
 LANGUAGES = discover_languages(PILES_DIR)
@@ -254,3 +254,11 @@ def test_tool_rows_that_cannot_train_are_refused_naming_the_row(tiny_model_dir, 
     assert message in result.stderr and "calendar.jsonl" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out" / "models").exists()
+
+
+def test_intent_rows_offer_the_intents_of_the_listed_domains_only(intents):
+    for row in intents["train"][:200]:
+        domains = {entity.split(".")[0] for entity in listed_devices(row["messages"][0]["content"])}
+        offered = {tool["function"]["name"] for tool in row["tools"]}
+        assert offered == {intent for domain in domains for intent in INTENTS_BY_DOMAIN[domain]}
+    assert set(INTENTS) == {intent for intents_ in INTENTS_BY_DOMAIN.values() for intent in intents_}

@@ -233,7 +233,8 @@ def pick_dtype(requested: str, device: str) -> Any:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
 
 
-def load_tokenizer(source: ModelSource) -> Any:
+def load_tokenizer(source: ModelSource, template_file: str | None = None) -> Any:
+    """The model's tokenizer, its chat template replaced by `template_file`'s when one is given."""
     from transformers import AutoTokenizer
 
     try:
@@ -241,8 +242,13 @@ def load_tokenizer(source: ModelSource) -> Any:
     except (OSError, ValueError) as error:
         hint = "train.py saves one beside every model and adapter"
         raise EvalError(f"{source.path}: no usable tokenizer ({hint}): {error}") from None
+    if template_file is not None:
+        tokenizer.chat_template = Path(template_file).read_text(encoding="utf-8")
     if not tokenizer.chat_template:
-        raise EvalError(f"{source.path}: the tokenizer has no chat template, so prompts cannot be rendered")
+        raise EvalError(
+            f"{source.path}: the tokenizer has no chat template, so prompts cannot be rendered "
+            "(give one with --prompt_template_file)"
+        )
     tokenizer.padding_side = "left"  # generation appends on the right, so prompts must end flush right
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -75,6 +75,7 @@ class Settings:
     all_checkpoints: bool = False
     overwrite: bool = False
     tool_call_format: str = "auto"  # how tool calls are read from replies (chattune.evaluation.tool_calls)
+    prompt_template_file: str | None = None  # a Jinja chat template used instead of the model's own
 
     @property
     def several(self) -> bool:
@@ -139,8 +140,17 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         "(<tool_call>{...}</tool_call>, Qwen2), mistral ([TOOL_CALLS] [...]), json (a bare JSON call, Llama 3.1), "
         "auto (the first whose marker appears; default), or regex:PATTERN whose first group is one call's JSON.",
     )
+    parser.add_argument(
+        "--prompt_template_file",
+        default=None,
+        help="A Jinja chat template to render prompts with instead of the model's own (as train.py's flag of that "
+        "name), e.g. recipes/templates/chatml_tools.jinja to score an untuned ChatML model on tool-calling data.",
+    )
     args = vars(parser.parse_args(argv))
     tool_calls.parser_for(args["tool_call_format"])  # a bad value fails here, before any model loads
+    template = args["prompt_template_file"]
+    if template is not None and not Path(template).is_file():
+        raise EvalError(f"--prompt_template_file {template}: no such file")
     first, *others = args.pop("model")
     settings = Settings(model=first, other_models=others, **args)
     if settings.all_checkpoints and others:
@@ -169,7 +179,7 @@ def score_model(
     source: ModelSource, examples: list[Example], settings: Settings, device: str, dtype: Any, folder: Path
 ) -> dict:
     """Load one model, generate and score its replies, write its result files into `folder`; returns the summary."""
-    tokenizer = load_tokenizer(source)
+    tokenizer = load_tokenizer(source, settings.prompt_template_file)
     logger.info("loading %s %s on %s (%s)", source.kind, source.path, device, str(dtype).replace("torch.", ""))
     model = load_model(source, tokenizer, device, dtype)
 

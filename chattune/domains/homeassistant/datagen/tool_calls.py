@@ -206,10 +206,27 @@ _SERVICE_ARG_SCHEMAS: dict[str, dict] = {
 }
 
 
+# The intents that act on each domain's devices (Home Assistant's HassTurnOn also opens covers and locks locks).
+INTENTS_BY_DOMAIN: dict[str, tuple[str, ...]] = {
+    "light": ("HassTurnOn", "HassTurnOff", "HassLightSet"),
+    "switch": ("HassTurnOn", "HassTurnOff"),
+    "fan": ("HassTurnOn", "HassTurnOff", "HassFanSetSpeed"),
+    "cover": ("HassTurnOn", "HassTurnOff", "HassSetPosition"),
+    "lock": ("HassTurnOn", "HassTurnOff"),
+    "climate": ("HassClimateSetTemperature",),
+    "media_player": ("HassMediaPause", "HassMediaUnpause", "HassMediaNext", "HassSetVolume", "HassMediaSearchAndPlay"),
+    "vacuum": ("HassVacuumStart", "HassVacuumReturnToBase"),
+    "timer": ("HassStartTimer", "HassCancelTimer"),
+    "todo": ("HassListAddItem",),
+}
+
+
 def tool_schemas(tool_set: str, domains: set[str]) -> list[dict]:
-    """The tools offered in a row: every intent (intents), or the services of the listed devices' domains."""
+    """The tools offered in a row: the intents (intents) or services (services) that apply to the listed devices'
+    domains, as Home Assistant's LLM API offers only the intents of the entities exposed to it."""
     if tool_set == "intents":
-        return [intent_schema(intent) for intent in INTENTS.values()]
+        wanted = {intent for domain in domains for intent in INTENTS_BY_DOMAIN.get(domain, ())}
+        return [intent_schema(intent) for name, intent in INTENTS.items() if name in wanted]
     return [service_schema(spec) for domain, specs in SERVICES.items() if domain in domains for spec in specs]
 
 
