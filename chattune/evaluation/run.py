@@ -36,7 +36,7 @@ from chattune.evaluation.inputs import (
     pick_device,
     pick_dtype,
 )
-from chattune.evaluation.report import failure_records, format_table, write_outputs
+from chattune.evaluation.report import check_writable, failure_records, format_table, write_outputs
 
 logger = logging.getLogger("chattune.evaluate")
 
@@ -94,6 +94,8 @@ def _positive(text: str) -> int:
 def run(settings: Settings) -> dict:
     """Evaluate and write the result files; returns the summary."""
     source = inspect_model_folder(settings.model)
+    folder = Path(settings.output_dir) if settings.output_dir else source.path
+    check_writable(folder, "pass another --output_dir" if settings.output_dir else "pass --output_dir DIR")
     examples = load_examples(settings.test_dataset, settings.max_examples)
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
@@ -134,7 +136,6 @@ def run(settings: Settings) -> dict:
         "stop_token_ids": stop_token_ids(model, tokenizer),
         "seconds": round(time.monotonic() - started, 2),
     }
-    folder = Path(settings.output_dir) if settings.output_dir else source.path
     paths = write_outputs(folder, summary, record, failure_records(examples, replies, scores))
     logger.info("wrote %s and %s", *paths)
     return summary

@@ -7,12 +7,13 @@ import logging
 import math
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from accelerate import PartialState
 from transformers import EarlyStoppingCallback
 
-from chattune.cli import entry_point
+from chattune.cli import entry_point, report_progress
 from chattune.config.flags import FlagError, TrainFlags, parse_flags
 from chattune.data import formats, tokenization
 from chattune.data.masking import ChatMasker, trim_suffix_overlap
@@ -21,7 +22,13 @@ from chattune.training.arguments import check_integrations
 from chattune.training.batching import plan_batching
 from chattune.training.gguf_models import find_gguf, resolve_model
 from chattune.training.modeling import choose_attention, choose_dtype, load_model, lora_config, weight_dtype
-from chattune.training.outputs import check_export, check_outputs_are_free, save_outputs
+from chattune.training.outputs import (
+    check_export,
+    check_outputs_are_free,
+    final_checkpoint,
+    finish_hint,
+    save_outputs,
+)
 from chattune.training.preference import build_preference_trainer, check_method, load_preferences
 from chattune.training.progress import ThroughputCallback, run_first, summary
 from chattune.training.resume import resolve_resume
@@ -31,7 +38,7 @@ from chattune.training.sft_trainer import build_trainer
 logger = logging.getLogger("chattune")
 
 
-@entry_point(interrupted="interrupted before training started: nothing to save")
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     flags = parse_flags(argv)
     # Without a GPU, processes started by torchrun/accelerate talk over gloo (accelerate's MULTI_CPU).
@@ -44,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(flags: TrainFlags, state: PartialState) -> int:
     started = time.time()
+    report_progress("preparing the run (tokenizer, data, model)", "nothing was saved")
     check_integrations(flags)
     check_method(flags)
     with state.main_process_first():  # a GGUF file is converted once, by the main process
@@ -74,10 +82,10 @@ def train(flags: TrainFlags, state: PartialState) -> int:
     eval_data = sample_eval(full_eval, flags.eval_fraction, flags.seed)
 
     # 3. model
+    report_progress(f"loading the model {flags.base_model}")
     dtype = choose_dtype(flags.bf16)  # the compute dtype; trained weights may stay float32 (weight_dtype)
     model = load_model(flags, weight_dtype(flags, dtype), choose_attention(flags.attn_implementation))
-    if gguf_source:  # adapters name the GGUF file they were trained on, not its converted copy
-        model.name_or_path = model.config._name_or_path = str(gguf_source.resolve())
+    model.name_or_path = model.config._name_or_path = recorded_base(flags.base_model, gguf_source)
     grew = resize_embeddings(model, tokenizer)
     set_stop_tokens(model, tokenizer, masker.end_of_turn_token() if masker else None)
     peft_config = lora_config(flags, model, tokens_added=grew or bool(new_tokens)) if flags.use_lora else None
@@ -123,6 +131,7 @@ def train(flags: TrainFlags, state: PartialState) -> int:
         )
         return 130 if stop.signal_name == "SIGINT" else 143
 
+    report_progress("evaluating on the full test set", finish_hint(final_checkpoint(flags, trainer)))
     final_eval = trainer.evaluate(full_eval) if full_eval is not None and eval_data is not full_eval else None
 
     # 5. save
@@ -132,6 +141,14 @@ def train(flags: TrainFlags, state: PartialState) -> int:
     if state.is_main_process:
         print(summary(trainer.state, started, outputs, final_eval))
     return 0
+
+
+def recorded_base(base_model: str, gguf_source: Path | None) -> str:
+    """The base model adapters (and saved configs) name: a local folder as an absolute path, so the adapter loads
+    from any working directory; a GGUF file itself, not its converted copy; a hub id as given."""
+    if gguf_source:
+        return str(gguf_source.resolve())
+    return str(Path(base_model).resolve()) if Path(base_model).exists() else base_model
 
 
 def sample_eval(dataset: Any, fraction: float, seed: int) -> Any:
@@ -150,6 +167,7 @@ def read_data(flags: TrainFlags, tokenizer: Any, masker: ChatMasker | None, sour
 
 
 def prepare(flags: TrainFlags, tokenizer: Any, masker: ChatMasker | None, source: str) -> Any:
+    report_progress(f"tokenizing {source}")
     rows = formats.load_rows(source)
     if formats.detect_format(rows, source).use != formats.TEXT and masker is None:
         raise FlagError(NO_TEMPLATE_HELP.format(model=flags.base_model))

@@ -2,8 +2,10 @@
 
 * Checkpoints are written into a staging folder and renamed into place once every process has finished
   writing, so `checkpoint-N` either is complete or does not exist.
-* The first SIGINT/SIGTERM asks the trainer to save a checkpoint at the end of the current step and
-  stop; the run then exits non-zero and says how to resume. A second signal exits at once.
+* While the trainer trains, the first SIGINT/SIGTERM asks it to save a checkpoint at the end of the current step
+  and stop; the run then exits non-zero and says how to resume. A second signal exits at once. Before and after
+  training, chattune.cli's handlers are in place: a signal stops the command at once with a line that says what
+  was saved.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from typing import Any
 
 import torch
 from transformers import TrainerCallback
+
+from chattune.atomic import DiskFullError, disk_full_reason
+from chattune.cli import raise_if_signalled
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +43,11 @@ class AtomicCheckpointMixin:
         self.args.output_dir = str(staging_root)
         try:
             super()._save_checkpoint(model, trial)
+        except Exception as error:
+            if self.is_world_process_zero():
+                shutil.rmtree(staging_root / name, ignore_errors=True)  # give back the space it took
+            raise_if_disk_full(error, run_dir / name)
+            raise
         finally:
             self.args.output_dir = str(run_dir)
         self.accelerator.wait_for_everyone()
@@ -62,6 +72,23 @@ class AtomicCheckpointMixin:
         self.accelerator.wait_for_everyone()
 
 
+def raise_if_disk_full(error: Exception, checkpoint: Path) -> None:
+    """A checkpoint save that ran out of disk: say so, and which checkpoint is still there to resume from."""
+    reason = disk_full_reason(error)
+    if reason is None:
+        return
+    from transformers.trainer_utils import get_last_checkpoint
+
+    previous = get_last_checkpoint(str(checkpoint.parent))
+    kept = (
+        f"the previous checkpoint {previous} is intact; free some space, then rerun the same command plus "
+        "--resume_from_checkpoint latest"
+        if previous
+        else "there is no earlier checkpoint; free some space and run again"
+    )
+    raise DiskFullError(f"disk full while writing {checkpoint} ({reason}); {kept}") from error
+
+
 def clear_staging(run_dir: Path) -> None:
     """Remove the leftovers of a save that a kill interrupted."""
     shutil.rmtree(Path(run_dir) / STAGING, ignore_errors=True)
@@ -72,10 +99,18 @@ class GracefulStop(TrainerCallback):
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
+        self.previous: dict[int, Any] = {}
 
     def on_train_begin(self, args, state, control, **kwargs):
+        raise_if_signalled()  # one that came before and whose exception was lost
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+            self.previous[sig] = signal.signal(sig, self._handle)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        # The final evaluation and the saves come after: a signal there must stop them, not wait for a step.
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous.clear()
 
     def _handle(self, signum, frame):
         if self.signal_name is not None:
