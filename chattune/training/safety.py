@@ -11,11 +11,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
 import signal
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -143,3 +145,67 @@ class GracefulStop(TrainerCallback):
     @property
     def stopped(self) -> bool:
         return self.signal_name is not None
+
+
+def checkpoints_newest_first(run_dir: Path) -> list[Path]:
+    from transformers.trainer_utils import sort_checkpoints
+
+    return [Path(path) for path in reversed(sort_checkpoints(str(run_dir)))] if Path(run_dir).is_dir() else []
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why `checkpoint` cannot be resumed from, or None. Checkpoints are renamed into place complete, so this is
+    about damage afterwards (a copy cut short, a disk error): every JSON file must parse, every safetensors file
+    be as long as its header says, every torch zip file end with its directory. Reads headers, not the weights."""
+    if not (checkpoint / "trainer_state.json").is_file():
+        return "no trainer_state.json"
+    for file in sorted(checkpoint.rglob("*")):
+        check = FILE_CHECKS.get(file.suffix)
+        problem = check(file) if check and file.is_file() else None
+        if problem:
+            return f"{file.relative_to(checkpoint)} {problem}"
+    return None
+
+
+def _json_problem(file: Path) -> str | None:
+    try:
+        json.loads(file.read_bytes())
+    except ValueError as error:
+        return f"is not valid JSON ({error})"
+    return None
+
+
+def _safetensors_problem(file: Path) -> str | None:
+    size = file.stat().st_size
+    with file.open("rb") as stream:
+        head = stream.read(8)
+        header_size = int.from_bytes(head, "little") if len(head) == 8 else size
+        if 8 + header_size > size:
+            return f"is cut short ({size} bytes, not even its header)"
+        try:
+            header = json.loads(stream.read(header_size))
+        except ValueError:
+            return "has an unreadable header"
+    ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+    expected = 8 + header_size + max(ends, default=0)
+    return None if size == expected else f"is cut short ({size} bytes of {expected})"
+
+
+def _torch_zip_problem(file: Path) -> str | None:
+    with file.open("rb") as stream:
+        if stream.read(4) != b"PK\x03\x04":  # not a zip: an older pickle format, left to torch to read
+            return "is empty" if file.stat().st_size == 0 else None
+    try:
+        zipfile.ZipFile(file).close()  # reads the directory at the end: gone when the file is cut short
+    except zipfile.BadZipFile as error:
+        return f"is cut short or damaged ({error})"
+    return None
+
+
+FILE_CHECKS = {
+    ".json": _json_problem,
+    ".safetensors": _safetensors_problem,
+    ".pt": _torch_zip_problem,
+    ".pth": _torch_zip_problem,
+    ".bin": _torch_zip_problem,
+}
