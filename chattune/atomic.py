@@ -4,17 +4,50 @@ and renamed into place once complete, so a crash never leaves something that loo
 Model folders (chattune.export.save), GGUF files (chattune.export.gguf), converted GGUF models
 (chattune.training.gguf_models), evaluate.py's results and the generator's datasets all go through it.
 Checkpoints have their own staging (chattune.training.safety): every process writes into them first.
+
+What is written follows the umask, like any file the user creates: the temporary folder is made with `mkdir`
+(not `mkdtemp`, whose 0700 would stay on the renamed folder). A write that runs out of disk (or into a file size
+limit) becomes a `DiskFullError` naming the target, instead of the library's own words (torch says
+"unexpected pos N vs M").
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from chattune.errors import ChattuneError
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+# How libraries that lose the errno word it: torch's zip writer after a short write, Rust's io::Error (safetensors).
+_CODES = "|".join(map(str, DISK_FULL_ERRNOS))
+_WORDS = "|".join(os.strerror(code) for code in DISK_FULL_ERRNOS)
+DISK_FULL_WORDS = re.compile(rf"unexpected pos \d+ vs \d+|file write failed|os error (?:{_CODES})\b|{_WORDS}")
+
+
+class DiskFullError(ChattuneError, OSError):
+    """A write ran out of disk space (or into a file size limit); the message names what was kept."""
+
+
+def disk_full_reason(error: BaseException) -> str | None:
+    """Why `error` (or an error it came from) is a full disk, in words, or None when it is something else."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+            return os.strerror(error.errno)
+        found = DISK_FULL_WORDS.search(str(error))
+        if found:
+            code = re.fullmatch(r"os error (\d+)", found.group(0))
+            if code:
+                return os.strerror(int(code.group(1)))
+            return found.group(0) if found.group(0) in _WORDS else "no space left, or a file size limit"
+        error = error.__cause__ or error.__context__
+    return None
 
 
 @contextlib.contextmanager
@@ -24,17 +57,23 @@ def atomic_path(target: str | os.PathLike, folder: bool = False, keep_existing: 
 
     When the block ends without an error it replaces `target` in one rename (a folder that exists is moved
     aside first, then removed); with `keep_existing`, a target that appeared meanwhile (another process was
-    faster) is kept and the temporary copy dropped. On an error, or Ctrl-C, the temporary copy is removed.
+    faster) is kept and the temporary copy dropped. On an error, or Ctrl-C, the temporary copy is removed; a full
+    disk raises DiskFullError.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{target.name}.tmp-"
+    staging = target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     if folder:
-        staging = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
-    else:
-        staging = target.with_name(f"{prefix}{os.getpid()}-{secrets.token_hex(4)}")
+        staging.mkdir()
     try:
-        yield staging
+        try:
+            yield staging
+        except Exception as error:
+            reason = disk_full_reason(error)
+            if reason is None:
+                raise
+            kept = f"the previous {target} is intact" if target.exists() else f"{target} was not created"
+            raise DiskFullError(f"disk full while writing {target} ({reason}); {kept}") from error
         if keep_existing:
             try:
                 if not target.exists():

@@ -1,43 +1,148 @@
 """The wrapper every command line shares (train.py, evaluate.py, find_split.py, the data generator, the GGUF
 exporter and their chattune-* console scripts).
 
-chattune's errors (chattune.errors.ChattuneError) become one line on stderr and exit status 2; Ctrl-C becomes
-exit status 130 with one line, never a traceback. argparse's own usage errors keep their status 2.
+chattune's errors (chattune.errors.ChattuneError) become one line on stderr and exit status 2; Ctrl-C (SIGINT)
+and SIGTERM become exit status 130 and 143 with one line saying what the command was doing and what it had saved
+(see `report_progress`), never a traceback. argparse's own usage errors keep their status 2.
+
+SIGTERM is raised in the main thread as `Terminated`, a KeyboardInterrupt, so every cleanup that Ctrl-C runs
+(temporary folders removed, `datasets`' worker pools terminated) runs for it too. Processes forked by the command
+(tokenization workers) end the default way on either signal, so none outlives its parent.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TypeVar
 
 from chattune.errors import ChattuneError
 
 INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+TERMINATED = 143  # 128 + SIGTERM
 USER_ERROR = 2  # argparse's status for a bad command line, kept for every input error
+HANDLED = (signal.SIGINT, signal.SIGTERM)
 
 Main = TypeVar("Main", bound=Callable[..., int])
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would raise KeyboardInterrupt."""
+
+
+@dataclass
+class Progress:
+    """What the running command is doing and what it has saved so far: the line a signal prints."""
+
+    doing: str = ""
+    saved: str = ""
+    signal_name: str | None = None  # the signal received, if any
+
+
+PROGRESS = Progress()
+
+
+def report_progress(doing: str, saved: str | None = None) -> None:
+    """Record what the command does now (and, when given, what it has saved), for the interrupt message.
+
+    A phase never starts after a signal: one whose exception was lost stops the command here."""
+    raise_if_signalled()
+    PROGRESS.doing = doing
+    if saved is not None:
+        PROGRESS.saved = saved
+
+
 def entry_point(main: Main | None = None, *, interrupted: str = "interrupted") -> Main | Callable[[Main], Main]:
-    """Decorate a command's `main` (usable bare or with `interrupted=` the line printed on Ctrl-C)."""
+    """Decorate a command's `main` (usable bare or with `interrupted=` the line printed on a signal until the
+    command reports its progress)."""
 
     def wrap(function: Main) -> Main:
         @functools.wraps(function)
         def wrapper(*args, **kwargs) -> int:
-            try:
-                return function(*args, **kwargs)
-            except ChattuneError as error:
-                print(f"error: {one_line(str(error))}", file=sys.stderr, flush=True)
-                return USER_ERROR
-            except KeyboardInterrupt:
-                print(f"\n{interrupted}", file=sys.stderr, flush=True)
-                return INTERRUPTED
+            PROGRESS.__init__()
+            with signals_raise():
+                try:
+                    return function(*args, **kwargs)
+                except ChattuneError as error:
+                    if PROGRESS.signal_name is None:
+                        print(f"error: {one_line(str(error))}", file=sys.stderr, flush=True)
+                        return USER_ERROR
+                    return report_interrupt(interrupted)
+                except BaseException as error:
+                    # A library may replace the KeyboardInterrupt with its own error while cleaning up
+                    # (datasets' worker pool raises a TimeoutError): the signal still decides.
+                    if PROGRESS.signal_name is None and not isinstance(error, KeyboardInterrupt):
+                        raise
+                    return report_interrupt(interrupted)
 
         return wrapper  # type: ignore[return-value]
 
     return wrap(main) if main is not None else wrap
+
+
+def report_interrupt(default: str) -> int:
+    name = PROGRESS.signal_name or "SIGINT"
+    if PROGRESS.doing:
+        line = f"{name}: interrupted while {PROGRESS.doing}; {PROGRESS.saved or 'nothing was saved'}"
+    else:
+        line = default if name == "SIGINT" else f"{name}: {default}"
+    print(f"\n{line}", file=sys.stderr, flush=True)
+    end_child_processes()
+    return 128 + signal.Signals[name].value
+
+
+def end_child_processes(grace: float = 5.0) -> None:
+    """Processes a library started (datasets' worker pool and its manager) end with an interrupted command, even
+    when the signal came at a moment the library's own cleanup misses (its manager still starting), where the
+    exit would otherwise wait for them, or leave them behind."""
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.terminate()
+    _, alive = psutil.wait_procs(children, timeout=grace)
+    for child in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+
+
+@contextlib.contextmanager
+def signals_raise() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt and SIGTERM `Terminated` in this process (main thread only, where Python
+    delivers signals); the previous handlers come back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    owner = os.getpid()
+    previous = {sig: signal.signal(sig, functools.partial(_raise, owner)) for sig in HANDLED}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def raise_if_signalled() -> None:
+    """Raise again a signal whose exception was lost: Python drops an exception raised in a callback it runs
+    itself (the fork hooks of logging, a `__del__`), so the signal is recorded too, and checked between phases."""
+    if PROGRESS.signal_name is not None:
+        raise Terminated() if PROGRESS.signal_name == "SIGTERM" else KeyboardInterrupt()
+
+
+def _raise(owner: int, signum: int, frame) -> None:
+    if os.getpid() != owner:  # a forked worker: end the default way, without a traceback of its own
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    PROGRESS.signal_name = signal.Signals(signum).name
+    raise_if_signalled()
 
 
 def one_line(message: str) -> str:

@@ -4,8 +4,10 @@ several models, the comparison table (one row per model) and its eval_table.json
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
+import tempfile
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,7 +16,7 @@ from typing import Any
 from chattune.atomic import write_text_atomic
 from chattune.domains.homeassistant.scoring import METRIC_KEYS, ExampleScore
 from chattune.evaluation import tool_calls
-from chattune.evaluation.inputs import Example
+from chattune.evaluation.inputs import EvalError, Example
 
 RESULTS_FILE = "eval_results.json"
 FAILURES_FILE = "eval_failures.jsonl"
@@ -38,6 +40,23 @@ def failure_records(examples: Sequence[Example], replies: Sequence[str], scores:
         for index, (example, reply, score) in enumerate(zip(examples, replies, scores))
         if not score.exact_match
     ]
+
+
+def check_writable(folder: Path, fix: str) -> None:
+    """Refuse, before any generation, a results folder that cannot be written: the results would be lost at the end.
+
+    The folder (or, when it does not exist yet, the nearest folder above it) must take a new file; `fix` says how
+    to choose another."""
+    existing = next(p for p in [folder, *folder.parents] if p.exists())
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, f"{existing} is a file")
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise EvalError(
+            f"{folder}: cannot write the results there ({error.strerror or error}); {fix} to write them elsewhere"
+        ) from None
 
 
 def write_outputs(folder: Path, summary: dict, settings: dict, failures: list) -> tuple[Path, Path]:

@@ -36,6 +36,7 @@ from chattune.evaluation.inputs import (
     pick_dtype,
 )
 from chattune.evaluation.report import (
+    check_writable,
     failure_records,
     format_comparison,
     format_table,
@@ -168,6 +169,8 @@ def _positive(text: str) -> int:
 def run(settings: Settings) -> dict:
     """Evaluate one model and write the result files; returns the summary."""
     source = inspect_model_folder(settings.model)
+    folder = Path(settings.output_dir) if settings.output_dir else source.path
+    check_writable(folder, "pass another --output_dir" if settings.output_dir else "pass --output_dir DIR")
     examples = load_examples(settings.test_dataset, settings.max_examples)
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)

@@ -7,6 +7,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from chattune.atomic import DiskFullError
+from chattune.cli import report_progress
 from chattune.config.flags import FlagError, TrainFlags
 from chattune.export.merge import merge_adapter
 from chattune.export.save import save_model
@@ -70,22 +72,60 @@ def save_outputs(flags: TrainFlags, trainer: Any, tokenizer: Any, dtype: Any) ->
     # Every process takes part in gathering the weights (FSDP and ZeRO-3 shard them); rank 0 writes.
     state_dict = accelerator.get_state_dict(trainer.model)
     model = accelerator.unwrap_model(trainer.model)
-    outputs = []
+    outputs: list[Path] = []
     if trainer.is_world_process_zero():
-        target = flags.lora_dir if flags.use_lora else flags.model_dir
-        outputs.append(save_model(model, tokenizer, target, state_dict))
-        if flags.use_lora and flags.lora_merge:
-            reload = flags.quantized or accelerator.num_processes > 1  # the local copy holds no full weights
-            # LoftQ's adapter learned the quantization error: it is merged onto the quantized weights it trained with
-            loftq = quantization_config(flags, dtype) if flags.lora_init == "loftq" else None
-            merged = merge_adapter(
-                model, flags.base_model, reload, dtype, flags.lora_dir, trained_on_quantization=loftq
-            )
-            merged.generation_config = model.generation_config
-            outputs.append(save_model(merged, tokenizer, flags.model_dir))
-        if flags.export_gguf:
-            from chattune.export.gguf import export_gguf
-
-            outputs.append(export_gguf(flags.model_dir, outtype=flags.export_gguf))
+        checkpoint = final_checkpoint(flags, trainer)
+        reload = flags.quantized or accelerator.num_processes > 1  # the local copy holds no full weights
+        try:
+            write_outputs(flags, model, state_dict, tokenizer, (reload, dtype), checkpoint, outputs)
+        except DiskFullError as error:  # the run is not lost: its last checkpoint holds the weights
+            raise DiskFullError(f"{error}; free some space: {finish_hint(checkpoint)}") from error
     accelerator.wait_for_everyone()
     return outputs
+
+
+def write_outputs(
+    flags: TrainFlags,
+    model: Any,
+    state_dict: dict,
+    tokenizer: Any,
+    merge_reload: tuple[bool, Any],
+    checkpoint: Path,
+    outputs: list[Path],
+) -> None:
+    """The saves, in order, each appended to `outputs` once written (a signal's message lists them).
+    `merge_reload`: whether merging loads the base again (see merge_adapter), and in which dtype."""
+    target = flags.lora_dir if flags.use_lora else flags.model_dir
+    saving(f"writing {target}", outputs, checkpoint)
+    outputs.append(save_model(model, tokenizer, target, state_dict))
+    if flags.use_lora and flags.lora_merge:
+        saving(f"merging the adapter into {flags.model_dir}", outputs, checkpoint)
+        reload, dtype = merge_reload
+        # LoftQ's adapter learned the quantization error: it is merged onto the quantized weights it trained with
+        loftq = quantization_config(flags, dtype) if flags.lora_init == "loftq" else None
+        merged = merge_adapter(model, flags.base_model, reload, dtype, flags.lora_dir, trained_on_quantization=loftq)
+        merged.generation_config = model.generation_config
+        outputs.append(save_model(merged, tokenizer, flags.model_dir))
+    if flags.export_gguf:
+        from chattune.export.gguf import export_gguf
+
+        saving(f"exporting {flags.model_dir} to GGUF", outputs, checkpoint)
+        outputs.append(export_gguf(flags.model_dir, outtype=flags.export_gguf))
+
+
+def final_checkpoint(flags: TrainFlags, trainer: Any) -> Path:
+    """The checkpoint the trainer saved at its last step (save_strategy "steps" always saves the last one)."""
+    return flags.run_dir / f"checkpoint-{trainer.state.global_step}"
+
+
+def finish_hint(checkpoint: Path) -> str:
+    return (
+        f"the trained weights are in {checkpoint}; rerun the same command plus --resume_from_checkpoint latest "
+        "to finish"
+    )
+
+
+def saving(step: str, written: list[Path], checkpoint: Path) -> None:
+    """Report the save step now under way, for a signal's message: what is already written, what is not."""
+    done = f"wrote {', '.join(map(str, written))}; " if written else ""
+    report_progress(step, f"{done}nothing is left half-written; {finish_hint(checkpoint)}")

@@ -1,5 +1,6 @@
 """Resuming a run: the checkpoint --resume_from_checkpoint names (or the latest one), refused when it holds
-another model, another LoRA set-up, a LoRA adapter of another base model, or another effective batch.
+another model, another LoRA set-up, a LoRA adapter of another base model, or another effective batch. `latest` skips
+a damaged checkpoint for the newest whole one; a damaged checkpoint named explicitly is refused.
 
 Each checkpoint records what an exact resume needs to match (RunRecord, stored in its trainer_state.json): the
 batch arithmetic and, for LoRA, the identity of the base model (its shape and a fingerprint of its weight files).
@@ -18,6 +19,9 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from chattune.config.flags import FlagError, TrainFlags
+from chattune.training.safety import checkpoint_problem, checkpoints_newest_first
+
+logger = logging.getLogger(__name__)
 
 logger = logging.getLogger(__name__)
 
@@ -42,22 +46,48 @@ BASE_REWRITING_INITS = ("pissa", "olora")
 def resolve_resume(flags: TrainFlags) -> str | None:
     if not flags.resume_from_checkpoint:
         return None
-    from transformers.trainer_utils import get_last_checkpoint
-
-    path = Path(flags.resume_from_checkpoint)
     if flags.resume_from_checkpoint == "latest":
-        last = get_last_checkpoint(str(flags.run_dir)) if flags.run_dir.is_dir() else None
-        if last is None:
-            raise FlagError(f"--resume_from_checkpoint latest: no checkpoint-* folder in {flags.run_dir}")
-        path = Path(last)
-    if not (path / "trainer_state.json").is_file():
-        found = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
-        raise FlagError(
-            f"--resume_from_checkpoint {path} is not a checkpoint (no trainer_state.json); found: {found or 'nothing'}"
-        )
+        path = newest_complete_checkpoint(flags.run_dir)
+    else:
+        path = Path(flags.resume_from_checkpoint)
+        if not (path / "trainer_state.json").is_file():
+            found = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+            raise FlagError(
+                f"--resume_from_checkpoint {path} is not a checkpoint (no trainer_state.json); "
+                f"found: {found or 'nothing'}"
+            )
+        refuse_damaged(path)
     check_checkpoint_matches(flags, path)
     check_same_batch(flags, path)
     return str(path)
+
+
+def newest_complete_checkpoint(run_dir: Path) -> Path:
+    """`latest`: the newest checkpoint that is whole; damaged newer ones are skipped, each with a warning."""
+    skipped = []
+    for checkpoint in checkpoints_newest_first(run_dir):
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            return checkpoint
+        logger.warning("skipping %s: %s; trying the one before", checkpoint, problem)
+        skipped.append(f"{checkpoint.name} ({problem})")
+    if skipped:
+        raise FlagError(
+            f"--resume_from_checkpoint latest: no complete checkpoint in {run_dir}: {'; '.join(skipped)}; "
+            "start over with --overwrite_output_dir"
+        )
+    raise FlagError(f"--resume_from_checkpoint latest: no checkpoint-* folder in {run_dir}")
+
+
+def refuse_damaged(checkpoint: Path) -> None:
+    """An explicitly named checkpoint is used as named or not at all; the error names a whole one to use instead."""
+    problem = checkpoint_problem(checkpoint)
+    if problem is None:
+        return
+    others = [c for c in checkpoints_newest_first(checkpoint.parent) if c != checkpoint]
+    whole = next((c for c in others if checkpoint_problem(c) is None), None)
+    instead = f"resume from {whole} instead" if whole else "no other checkpoint beside it is complete"
+    raise FlagError(f"--resume_from_checkpoint {checkpoint}: {problem}, so it cannot be resumed; {instead}")
 
 
 def check_checkpoint_matches(flags: TrainFlags, checkpoint: Path) -> None:

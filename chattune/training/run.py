@@ -8,12 +8,13 @@ import math
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from accelerate import PartialState
 from transformers import EarlyStoppingCallback
 
-from chattune.cli import entry_point
+from chattune.cli import entry_point, report_progress
 from chattune.config.flags import FlagError, TrainFlags, parse_flags
 from chattune.data import formats, tokenization
 from chattune.data.masking import ChatMasker, trim_suffix_overlap
@@ -32,7 +33,14 @@ from chattune.training.modeling import (
     upcast_trainable_parameters,
     weight_dtype,
 )
-from chattune.training.outputs import check_export, check_outputs_are_free, clear_old_checkpoints, save_outputs
+from chattune.training.outputs import (
+    check_export,
+    check_outputs_are_free,
+    clear_old_checkpoints,
+    final_checkpoint,
+    finish_hint,
+    save_outputs,
+)
 from chattune.training.preference import build_preference_trainer, check_method, load_preferences
 from chattune.training.preflight import check_inputs
 from chattune.training.progress import ThroughputCallback, run_first, summary
@@ -44,7 +52,7 @@ from chattune.training.task_metrics import plan_evaluations
 logger = logging.getLogger("chattune")
 
 
-@entry_point(interrupted="interrupted before training started: nothing to save")
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     flags = parse_flags(argv)
     # Without a GPU, processes started by torchrun/accelerate talk over gloo (accelerate's MULTI_CPU).
@@ -57,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(flags: TrainFlags, state: PartialState) -> int:
     started = time.time()
+    report_progress("preparing the run (tokenizer, data, model)", "nothing was saved")
     check_integrations(flags)
     check_method(flags)
     check_inputs(flags)
@@ -94,10 +103,10 @@ def train(flags: TrainFlags, state: PartialState) -> int:
     eval_data = sample_eval(full_eval, flags.eval_fraction, flags.seed)
 
     # 3. model
+    report_progress(f"loading the model {flags.base_model}")
     dtype = choose_dtype(flags.bf16, flags.fp16)  # the compute dtype; trained weights may stay float32 (weight_dtype)
     model = load_model(flags, weight_dtype(flags, dtype), choose_attention(flags.attn_implementation))
-    if gguf_source:  # adapters name the GGUF file they were trained on, not its converted copy
-        model.name_or_path = model.config._name_or_path = str(gguf_source.resolve())
+    model.name_or_path = model.config._name_or_path = recorded_base(flags.base_model, gguf_source)
     grew = resize_embeddings(model, tokenizer)
     set_stop_tokens(model, tokenizer, masker.end_of_turn_token() if masker else None)
     peft_config = lora_config(flags, model, tokens_added=grew or bool(new_tokens)) if flags.use_lora else None
@@ -149,6 +158,7 @@ def train(flags: TrainFlags, state: PartialState) -> int:
         )
         return 130 if stop.signal_name == "SIGINT" else 143
 
+    report_progress("evaluating on the full test set", finish_hint(final_checkpoint(flags, trainer)))
     final_eval = trainer.evaluate(full_eval) if full_eval is not None and eval_data is not full_eval else None
 
     # 5. save
@@ -169,6 +179,14 @@ def finish_set_up(trainer: Any, flags: TrainFlags, dtype: Any, fresh_start: bool
     if dtype == torch.float16:
         upcast_trainable_parameters(trainer.model)
     set_warmup_epochs(trainer, flags, num_processes)
+
+
+def recorded_base(base_model: str, gguf_source: Path | None) -> str:
+    """The base model adapters (and saved configs) name: a local folder as an absolute path, so the adapter loads
+    from any working directory; a GGUF file itself, not its converted copy; a hub id as given."""
+    if gguf_source:
+        return str(gguf_source.resolve())
+    return str(Path(base_model).resolve()) if Path(base_model).exists() else base_model
 
 
 def sample_eval(dataset: Any, fraction: float, seed: int) -> Any:
@@ -193,6 +211,7 @@ def read_data(flags: TrainFlags, tokenizer: Any, masker: ChatMasker | None, spec
 
 def prepare(flags: TrainFlags, tokenizer: Any, masker: ChatMasker | None, rows: Any, source: str) -> Any:
     """One source's rows tokenized and masked, with a summary of what was kept in the log."""
+    report_progress(f"tokenizing {source}")
     if formats.detect_format(rows, source).use != formats.TEXT and masker is None:
         raise FlagError(NO_TEMPLATE_HELP.format(model=flags.base_model))
     prefix, suffix = explicit_ids(flags)
