@@ -166,11 +166,11 @@ def test_the_summary_leaves_out_tokens_a_trainer_did_not_count():
 
     from chattune.training.progress import summary
 
-    counted = SimpleNamespace(global_step=2, num_input_tokens_seen=88, log_history=[])
-    assert "tokens seen:    88" in summary(counted, 0, [], None)
-    assert "tokens seen" not in summary(
-        SimpleNamespace(global_step=2, num_input_tokens_seen=0, log_history=[]), 0, [], None
-    )
+    args = SimpleNamespace(metric_for_best_model=None, load_best_model_at_end=False)
+    counted = SimpleNamespace(global_step=2, num_input_tokens_seen=88, log_history=[], best_global_step=None)
+    assert "tokens seen:    88" in summary(counted, args, 0, [], None)
+    uncounted = SimpleNamespace(global_step=2, num_input_tokens_seen=0, log_history=[], best_global_step=None)
+    assert "tokens seen" not in summary(uncounted, args, 0, [], None)
 
 
 # ------------------------------------------------------------------------------------------ resuming a LoRA run
