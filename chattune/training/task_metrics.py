@@ -27,7 +27,9 @@ LOSS = "eval_loss"
 # SFTTrainer (TRL) logs these at every evaluation too; a selection by them needs no generation.
 SFT_EVAL_METRICS = ("eval_mean_token_accuracy",)
 # Scorer keys that are counts or not measured while training (no reference likelihood pass), never a score.
-NOT_SCORES = ("n_examples", "perplexity")
+# Not logged while training: counts, perplexity (not measured then), and wall times, which differ run to run and
+# would make a resumed run's log differ from an uninterrupted one's.
+NOT_SCORES = ("n_examples", "n_turns", "perplexity", "latency_mean_s", "latency_p95_s")
 # A metric named so is better lower; every other (accuracies, rates, BLEU, ROUGE) is better higher.
 LOWER_IS_BETTER = ("loss", "perplexity", "distance", "error", "latency", "seconds")
 
