@@ -4,6 +4,7 @@ training on tool-calling rows (a user's own schema; templates and rows that cann
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -262,3 +263,32 @@ def test_intent_rows_offer_the_intents_of_the_listed_domains_only(intents):
         offered = {tool["function"]["name"] for tool in row["tools"]}
         assert offered == {intent for domain in domains for intent in INTENTS_BY_DOMAIN[domain]}
     assert set(INTENTS) == {intent for intents_ in INTENTS_BY_DOMAIN.values() for intent in intents_}
+
+
+def test_a_tool_result_without_a_call_is_refused_naming_the_row(tiny_model_dir, tmp_path):
+    rows = calendar_rows(3)
+    rows[1]["messages"][1] = {"role": "assistant", "content": "Let me check."}  # the call is gone, its result stays
+    data = write_jsonl(tmp_path / "calendar.jsonl", rows)
+    template = ["--prompt_template_file", str(REPO / "recipes" / "templates" / "chatml_tools.jinja")]
+    result = run_script(TRAIN, *train_argv(tiny_model_dir, data, tmp_path / "out", *template, max_steps=2))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert "calendar.jsonl: row 2: message 3 is a tool result with no assistant tool call before it" in result.stderr
+
+
+def test_a_users_own_tool_schema_is_scored_by_evaluate(tmp_path, tiny_model_dir):
+    """Calendar rows, nothing of Home Assistant: two trained turns per row (the call, then the reply)."""
+    from transformers import AutoTokenizer
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.chat_template = (REPO / "recipes" / "templates" / "chatml_tools.jinja").read_text()
+    tokenizer.save_pretrained(model)
+    data = write_jsonl(tmp_path / "calendar.jsonl", calendar_rows(3))
+    result = run_script("evaluate.py", str(model), "--test_dataset", str(data), "--max_new_tokens", "8",
+                        "--tool_call_format", "hermes", "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.splitlines()[-1])
+    assert summary["task"] == "tool_calls" and summary["n_turns"] == 6
+    assert summary["argument_accuracy_by_key"].keys() == {"title", "date"}

@@ -152,6 +152,19 @@ def _check_present(row: dict, column: str, where: str) -> None:
         )
 
 
+def _check_tool_results(messages: list[dict], where: str) -> None:
+    """A `tool` message answers a call: it must follow an assistant turn with tool_calls (or another result)."""
+    previous: dict | None = None
+    for number, message in enumerate(messages, 1):
+        if message["role"] == "tool":
+            answers_a_call = previous is not None and (
+                previous["role"] == "tool" or (previous["role"] == "assistant" and previous.get("tool_calls"))
+            )
+            if not answers_a_call:
+                raise DataError(f"{where}message {number} is a tool result with no assistant tool call before it")
+        previous = message
+
+
 def _chat_column(column: str) -> Callable[[dict, str], Conversation]:
     def convert(row: dict, where: str) -> Conversation:
         _check_present(row, column, where)
@@ -159,6 +172,7 @@ def _chat_column(column: str) -> Callable[[dict, str], Conversation]:
         if not isinstance(turns, list) or not all(isinstance(turn, dict) for turn in turns):
             raise DataError(f"{where}column `{column}` must hold a list of turns; {formats_help((CHAT, TEXT))}")
         messages = normalize_messages(turns, where)
+        _check_tool_results(messages, where)
         return Conversation(messages, parse_tools(row.get("tools")), _trained(turns, messages, where))
 
     convert.__name__ = f"convert_{column}"
