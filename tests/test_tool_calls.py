@@ -292,3 +292,23 @@ def test_a_users_own_tool_schema_is_scored_by_evaluate(tmp_path, tiny_model_dir)
     summary = json.loads(result.stdout.splitlines()[-1])
     assert summary["task"] == "tool_calls" and summary["n_turns"] == 6
     assert summary["argument_accuracy_by_key"].keys() == {"title", "date"}
+
+
+@pytest.mark.parametrize("no_system_role", [True, False])
+def test_a_template_that_rejects_a_system_turn(tiny_model_dir, tmp_path, no_system_role):
+    """Gemma-style templates raise on a system message: --no_system_role rows have none and train; rows with one
+    are refused in one line that names the row and the flag, before the model loads."""
+    from templates import GEMMA
+
+    config = {"fmt": "sharegpt", "no_system_role": no_system_role, "languages": ["english"], "train_count": 16}
+    data = write_jsonl(tmp_path / "rows.jsonl", generated(tmp_path, **config)["train"])
+    template = tmp_path / "gemma.jinja"
+    template.write_text(GEMMA)
+    argv = train_argv(tiny_model_dir, data, tmp_path / "run", "--prompt_template_file", str(template), max_steps=1)
+    result = run_script(TRAIN, *argv)
+    if no_system_role:
+        assert result.returncode == 0, result.stderr[-3000:]
+    else:
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert "rows.jsonl: row 1: the chat template rejects this conversation" in result.stderr
+        assert "--no_system_role" in result.stderr

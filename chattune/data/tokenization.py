@@ -124,6 +124,8 @@ def tokenize_dataset(
             raise DataError(f"{source}: row 1: an empty conversation; {formats_help((CHAT, TEXT))}")
         if masker is None:
             raise DataError(f"{source}: chat data needs a chat template, and the tokenizer has none")
+        if len(dataset):
+            _check_template_renders(data_format.convert(dataset[0], f"{source}: row 1: "), masker, source)
         if not prefix_ids:
             _check_tool_calls(dataset, data_format, masker, source)
     elif prefix_ids:
@@ -159,6 +161,21 @@ def tokenize_dataset(
         tokenized = tokenized.remove_columns("empty_replies")
     kept = tokenized.filter(lambda status: [s == KEPT for s in status], input_columns="status", batched=True)
     return kept.remove_columns("status"), counts
+
+
+def _check_template_renders(conversation: Conversation, masker: ChatMasker, source: str) -> None:
+    """The chat template must take row 1 as it is: a template that raises (Gemma's on a system message) would
+    otherwise stop tokenization with a Jinja traceback."""
+    from jinja2 import TemplateError
+
+    try:
+        masker.render(conversation.messages, conversation.tools)
+    except TemplateError as error:
+        hint = ""
+        if any(message["role"] == "system" for message in conversation.messages):
+            hint = "; for a template without a system role, put the system text into the first user turn "
+            hint += "(the data generator's --no_system_role does)"
+        raise DataError(f"{source}: row 1: the chat template rejects this conversation ({error}){hint}") from None
 
 
 # Rows read to find tool calls before tokenizing; a dataset mixes them in from its first rows in practice.
