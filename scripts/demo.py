@@ -86,8 +86,9 @@ def run(*args: str) -> float:
 
 
 def evaluate(model: str, test_file: Path, out: Path, args: argparse.Namespace) -> float:
+    # A .gguf (the base model) is scored dequantized in transformers, as train.py fine-tunes it, not in llama.cpp.
     command = ["evaluate.py", model, "--test_dataset", str(test_file), "--output_dir", str(out),
-               "--batch_size", str(args.eval_batch_size)]  # fmt: skip
+               "--gguf_runtime", "transformers", "--batch_size", str(args.eval_batch_size)]  # fmt: skip
     if args.eval_examples:
         command += ["--max_examples", str(args.eval_examples)]
     if args.tool_calls:

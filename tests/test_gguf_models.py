@@ -136,6 +136,18 @@ def test_an_architecture_transformers_cannot_load_is_named(tmp_path):
     assert not cache_folder(odd).exists()
 
 
+def test_a_gguf_beside_its_model_folder_keeps_its_own_chat_template(tiny_model_dir, tmp_path):
+    """transformers, given a folder holding tokenizer_config.json and a GGUF, drops the GGUF's template."""
+    import shutil
+
+    from chattune.training.gguf_models import load_tokenizer
+
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    exported = export_gguf(folder, outtype="f32", out=folder / "model-f32.gguf")
+    tokenizer = load_tokenizer(str(exported))
+    assert tokenizer.chat_template == (folder / "chat_template.jinja").read_text()
+
+
 def test_a_gguf_without_chat_template_gets_the_chatml_advice(tiny_model_dir, tmp_path):
     import shutil
 

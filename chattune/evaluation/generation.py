@@ -37,19 +37,25 @@ def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
 
 
 def render_prompts(tokenizer: Any, examples: Sequence[Example]) -> list[list[int]]:
+    # The template already wrote any BOS; letting the tokenizer add another would shift the model.
+    return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in render_prompt_texts(tokenizer, examples)]
+
+
+def render_prompt_texts(tokenizer: Any, examples: Sequence[Example]) -> list[str]:
+    """Each example's prompt rendered by the chat template, ending with the assistant turn's opening."""
     from jinja2 import TemplateError
 
-    prompts = []
+    texts = []
     for index, example in enumerate(examples):
         try:
-            text = tokenizer.apply_chat_template(
-                example.prompt, tools=example.tools, tokenize=False, add_generation_prompt=True
+            texts.append(
+                tokenizer.apply_chat_template(
+                    example.prompt, tools=example.tools, tokenize=False, add_generation_prompt=True
+                )
             )
         except TemplateError as error:  # e.g. a template that forbids system messages
             raise EvalError(f"row {index + 1}: the model's chat template rejects this prompt: {error}") from None
-        # The template already wrote any BOS; letting the tokenizer add another would shift the model.
-        prompts.append(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return prompts
+    return texts
 
 
 def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:

@@ -11,7 +11,7 @@ from typing import Any
 
 from chattune.data import formats
 from chattune.errors import ChattuneError
-from chattune.training.gguf_models import resolve_model
+from chattune.training.gguf_models import find_gguf, resolve_model
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -53,15 +53,34 @@ def is_tool_calling(examples: list[Example]) -> bool:
 @dataclass
 class ModelSource:
     path: Path
-    kind: str  # "model" or "adapter"
+    kind: str  # "model", "adapter", or "gguf" (a GGUF file run in llama.cpp)
     base: str | None = None  # the base model an adapter was trained on
 
+    @property
+    def results_dir(self) -> Path:
+        """Where its result files go by default: the model's folder; for a GGUF file a folder beside it named
+        after it (models/run/run-q8_0.gguf -> models/run/run-q8_0-eval), since one folder often holds several."""
+        return self.path.parent / f"{self.path.stem}-eval" if self.kind == "gguf" else self.path
 
-def inspect_model_folder(path: str | os.PathLike) -> ModelSource:
+    @property
+    def weight_files(self) -> list[Path]:
+        """The files whose change invalidates stored results."""
+        if self.kind == "gguf":
+            return [self.path]
+        names = WEIGHT_FILES + ADAPTER_WEIGHT_FILES
+        return [p for p in sorted(self.path.iterdir()) if p.name in names or p.suffix == ".safetensors"]
+
+
+def inspect_model_folder(path: str | os.PathLike, gguf_runtime: str = "transformers") -> ModelSource:
     """Tell a full model folder from a LoRA adapter folder, with an error that lists what was expected.
 
-    A GGUF file (or a folder holding one) is converted once to a model folder and evaluated as one.
+    A GGUF file (or a folder holding one) is run in llama.cpp with `gguf_runtime` "llama.cpp"; with
+    "transformers" it is converted once to a model folder and evaluated as one.
     """
+    if gguf_runtime == "llama.cpp":
+        gguf_file = find_gguf(path)
+        if gguf_file is not None:
+            return ModelSource(gguf_file, "gguf")
     folder = Path(resolve_model(str(path)))
     if not folder.exists():
         raise EvalError(f"{folder}: no such file or folder; {EXPECTED_FOLDER_HELP}")
@@ -237,8 +256,13 @@ def load_tokenizer(source: ModelSource, template_file: str | None = None) -> Any
     """The model's tokenizer, its chat template replaced by `template_file`'s when one is given."""
     from transformers import AutoTokenizer
 
+    from chattune.training import gguf_models
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(source.path))
+        if source.kind == "gguf":  # the vocabulary and chat template stored in the file
+            tokenizer = gguf_models.load_tokenizer(str(source.path))
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(str(source.path))
     except (OSError, ValueError) as error:
         hint = "train.py saves one beside every model and adapter"
         raise EvalError(f"{source.path}: no usable tokenizer ({hint}): {error}") from None
@@ -258,6 +282,10 @@ def load_tokenizer(source: ModelSource, template_file: str | None = None) -> Any
 def load_model(source: ModelSource, tokenizer: Any, device: str, dtype: Any) -> Any:
     from transformers import AutoModelForCausalLM
 
+    if source.kind == "gguf":
+        from chattune.evaluation.llama_cpp import LlamaCppModel
+
+        return LlamaCppModel(source.path, tokenizer, device)
     if source.kind == "model":
         model = AutoModelForCausalLM.from_pretrained(str(source.path), dtype=dtype)
     else:

@@ -77,6 +77,8 @@ class Settings:
     overwrite: bool = False
     tool_call_format: str = "auto"  # how tool calls are read from replies (chattune.evaluation.tool_calls)
     prompt_template_file: str | None = None  # a Jinja chat template used instead of the model's own
+    gguf_runtime: str = "auto"  # what runs a .gguf MODEL: llama.cpp, transformers, or auto (llama.cpp if installed)
+    compare: bool = False  # only says that several MODELs are compared; naming several does that anyway
 
     @property
     def several(self) -> bool:
@@ -147,7 +149,22 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         help="A Jinja chat template to render prompts with instead of the model's own (as train.py's flag of that "
         "name), e.g. recipes/templates/chatml_tools.jinja to score an untuned ChatML model on tool-calling data.",
     )
+    parser.add_argument(
+        "--gguf_runtime",
+        choices=("auto", "llama.cpp", "transformers"),
+        default="auto",
+        help="What runs a .gguf MODEL: llama.cpp (through llama-cpp-python: the file as it is deployed, with its "
+        "quantization), transformers (dequantized to float: the weights, not the runtime), or auto: llama.cpp when "
+        "llama-cpp-python is installed, else transformers with a warning (default).",
+    )
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="Score every MODEL named and print one table, a row each, e.g. `--compare models/run "
+        "models/run/run-q8_0.gguf models/run/run-q4_k_m.gguf` (naming several MODELs does the same).",
+    )
     args = vars(parser.parse_args(argv))
+    args["gguf_runtime"] = _gguf_runtime(args["gguf_runtime"])
     tool_calls.parser_for(args["tool_call_format"])  # a bad value fails here, before any model loads
     template = args["prompt_template_file"]
     if template is not None and not Path(template).is_file():
@@ -159,6 +176,36 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     return settings
 
 
+def gguf_file_type(path: Path) -> str:
+    """The storage type a GGUF file declares (`general.file_type`: F16, Q8_0, Q4_K_M, ...)."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    field = reader.fields.get("general.file_type")
+    if field is None:
+        return "unknown"
+    value = int(field.parts[field.data[0]][0])
+    try:
+        return gguf.LlamaFileType(value).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except ValueError:
+        return f"file_type {value}"
+
+
+def _gguf_runtime(requested: str) -> str:
+    from chattune.evaluation.llama_cpp import INSTALL_HINT, llama_cpp_available
+
+    if requested != "auto":
+        return requested
+    if llama_cpp_available():
+        return "llama.cpp"
+    logger.warning(
+        "llama-cpp-python is not installed: a .gguf MODEL is dequantized and scored with transformers, which "
+        "measures its weights, not the file in llama.cpp; %s",
+        INSTALL_HINT,
+    )
+    return "transformers"
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -168,13 +215,12 @@ def _positive(text: str) -> int:
 
 def run(settings: Settings) -> dict:
     """Evaluate one model and write the result files; returns the summary."""
-    source = inspect_model_folder(settings.model)
-    folder = Path(settings.output_dir) if settings.output_dir else source.path
+    source = inspect_model_folder(settings.model, settings.gguf_runtime)
+    folder = Path(settings.output_dir) if settings.output_dir else source.results_dir
     check_writable(folder, "pass another --output_dir" if settings.output_dir else "pass --output_dir DIR")
     examples = load_examples(settings.test_dataset, settings.max_examples)
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
-    folder = Path(settings.output_dir) if settings.output_dir else source.path
     return score_model(source, examples, settings, device, dtype, folder)
 
 
@@ -183,7 +229,9 @@ def score_model(
 ) -> dict:
     """Load one model, generate and score its replies, write its result files into `folder`; returns the summary."""
     tokenizer = load_tokenizer(source, settings.prompt_template_file)
-    logger.info("loading %s %s on %s (%s)", source.kind, source.path, device, str(dtype).replace("torch.", ""))
+    runtime = "llama.cpp" if source.kind == "gguf" else "transformers"
+    precision = gguf_file_type(source.path) if source.kind == "gguf" else str(dtype).replace("torch.", "")
+    logger.info("loading %s %s in %s on %s (%s)", source.kind, source.path, runtime, device, precision)
     model = load_model(source, tokenizer, device, dtype)
 
     started = time.monotonic()
@@ -208,12 +256,16 @@ def score_model(
         "max_examples": settings.max_examples,
         "max_new_tokens": scored.max_new_tokens,
         "device": device,
-        "dtype": str(dtype).replace("torch.", ""),
+        "runtime": runtime,
+        "dtype": precision,
         "decoding": "greedy",
-        "stop_token_ids": stop_token_ids(model, tokenizer),
+        "stop_token_ids": model.stop_ids if runtime == "llama.cpp" else stop_token_ids(model, tokenizer),
         "seconds": round(time.monotonic() - started, 2),
         "reuse_key": reuse_key(source, examples, settings.max_new_tokens),
     }
+    if runtime == "llama.cpp":
+        record["tokenization_mismatches"] = model.tokenization_mismatches
+        model.close()
     paths = write_outputs(folder, summary, record, failure_records(examples, scored.replies, scored.scores))
     logger.info("wrote %s and %s", *paths)
     return summary
@@ -229,7 +281,7 @@ def run_several(settings: Settings) -> dict:
     if settings.all_checkpoints:
         targets = checkpoint_targets(settings.model)
     else:
-        targets = named_targets([settings.model, *settings.other_models])
+        targets = named_targets([settings.model, *settings.other_models], settings.gguf_runtime)
     _require_some(settings, targets)
     examples = load_examples(settings.test_dataset, settings.max_examples)
     device = pick_device(settings.device)

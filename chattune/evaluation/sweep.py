@@ -18,8 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from chattune.evaluation.inputs import (
-    ADAPTER_WEIGHT_FILES,
-    WEIGHT_FILES,
     EvalError,
     Example,
     ModelSource,
@@ -100,10 +98,10 @@ def _final_candidates(run_dir: Path) -> list[Path]:
     return [run_dir.parent.parent / kind / run_dir.name for kind in FINAL_FOLDERS]
 
 
-def named_targets(paths: Sequence[str]) -> Targets:
+def named_targets(paths: Sequence[str], gguf_runtime: str = "transformers") -> Targets:
     """The MODELs named on the command line, labelled by the shortest path tails that tell them apart. A folder
     that is not a model is an error here, before any model loads: the user asked for it by name."""
-    sources = [inspect_model_folder(path) for path in paths]
+    sources = [inspect_model_folder(path, gguf_runtime) for path in paths]
     labels = distinct_labels([source.path for source in sources])
     return Targets([Target(label, source) for label, source in zip(labels, sources)], [])
 
@@ -120,18 +118,14 @@ def distinct_labels(paths: Sequence[Path]) -> list[str]:
 
 def results_folder(target: Target, output_dir: str | None) -> Path:
     """Where a target's eval_results.json goes: its own folder, or <output_dir>/<label> when one is given."""
-    return Path(output_dir) / target.label if output_dir else target.source.path
+    return Path(output_dir) / target.label if output_dir else target.source.results_dir
 
 
 def reuse_key(source: ModelSource, examples: Sequence[Example], max_new_tokens: int | None) -> dict[str, Any]:
     """What must not have changed for stored results to stand: the test examples, the reply budget asked for,
     and the weight files (name, size, modification time)."""
     text = json.dumps([dataclasses.asdict(e) for e in examples], sort_keys=True, ensure_ascii=False)
-    weights = [
-        [path.name, path.stat().st_size, path.stat().st_mtime_ns]
-        for path in sorted(source.path.iterdir())
-        if path.name in WEIGHT_FILES + ADAPTER_WEIGHT_FILES or path.suffix == ".safetensors"
-    ]
+    weights = [[path.name, path.stat().st_size, path.stat().st_mtime_ns] for path in source.weight_files]
     return {
         "examples_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
         "max_new_tokens_requested": max_new_tokens,

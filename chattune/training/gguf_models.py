@@ -100,7 +100,13 @@ def load_tokenizer(name_or_path: str) -> Any:
     if (folder / "config.json").is_file():
         return AutoTokenizer.from_pretrained(folder)
     read_architecture(gguf_file)  # a clear error for a file that is not GGUF or is cut short
-    return AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    # The file's own template, which llama.cpp runs: transformers drops it when the folder also holds a
+    # tokenizer_config.json (an exported file beside its model folder) and keeps that folder's instead.
+    template = read_chat_template(gguf_file)
+    if template is not None:
+        tokenizer.chat_template = template
+    return tokenizer
 
 
 def cache_root() -> Path:
@@ -132,6 +138,14 @@ def read_architecture(gguf_file: Path) -> str:
         raise GGUFError(f"{gguf_file}: no general.architecture in its metadata; not a model GGUF") from None
     except (ValueError, IndexError, OSError) as error:
         raise GGUFError(f"{gguf_file}: unreadable GGUF file, truncated or corrupt ({error})") from None
+
+
+def read_chat_template(gguf_file: Path) -> str | None:
+    """`tokenizer.chat_template` of a GGUF file, or None when it has none."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(gguf_file).fields.get("tokenizer.chat_template")
+    return None if field is None else bytes(field.parts[field.data[0]]).decode("utf-8")
 
 
 def check_architecture(gguf_file: Path, architecture: str) -> None:
