@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from chattune.evaluation.llama_cpp import load_llama
 from chattune.export.gguf import (
     SUPPORTED_ARCHITECTURES,
     UnsupportedModelError,
@@ -196,13 +197,13 @@ def test_metadata_of_padded_vocabulary(qwen2_dir, tmp_path):
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_llama_cpp_runs_the_file(arch, request, tmp_path):
     """The real consumer, when llama-cpp-python is installed (it is not a dependency: it builds llama.cpp)."""
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir = _model_dir(request, arch)
     path = export_gguf(model_dir, "f16", out=tmp_path / "model.gguf")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=512, n_threads=1, verbose=False)
+    llm = load_llama(path, logits_all=True, n_ctx=512, n_threads=1)  # load_llama: safe from the AMX crash
     texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in CONVERSATIONS]
     for text in texts:
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == tokenizer(text)["input_ids"]

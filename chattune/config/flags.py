@@ -219,7 +219,9 @@ class TrainFlags:
     )
 
     export_gguf: str | None = _flag(
-        None, "Also write a GGUF file of the final model for llama.cpp/Ollama: f16, q8_0 or f32 (docs/export.md)."
+        None,
+        "Also write a GGUF file of the final model for llama.cpp/Ollama: f16, q8_0, f32, or a k-quant such as "
+        "q4_k_m, q5_k_m or q6_k made by llama.cpp's quantizer (needs llama-cpp-python; all types in docs/export.md).",
     )
 
     # --- training method: SFT or preference training ----------------------------------------------------------
@@ -259,10 +261,13 @@ class TrainFlags:
             raise FlagError("--eval_fraction must be in (0, 1]")
         _check_evaluation_flags(self)
         if self.export_gguf:
-            from chattune.export.gguf import OUTTYPES
+            from chattune.export.gguf import ALL_OUTTYPES, LLAMA_QUANT_TYPES
+            from chattune.export.quantize import require_quantizer
 
-            if self.export_gguf not in OUTTYPES:
-                raise FlagError(f"--export_gguf must be one of {', '.join(OUTTYPES)}, not {self.export_gguf!r}")
+            if self.export_gguf not in ALL_OUTTYPES:
+                raise FlagError(f"--export_gguf must be one of {', '.join(ALL_OUTTYPES)}, not {self.export_gguf!r}")
+            if self.export_gguf in LLAMA_QUANT_TYPES:
+                require_quantizer(self.export_gguf)  # a missing llama-cpp-python fails before the training
         if self.export_gguf and self.use_lora and not self.lora_merge:
             raise FlagError("--export_gguf needs a full model: add --lora_merge to export the merged model")
         if bool(self.prefix_ids) != bool(self.suffix_ids) and not self.prefix_ids:

@@ -1,11 +1,14 @@
 """Export a Hugging Face model folder to a single GGUF file for llama.cpp, Ollama and friends.
 
-    python3 -m chattune.export.gguf MODEL_DIR --outtype f16|q8_0|f32 [--out FILE]
+    python3 -m chattune.export.gguf MODEL_DIR --outtype f16|q8_0|f32|q4_k_m|q5_k_m|q6_k|... [--out FILE]
 
 Supported: Llama and Qwen2 decoders (`LlamaForCausalLM`, `Qwen2ForCausalLM`) with a byte-level BPE
 tokenizer (GPT-2 / Qwen2 / Llama-3 style `tokenizer.json`). Anything else is refused with a message
 saying what is supported, before any weight is read. The file is written under a temporary name and
 renamed into place, so a crash never leaves a truncated `.gguf` that looks finished.
+
+f32, f16 and q8_0 are written here. The k-quants and llama.cpp's other types are made from the f16 file by
+llama.cpp's own quantizer (chattune.export.quantize), as llama-quantize would.
 
 The file is built with the `gguf` package (`gguf.GGUFWriter`, `gguf.quants`, the tensor name map of
 `gguf.MODEL_ARCH`), which is maintained together with llama.cpp, so key and tensor names follow it.
@@ -30,6 +33,7 @@ import numpy as np
 from chattune.atomic import atomic_path
 from chattune.cli import entry_point
 from chattune.errors import ChattuneError
+from chattune.export.quantize import LLAMA_QUANT_TYPES, quantize_gguf, require_quantizer
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +57,9 @@ OUTTYPES: dict[str, tuple[gguf.GGMLQuantizationType, gguf.LlamaFileType]] = {
     "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
     "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
 }
+
+# Every --outtype: the ones written here, then those llama.cpp's quantizer makes from the f16 file.
+ALL_OUTTYPES: tuple[str, ...] = (*OUTTYPES, *LLAMA_QUANT_TYPES)
 
 # Checkpoint entries that are buffers, not weights: nothing in GGUF corresponds to them.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
@@ -347,13 +354,34 @@ def default_output_path(model_dir: str | Path, outtype: str) -> Path:
 def export_gguf(model_dir: str | Path, outtype: str = "f16", out: str | Path | None = None) -> Path:
     """Write `model_dir` (a Hugging Face model folder) as one GGUF file and return its path.
 
-    `outtype` is the storage of the weight matrices: "f16", "q8_0" or "f32" (norms and biases are
-    always F32). `out` defaults to `MODEL_DIR/<folder-name>-<outtype>.gguf`.
+    `outtype` is the storage of the weight matrices: "f16", "q8_0" or "f32" (norms and biases are always F32),
+    or one of llama.cpp's types (LLAMA_QUANT_TYPES: "q4_k_m", "q5_k_m", "q6_k", ...), made from an f16 file by
+    llama.cpp's quantizer. `out` defaults to `MODEL_DIR/<folder-name>-<outtype>.gguf`.
     """
+    if outtype in LLAMA_QUANT_TYPES:
+        return _export_quantized(model_dir, outtype, out)
+    if outtype not in OUTTYPES:
+        raise ValueError(f"unknown outtype {outtype!r}: choose one of {', '.join(ALL_OUTTYPES)}")
+    return _write_gguf(model_dir, outtype, out)
+
+
+def _export_quantized(model_dir: str | Path, outtype: str, out: str | Path | None) -> Path:
+    """f16 into a hidden file beside `out`, then llama.cpp's quantizer; the f16 file is removed either way."""
+    require_quantizer(outtype)  # before the f16 file is written
+    out = Path(out) if out is not None else default_output_path(model_dir, outtype)
+    f16 = out.with_name(f".{out.stem}.f16-{os.getpid()}.gguf")
+    try:
+        _write_gguf(model_dir, "f16", f16)
+        quantize_gguf(f16, out, outtype)
+    finally:
+        f16.unlink(missing_ok=True)
+    logger.info("wrote %s (%s, quantized by llama.cpp)", out, outtype)
+    return out
+
+
+def _write_gguf(model_dir: str | Path, outtype: str, out: str | Path | None) -> Path:
     import torch
 
-    if outtype not in OUTTYPES:
-        raise ValueError(f"unknown outtype {outtype!r}: choose one of {', '.join(OUTTYPES)}")
     model_dir = Path(model_dir).resolve()
     if (model_dir / "adapter_config.json").is_file() and not (model_dir / "config.json").is_file():
         raise UnsupportedModelError(
@@ -481,9 +509,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python3 -m chattune.export.gguf",
         description="Export a Hugging Face model folder (Llama or Qwen2, byte-level BPE tokenizer) to GGUF.",
+        epilog="f32, f16 and q8_0 are written by chattune; the other types by llama.cpp's quantizer from the f16 "
+        "file, which needs llama-cpp-python (docs/export.md).",
     )
     parser.add_argument("model_dir", type=Path, help="folder with config.json, weights and tokenizer")
-    parser.add_argument("--outtype", choices=list(OUTTYPES), default="f16", help="weight storage (default: f16)")
+    parser.add_argument(
+        "--outtype",
+        choices=ALL_OUTTYPES,
+        default="f16",
+        metavar="TYPE",
+        help=f"weight storage: {', '.join(ALL_OUTTYPES)} (default: f16)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="output file (default: MODEL_DIR/<name>-<outtype>.gguf)")
     return parser
 
