@@ -219,7 +219,9 @@ class TrainFlags:
     )
 
     export_gguf: str | None = _flag(
-        None, "Also write a GGUF file of the final model for llama.cpp/Ollama: f16, q8_0 or f32 (docs/export.md)."
+        None,
+        "Also write a GGUF file of the final model for llama.cpp/Ollama (models/<run_name>/<run_name>-<type>.gguf) "
+        "and an Ollama Modelfile beside it: f16, q8_0 or f32 (docs/export.md).",
     )
 
     # --- training method: SFT or preference training ----------------------------------------------------------

@@ -1,6 +1,8 @@
 """Export a Hugging Face model folder to a single GGUF file for llama.cpp, Ollama and friends.
 
-    python3 -m chattune.export.gguf MODEL_DIR --outtype f16|q8_0|f32 [--out FILE]
+    python3 -m chattune.export.gguf MODEL_DIR --outtype f16|q8_0|f32 [--out FILE] [--system_prompt TEXT]
+
+An Ollama `Modelfile` is written beside the file (chattune.export.ollama).
 
 Supported: Llama and Qwen2 decoders (`LlamaForCausalLM`, `Qwen2ForCausalLM`) with a byte-level BPE
 tokenizer (GPT-2 / Qwen2 / Llama-3 style `tokenizer.json`). Anything else is refused with a message
@@ -30,6 +32,7 @@ import numpy as np
 from chattune.atomic import atomic_path
 from chattune.cli import entry_point
 from chattune.errors import ChattuneError
+from chattune.export.ollama import write_modelfile
 
 logger = logging.getLogger(__name__)
 
@@ -480,11 +483,17 @@ def export_gguf(model_dir: str | Path, outtype: str = "f16", out: str | Path | N
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python3 -m chattune.export.gguf",
-        description="Export a Hugging Face model folder (Llama or Qwen2, byte-level BPE tokenizer) to GGUF.",
+        description="Export a Hugging Face model folder (Llama or Qwen2, byte-level BPE tokenizer) to GGUF, with an "
+        "Ollama Modelfile beside the file.",
     )
     parser.add_argument("model_dir", type=Path, help="folder with config.json, weights and tokenizer")
     parser.add_argument("--outtype", choices=list(OUTTYPES), default="f16", help="weight storage (default: f16)")
     parser.add_argument("--out", type=Path, default=None, help="output file (default: MODEL_DIR/<name>-<outtype>.gguf)")
+    parser.add_argument(
+        "--system_prompt",
+        default=None,
+        help="SYSTEM of the Ollama Modelfile written beside the file (default: the chat template's own, if any)",
+    )
     return parser
 
 
@@ -496,6 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         path = export_gguf(args.model_dir, args.outtype, args.out)
     except FileNotFoundError as error:
         raise ChattuneError(str(error)) from None
+    write_modelfile(path, _load_tokenizer(Path(args.model_dir))[0], args.system_prompt)
     print(path)
     return 0
 
