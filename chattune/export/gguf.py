@@ -1,6 +1,9 @@
 """Export a Hugging Face model folder to a single GGUF file for llama.cpp, Ollama and friends.
 
     python3 -m chattune.export.gguf MODEL_DIR --outtype f16|q8_0|f32|q4_k_m|q5_k_m|q6_k|... [--out FILE]
+                                    [--system_prompt TEXT]
+
+An Ollama `Modelfile` is written beside the file (chattune.export.ollama).
 
 Supported: Llama and Qwen2 decoders (`LlamaForCausalLM`, `Qwen2ForCausalLM`) with a byte-level BPE
 tokenizer (GPT-2 / Qwen2 / Llama-3 style `tokenizer.json`). Anything else is refused with a message
@@ -33,6 +36,7 @@ import numpy as np
 from chattune.atomic import atomic_path
 from chattune.cli import entry_point
 from chattune.errors import ChattuneError
+from chattune.export.ollama import write_modelfile
 from chattune.export.quantize import LLAMA_QUANT_TYPES, quantize_gguf, require_quantizer
 
 logger = logging.getLogger(__name__)
@@ -508,7 +512,8 @@ def _write_gguf(model_dir: str | Path, outtype: str, out: str | Path | None) -> 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python3 -m chattune.export.gguf",
-        description="Export a Hugging Face model folder (Llama or Qwen2, byte-level BPE tokenizer) to GGUF.",
+        description="Export a Hugging Face model folder (Llama or Qwen2, byte-level BPE tokenizer) to GGUF, with an "
+        "Ollama Modelfile beside the file.",
         epilog="f32, f16 and q8_0 are written by chattune; the other types by llama.cpp's quantizer from the f16 "
         "file, which needs llama-cpp-python (docs/export.md).",
     )
@@ -521,6 +526,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"weight storage: {', '.join(ALL_OUTTYPES)} (default: f16)",
     )
     parser.add_argument("--out", type=Path, default=None, help="output file (default: MODEL_DIR/<name>-<outtype>.gguf)")
+    parser.add_argument(
+        "--system_prompt",
+        default=None,
+        help="SYSTEM of the Ollama Modelfile written beside the file (default: the chat template's own, if any)",
+    )
     return parser
 
 
@@ -532,6 +542,7 @@ def main(argv: list[str] | None = None) -> int:
         path = export_gguf(args.model_dir, args.outtype, args.out)
     except FileNotFoundError as error:
         raise ChattuneError(str(error)) from None
+    write_modelfile(path, _load_tokenizer(Path(args.model_dir))[0], args.system_prompt)
     print(path)
     return 0
 

@@ -111,6 +111,19 @@ def write_outputs(
 
         saving(f"exporting {flags.model_dir} to GGUF", outputs, checkpoint)
         outputs.append(export_gguf(flags.model_dir, outtype=flags.export_gguf))
+        saving(f"writing an Ollama Modelfile beside {outputs[-1]}", outputs, checkpoint)
+        outputs.append(write_ollama_modelfile(flags, outputs[-1]))
+
+
+def write_ollama_modelfile(flags: TrainFlags, gguf_path: Path) -> Path:
+    """The Modelfile for the exported file, with the tokenizer saved in the model folder (the one the GGUF file
+    holds) and, as SYSTEM, the system prompt every training row starts with, if there is one."""
+    from transformers import AutoTokenizer
+
+    from chattune.export.ollama import training_system_prompt, write_modelfile
+
+    tokenizer = AutoTokenizer.from_pretrained(flags.model_dir)
+    return write_modelfile(gguf_path, tokenizer, training_system_prompt(flags.train_dataset))
 
 
 def final_checkpoint(flags: TrainFlags, trainer: Any) -> Path:
