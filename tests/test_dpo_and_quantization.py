@@ -243,3 +243,200 @@ def test_missing_quantization_backends_say_how_to_install(monkeypatch):
         quantization_config(parse_flags([*common, "--load_in_4bit"]), torch.float32)
     with pytest.raises(FlagError, match="pip install gptqmodel"):
         quantization_config(parse_flags([*common, "--load_as_gptq"]), torch.float32)
+
+
+# --- --precompute_ref_log_probs: the reference scored once, before training, and cached ---------------------------
+
+
+class ReferenceSpy:
+    """Watches train.py's DPO runs in this process: the trainer, what it holds while training, and every reference
+    pass (TRL's per-batch reference scoring, and LoRA's adapter switched off for a reference)."""
+
+    def __init__(self, monkeypatch) -> None:
+        import trl.trainer.dpo_trainer as dpo_trainer
+        from transformers import TrainerCallback
+
+        from chattune.training import run as run_module
+
+        self.trainer, self.training = None, False
+        self.reference_batches, self.adapter_off_in_training, self.weight_hashes = 0, 0, 0
+        self.held: list[tuple[bool, int]] = []  # per step: ref_model is None, models of the policy's class alive
+        spy = self
+
+        class Watch(TrainerCallback):
+            def on_train_begin(self, *args, **kwargs):
+                spy.training = True
+
+            def on_step_begin(self, *args, **kwargs):
+                spy.held.append((spy.trainer.ref_model is None, live_models(type(spy.trainer.model))))
+
+            def on_train_end(self, *args, **kwargs):
+                spy.training = False
+
+        build, compute, use_adapter, hash_module = (
+            run_module.build_preference_trainer,
+            dpo_trainer.DPOTrainer.compute_ref_log_probs,
+            dpo_trainer.use_adapter,
+            dpo_trainer.hash_module,
+        )
+
+        def watched_build(*args, **kwargs):
+            spy.trainer = build(*args, **kwargs)
+            spy.trainer.add_callback(Watch())
+            return spy.trainer
+
+        def counted_compute(trainer, model, inputs):
+            spy.reference_batches += 1
+            return compute(trainer, model, inputs)
+
+        def counted_use_adapter(*args, **kwargs):
+            spy.adapter_off_in_training += spy.training
+            return use_adapter(*args, **kwargs)
+
+        def counted_hash(module):
+            spy.weight_hashes += 1
+            return hash_module(module)
+
+        monkeypatch.setattr(run_module, "build_preference_trainer", watched_build)
+        monkeypatch.setattr(dpo_trainer, "hash_module", counted_hash)
+        monkeypatch.setattr(dpo_trainer.DPOTrainer, "compute_ref_log_probs", counted_compute)
+        monkeypatch.setattr(dpo_trainer, "use_adapter", counted_use_adapter)
+
+    def run(self, base, data, out, *extra: str, steps: int = 3) -> list[dict]:
+        """train.py in this process; the log entries of its training steps."""
+        from chattune.training import run as run_module
+
+        self.trainer, self.held, self.reference_batches, self.adapter_off_in_training = None, [], 0, 0
+        self.weight_hashes = 0
+        argv = train_argv(
+            base, data, out, *extra, max_steps=steps, learning_rate="2e-3", logging_steps=1, save_steps=1000
+        )
+        assert run_module.main([*argv, "--dpo", "--overwrite_output_dir"]) == 0
+        return [entry for entry in self.trainer.state.log_history if "loss" in entry]
+
+
+def live_models(model_class: type) -> int:
+    import gc
+
+    gc.collect()
+    return sum(1 for thing in gc.get_objects() if type(thing) is model_class)
+
+
+@pytest.fixture
+def reference_spy(monkeypatch):
+    return ReferenceSpy(monkeypatch)
+
+
+def test_precompute_full_finetune_holds_no_reference_and_trains_the_same(tiny_model_dir, tmp_path, reference_spy):
+    """The frozen copy is gone while training, and the losses, rewards and the final evaluation of the whole test
+    set (its reference log-probs computed before training) equal those of a run with the copy."""
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs())
+    test = write_jsonl(tmp_path / "test.jsonl", pairs(6)[::-1])
+    evaluation = ("--test_dataset", str(test), "--eval_fraction", "0.5")
+    with_copy = reference_spy.run(tiny_model_dir, data, tmp_path / "copy", *evaluation)
+    assert reference_spy.held and all(not none and alive == 2 for none, alive in reference_spy.held)
+    copy_eval = reference_spy.trainer.state.log_history[-1]["eval_loss"]
+
+    precomputed = reference_spy.run(tiny_model_dir, data, tmp_path / "lean", *evaluation, "--precompute_ref_log_probs")
+    assert reference_spy.held and all(none and alive == 1 for none, alive in reference_spy.held)
+    assert reference_spy.reference_batches > 0  # train, periodic eval sample and whole test set, before training
+    assert reference_spy.weight_hashes == 0  # TRL's key for its own cache, which chattune's replaces
+    for lean, full in zip(precomputed, with_copy, strict=True):
+        for key in ("loss", "rewards/margins", "rewards/chosen", "logps/rejected"):
+            assert lean[key] == pytest.approx(full[key], rel=1e-4, abs=1e-6), key
+    assert precomputed[-1]["rewards/margins"] != 0  # the later steps did compare against the reference
+    assert reference_spy.trainer.state.log_history[-1]["eval_loss"] == pytest.approx(copy_eval, rel=1e-4)
+
+
+def test_precompute_with_lora_switches_no_adapter_off_while_training(tiny_model_dir, tmp_path, reference_spy):
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs(8))
+    reference_spy.run(tiny_model_dir, data, tmp_path / "per-step", "--use_lora", steps=2)
+    assert reference_spy.adapter_off_in_training > 0  # without the flag: a reference pass every micro-batch
+    logs = reference_spy.run(tiny_model_dir, data, tmp_path / "lean", "--use_lora", "--precompute_ref_log_probs")
+    assert reference_spy.adapter_off_in_training == 0 and reference_spy.reference_batches > 0
+    assert all(torch.isfinite(torch.tensor(entry["loss"])) for entry in logs)
+
+
+def test_precompute_cache_is_reused_and_invalidated(test_tokenizer_dir, tmp_path, reference_spy, caplog):
+    """The same model and data reuse the cached log-probs (no reference pass); one row changed, or the model's
+    weights, compute them again."""
+    from conftest import make_tiny_model
+
+    base = make_tiny_model(test_tokenizer_dir, tmp_path / "base", seed=1)
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs(8))
+
+    def run_once() -> tuple[int, str]:
+        caplog.clear()
+        with caplog.at_level("INFO", logger="chattune.training.reference"):
+            reference_spy.run(base, data, tmp_path / "out", "--precompute_ref_log_probs", steps=1)
+        return reference_spy.reference_batches, caplog.text
+
+    batches, log = run_once()
+    assert batches == 4 and "computing for 8 pairs" in log and "computed, cached in" in log
+    batches, log = run_once()
+    assert batches == 0 and "reused the cache" in log
+    write_jsonl(data, [*pairs(7), {**pairs(8)[7], "chosen": "Turning the lamp on."}])
+    batches, log = run_once()
+    assert batches == 4 and "computed, cached in" in log
+    make_tiny_model(test_tokenizer_dir, base, seed=2)
+    batches, log = run_once()
+    assert batches == 4 and "computed, cached in" in log
+    assert run_once()[0] == 0
+
+
+def test_precompute_killed_while_writing_leaves_no_cache(tiny_model_dir, tmp_path, reference_spy, monkeypatch, caplog):
+    from chattune.training import reference
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs(8))
+    written = []
+
+    def dies_half_way(path, table):
+        path.write_bytes(b"\xff" * 64)  # part of a file, as a killed write leaves it
+        written.append(path)
+        raise RuntimeError("killed while writing")
+
+    monkeypatch.setattr(reference, "_write_stream", dies_half_way)
+    with pytest.raises(RuntimeError, match="killed while writing"):
+        reference_spy.run(tiny_model_dir, data, tmp_path / "out", "--precompute_ref_log_probs", steps=1)
+    folder = written[0].parent
+    assert not written[0].exists() and not list(folder.glob(f"*{reference.CACHE_PREFIX}*"))
+    monkeypatch.undo()
+
+    spy = ReferenceSpy(monkeypatch)
+    with caplog.at_level("INFO", logger="chattune.training.reference"):
+        spy.run(tiny_model_dir, data, tmp_path / "out", "--precompute_ref_log_probs", steps=1)
+    assert spy.reference_batches == 4 and "computed, cached in" in caplog.text
+    (cache,) = folder.glob(f"{reference.CACHE_PREFIX}*.arrow")
+    cache.write_bytes(cache.read_bytes()[:100])  # a cache cut short some other way is not read either
+    caplog.clear()
+    with caplog.at_level("INFO", logger="chattune.training.reference"):
+        spy.run(tiny_model_dir, data, tmp_path / "out", "--precompute_ref_log_probs", steps=1)
+    assert spy.reference_batches == 4 and "unreadable reference cache" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "method,why",
+    [("simpo", "has no reference model"), ("orpo", "has no reference model"), ("sft", "has no reference model"),
+     ("kto", "is not supported with it")],
+)  # fmt: skip
+def test_precompute_is_refused_without_a_dpo_reference(method, why, capsys):
+    argv = ["--run_name", "r", "--base_model", "m", "--train_dataset", "d.jsonl", "--method", method]
+    with pytest.raises(SystemExit):
+        parse_flags([*argv, "--precompute_ref_log_probs"])
+    assert f"--method {method} {why}" in capsys.readouterr().err
+
+
+def test_trl_dpo_still_turns_padding_free_batches_off(tiny_model_dir, tmp_path):
+    """docs/training.md says why DPO's micro-batches are padded (TRL 1.16 disables `padding_free`): this fails
+    the day a TRL release brings padding-free DPO back, to say that chattune could then use it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    rows = load_pairs(str(write_jsonl(tmp_path / "pairs.jsonl", pairs(2))))
+    config = DPOConfig(output_dir=str(tmp_path), padding_free=True, report_to="none", use_cpu=True, max_length=64)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    trainer = DPOTrainer(
+        model=model, args=config, train_dataset=rows, processing_class=AutoTokenizer.from_pretrained(tiny_model_dir)
+    )
+    assert trainer.padding_free is False
+    assert "position_ids" not in trainer.data_collator([trainer.train_dataset[0]])

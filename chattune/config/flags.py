@@ -241,6 +241,12 @@ class TrainFlags:
     dpo_loss: str = _flag("sigmoid", "DPO loss type (any of TRL's: sigmoid, ipo, hinge, robust, …).")
     simpo: bool = _flag(False, "home-llm's spelling of --method simpo (`--dpo --simpo` is SimPO too).")
     simpo_gamma: float = _flag(0.5, "SimPO target reward margin gamma.")
+    precompute_ref_log_probs: bool = _flag(
+        False,
+        "DPO: score every pair with the reference model once, before training, so no reference is held in memory "
+        "or run per step (full fine-tuning keeps no frozen copy; LoRA skips the adapter-off pass). The scores are "
+        "cached next to the tokenized data and reused while the base model, data and settings are the same.",
+    )
 
     def __post_init__(self) -> None:
         missing = [name for name in ("run_name", "base_model", "train_dataset") if not getattr(self, name)]
@@ -410,6 +416,9 @@ def _resolve_method(flags: TrainFlags) -> str:
         given = [name for name, value in sft_only.items() if value]
         if given:
             raise FlagError(f"{', '.join(given)} shape(s) SFT batches and labels; --method {method} does not use them")
+    if flags.precompute_ref_log_probs and method != "dpo":
+        why = "has no reference model" if method in ("sft", "simpo", "orpo") else "is not supported with it (dpo only)"
+        raise FlagError(f"--precompute_ref_log_probs scores DPO's reference model; --method {method} {why}")
     if method == "kto" and flags.micro_batch_size < 2:
         raise FlagError(
             "--method kto needs --micro_batch_size of at least 2: its KL estimate pairs each completion with "

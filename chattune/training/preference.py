@@ -153,10 +153,16 @@ def build_preference_trainer(
     dtype: torch.dtype,
     peft_config: Any | None = None,
     callbacks: list | None = None,
+    held_out: Dataset | None = None,
 ) -> Any:
-    """The TRL trainer of --method: DPO and KTO against the starting model, SimPO and ORPO reference-free."""
-    config_class, trainer_class = trl_classes(flags.method)
-    trainer_class = with_atomic_checkpoints(trainer_class)
+    """The TRL trainer of --method: DPO and KTO against the starting model, SimPO and ORPO reference-free.
+
+    `held_out` is a test set evaluated only after training (train.py's whole --test_dataset when the periodic
+    evaluations see a sample of it); with --precompute_ref_log_probs its reference log-probs are computed
+    before training, while the starting model still exists.
+    """
+    config_class, trl_trainer = trl_classes(flags.method)
+    trainer_class = with_atomic_checkpoints(trl_trainer)
     common = dict(**training_args(flags, dtype, has_eval=eval_data is not None), max_length=flags.ctx_size)
     shared = dict(
         train_dataset=train_data,
@@ -176,11 +182,42 @@ def build_preference_trainer(
         config = config_class(**common, beta=flags.beta)
     else:  # DPO's batches carry input_ids and attention_mask, so the trainer can count the tokens it trains on
         config = config_class(
-            **common, beta=flags.beta, loss_type=[flags.dpo_loss], include_num_input_tokens_seen="non_padding"
+            **common,
+            beta=flags.beta,
+            loss_type=[flags.dpo_loss],
+            include_num_input_tokens_seen="non_padding",
+            precompute_ref_log_probs=flags.precompute_ref_log_probs,
         )
+        if flags.precompute_ref_log_probs:
+            return _precomputed_dpo_trainer(trl_trainer, flags, model, dtype, config, shared, held_out)
     # The reference is the starting model. With LoRA, TRL disables the adapter instead of keeping a copy.
     reference = None if peft_config is not None else _frozen_copy(model)
     return trainer_class(model=model, ref_model=reference, args=config, **shared)
+
+
+def _precomputed_dpo_trainer(
+    trl_trainer: type,
+    flags: TrainFlags,
+    model: Any,
+    dtype: torch.dtype,
+    config: Any,
+    shared: dict,
+    held_out: Dataset | None,
+) -> Any:
+    """DPO whose reference log-probs are read from the cache or computed before training (chattune.training.
+    reference). No reference model is passed: TRL then scores the pairs with the model itself before the first
+    step (with LoRA, with the adapter off) and keeps nothing besides the policy."""
+    from chattune.training.reference import PrecomputedReference, reference_identity
+
+    trainer_class = type(trl_trainer.__name__, (AtomicCheckpointMixin, PrecomputedReference, trl_trainer), {})
+    return trainer_class(
+        model=model,
+        ref_model=None,
+        args=config,
+        reference_identity=reference_identity(flags, model, dtype),
+        held_out=held_out,
+        **shared,
+    )
 
 
 def with_atomic_checkpoints(trainer_class: type) -> type:

@@ -129,8 +129,9 @@ def train(flags: TrainFlags, state: PartialState) -> int:
     if flags.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=flags.early_stopping_patience))
     if flags.preference:
+        held_out = full_eval if full_eval is not eval_data else None  # evaluated whole after training
         trainer = build_preference_trainer(
-            flags, model, tokenizer, train_data, eval_data, dtype, peft_config, callbacks=callbacks
+            flags, model, tokenizer, train_data, eval_data, dtype, peft_config, callbacks=callbacks, held_out=held_out
         )
     else:
         # an explicit --attn_implementation is taken as asked; by default SDPA attends per example
