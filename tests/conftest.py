@@ -93,6 +93,7 @@ def test_tokenizer(test_tokenizer_dir):
 TINY_ARCHS = {
     "llama": ("LlamaConfig", {"num_key_value_heads": 2}),
     "qwen2": ("Qwen2Config", {"num_key_value_heads": 2}),
+    "mistral": ("MistralConfig", {"num_key_value_heads": 2, "head_dim": 16}),
     "phi": ("PhiConfig", {}),  # home-llm's Phi-2 family: no grouped-query attention, not exportable to GGUF
     "phi3": ("Phi3Config", {}),
     "stablelm": ("StableLmConfig", {}),
@@ -134,6 +135,28 @@ def make_tiny_model(tokenizer_dir: Path, out_dir: Path, arch: str = "llama", see
     AutoModelForCausalLM.from_config(tiny_config(arch, tokenizer=tokenizer, **overrides)).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def load_llama(path: Path, **kwargs):
+    """llama_cpp.Llama for a GGUF file, skipping the test when llama-cpp-python is not installed (it is not a
+    dependency: installing it compiles llama.cpp).
+
+    Built without llama.cpp's extra buffer types (`use_extra_bufts`, weight repacking), whose AMX backend
+    segfaults on some CPUs. A stand-in for chattune.evaluation.llama_cpp.load_llama, which is not on this branch.
+    """
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+    def without_extra_buffers():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    llama_cpp.llama_cpp.llama_model_default_params = without_extra_buffers
+    try:
+        return llama_cpp.Llama(model_path=str(path), **kwargs)
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = defaults
 
 
 @pytest.fixture(scope="session")
