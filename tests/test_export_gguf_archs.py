@@ -60,13 +60,13 @@ def _llama_cpp_matches(model_dir: Path, path: Path, extra_texts: list[str] = ())
     return deviation
 
 
-def _transformers_round_trip(model_dir: Path, path: Path) -> None:
+def _transformers_round_trip(model_dir: Path, path: Path, check_tokenizer: bool = True) -> None:
     """transformers' own GGUF reader: the model and tokenizer read from the file alone match the originals."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     from_gguf = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    for text in _chat_texts(tokenizer):
+    for text in _chat_texts(tokenizer) if check_tokenizer else ():
         assert (
             from_gguf(text, add_special_tokens=False)["input_ids"]
             == tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -122,3 +122,89 @@ def test_mistral_sliding_window_caps_the_context_length(mistral_dir, tmp_path):
     (model_dir / "config.json").write_text(json.dumps({**config, "sliding_window": 256}))
     assert _field(export_gguf(model_dir, "f32", out=tmp_path / "m.gguf"), "llama.context_length") == 256
     assert _field(export_gguf(mistral_dir, "f32", out=tmp_path / "n.gguf"), "llama.context_length") == 1024
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Phi-3
+
+PHI3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + "
+    "'<|end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}"
+    "{% endif %}"
+)
+
+
+def make_phi3_like_tokenizer(path: Path) -> Path:
+    """Phi-3's tokenizer as Microsoft ships it: Llama 2's SentencePiece vocabulary (here Mistral's, the same
+    kind) plus chat markers that swallow the whitespace after them (`rstrip`), as `</s>` does too."""
+    import json
+    import shutil
+
+    source = shared_tokenizer_path("mistral-v1-instruct")
+    path.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(source / name, path / name)
+    tokenizer = json.loads((path / "tokenizer.json").read_text())
+    for token in tokenizer["added_tokens"]:
+        token["rstrip"] = token["content"] == "</s>"
+    for offset, content in enumerate(["<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"]):
+        flags = {"single_word": False, "lstrip": False, "normalized": False, "special": True}
+        tokenizer["added_tokens"].append({"id": 32000 + offset, "content": content, **flags, "rstrip": offset > 0})
+    (path / "tokenizer.json").write_text(json.dumps(tokenizer))
+    (path / "chat_template.jinja").write_text(PHI3_TEMPLATE)
+    return path
+
+
+@pytest.fixture(scope="module", params=[1.0, 0.5], ids=["full-rotary", "half-rotary"])
+def phi3_dir(request, tmp_path_factory) -> Path:
+    """Phi-3's layout with grouped-query attention, rotating all of each head (Phi-3) or part of it (Phi-4-mini
+    rotates 0.75)."""
+    tokenizer = make_phi3_like_tokenizer(tmp_path_factory.mktemp("phi3-tokenizer") / "tok")
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": request.param}
+    folder = tmp_path_factory.mktemp("tiny-home") / "home-model"  # no "phi-3" in its name
+    return make_tiny_model(tokenizer, folder, arch="phi3", seed=3, num_key_value_heads=2, rope_parameters=rope)
+
+
+def test_phi3_runs_in_llama_cpp(phi3_dir, tmp_path):
+    from transformers import AutoConfig, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(phi3_dir)
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    assert ids("<|user|>\nhi") == ids("<|user|>hi")  # the newline after the marker is swallowed
+    path = export_gguf(phi3_dir, "f16", out=tmp_path / "alone" / "model.gguf")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    assert types["blk.0.attn_qkv.weight"] == types["blk.1.ffn_up.weight"] == "F16"
+    assert _field(path, "general.architecture") == "phi3"
+    rotary = AutoConfig.from_pretrained(phi3_dir).rope_parameters["partial_rotary_factor"]
+    assert _field(path, "phi3.rope.dimension_count") == int(16 * rotary)  # of the 16-wide heads
+    # llama.cpp strips the whitespace after Phi-3's markers only in a file whose name says "phi-3".
+    assert _field(path, "general.name") == "phi-3 home-model"
+    _llama_cpp_matches(phi3_dir, path)
+    if rotary == 1.0:  # transformers' reader takes no partial rotary factor from a `phi3` file
+        # It also rebuilds any `phi3` file's tokenizer as the hub's legacy one ("▁" after every special token)
+        # and cannot know of the swallowed whitespace, so only the model is compared there.
+        _transformers_round_trip(phi3_dir, path, check_tokenizer=False)
+
+
+def test_phi3_name_only_where_the_tokenizer_needs_it(tiny_model_dir, tmp_path):
+    """llama.cpp applies Phi-3's whitespace stripping to any file whose name holds "phi3": a folder so named,
+    with a tokenizer that strips nothing, must not get a name that says so."""
+    import shutil
+
+    model_dir = Path(shutil.copytree(tiny_model_dir, tmp_path / "Phi-3-vs-phi3"))
+    assert _field(export_gguf(model_dir, "f32", out=tmp_path / "m.gguf"), "general.name") == "Phi 3-vs-phi 3"
+
+
+def test_tokens_stripping_spaces_otherwise_are_refused(tmp_path):
+    import json
+
+    from transformers import AutoTokenizer
+
+    from chattune.export.gguf import UnsupportedModelError, check_exportable
+
+    path = make_phi3_like_tokenizer(tmp_path / "tok")
+    tokenizer = json.loads((path / "tokenizer.json").read_text())
+    tokenizer["added_tokens"][-1]["lstrip"] = True  # <|user|> now also swallows the space before it
+    (path / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(UnsupportedModelError, match=r"'<\|user\|>' strip the spaces"):
+        check_exportable({"architectures": ["Phi3ForCausalLM"]}, AutoTokenizer.from_pretrained(path))

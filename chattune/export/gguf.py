@@ -2,7 +2,8 @@
 
     python3 -m chattune.export.gguf MODEL_DIR --outtype f16|q8_0|f32 [--out FILE]
 
-Supported architectures (SUPPORTED_ARCHITECTURES): Llama and Mistral (llama.cpp's `llama`) and Qwen2 (`qwen2`).
+Supported architectures (SUPPORTED_ARCHITECTURES): Llama and Mistral (llama.cpp's `llama`), Qwen2 (`qwen2`) and
+Phi-3 (`phi3`).
 Tokenizers: byte-level BPE (GPT-2, Qwen2, Llama 3) and SentencePiece-style BPE with byte fallback (Llama 2,
 Mistral, Phi-3, Gemma), see `chattune.export.gguf_vocab`.
 A model that llama.cpp would run differently from transformers (an activation, a RoPE scaling or an attention
@@ -58,6 +59,12 @@ def _no_keys(writer: Any, config: dict[str, Any]) -> None:
     return None
 
 
+def _phi3_keys(writer: Any, config: dict[str, Any]) -> None:
+    # llama.cpp reads the window but does not apply it to Phi-3 yet (see `_context_length`); written as it is.
+    if _uses_sliding_window(config):
+        writer.add_sliding_window(int(config["sliding_window"]))
+
+
 # The RoPE scalings llama.cpp's `llama` applies as transformers does; Llama 3.1's as a `rope_freqs` tensor.
 _LLAMA_ROPE = ("default", "linear", "yarn", "llama3")
 
@@ -90,6 +97,9 @@ SUPPORTED_ARCHITECTURES: dict[str, _Arch] = {
     "MistralForCausalLM": _Arch(gguf.MODEL_ARCH.LLAMA, interleave_rope=True, rope_types=_LLAMA_ROPE),
     # llama.cpp runs Qwen2 with the "NeoX" rotary layout, which is the one Hugging Face uses: no re-ordering.
     "Qwen2ForCausalLM": _Arch(gguf.MODEL_ARCH.QWEN2),
+    # Fused qkv_proj and gate_up_proj, stored as they are (attn_qkv, ffn_up: llama.cpp splits them in the same
+    # order). Phi-3's long-context RoPE ("longrope", the 128k models) is not written.
+    "Phi3ForCausalLM": _Arch(gguf.MODEL_ARCH.PHI3, rope_types=("default",), keys=_phi3_keys),
 }
 
 # outtype -> (storage type of 2-D weight matrices, general.file_type). 1-D tensors (norms, biases) stay F32.
@@ -444,7 +454,7 @@ def export_gguf(model_dir: str | Path, outtype: str = "f16", out: str | Path | N
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python3 -m chattune.export.gguf",
-        description="Export a Hugging Face model folder (Llama, Mistral, Qwen2) to GGUF.",
+        description="Export a Hugging Face model folder (Llama, Mistral, Qwen2, Phi-3) to GGUF.",
     )
     parser.add_argument("model_dir", type=Path, help="folder with config.json, weights and tokenizer")
     parser.add_argument("--outtype", choices=list(OUTTYPES), default="f16", help="weight storage (default: f16)")

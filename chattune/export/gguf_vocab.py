@@ -122,7 +122,8 @@ def _space_swallowing(tokenizer: Any) -> bool:
     known = set(_PHI3_KEEPS_SPACES) | {"</s>"}
     if stripping == phi3 and known <= contents and not any(token.lstrip or token.single_word for token in added):
         return True
-    odd = sorted(content for content in contents if content in stripping ^ phi3) or sorted(stripping)
+    # The tokens that break the pattern: the ones stripping on the left or around a word, else the difference.
+    odd = sorted(t.content for t in added if t.lstrip or t.single_word) or sorted(stripping ^ phi3) or sorted(stripping)
     raise UnsupportedModelError(
         f"unsupported tokenizer: added tokens such as {', '.join(map(repr, odd[:4]))} strip the spaces beside "
         "them (lstrip/rstrip/single_word) in a way GGUF cannot store (only Phi-3's pattern is known to "
