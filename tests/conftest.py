@@ -94,6 +94,21 @@ TINY_ARCHS = {
     "llama": ("LlamaConfig", {"num_key_value_heads": 2}),
     "qwen2": ("Qwen2Config", {"num_key_value_heads": 2}),
     "mistral": ("MistralConfig", {"num_key_value_heads": 2, "head_dim": 16}),
+    # Gemma: heads wider than hidden_size / heads, as Gemma's are, and a window shorter than the test texts.
+    "gemma2": (
+        "Gemma2Config",
+        {"num_key_value_heads": 2, "head_dim": 32, "query_pre_attn_scalar": 32, "sliding_window": 16},
+    ),
+    "gemma3": (
+        "Gemma3TextConfig",
+        {
+            "num_key_value_heads": 2,
+            "head_dim": 32,
+            "query_pre_attn_scalar": 32,
+            "sliding_window": 16,
+            "layer_types": ["sliding_attention", "full_attention"],
+        },
+    ),
     "phi": ("PhiConfig", {}),  # home-llm's Phi-2 family: no grouped-query attention, not exportable to GGUF
     "phi3": ("Phi3Config", {}),
     "stablelm": ("StableLmConfig", {}),

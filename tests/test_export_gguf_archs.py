@@ -60,18 +60,20 @@ def _llama_cpp_matches(model_dir: Path, path: Path, extra_texts: list[str] = ())
     return deviation
 
 
-def _transformers_round_trip(model_dir: Path, path: Path, check_tokenizer: bool = True) -> None:
-    """transformers' own GGUF reader: the model and tokenizer read from the file alone match the originals."""
+def _transformers_round_trip(model_dir: Path, path: Path, tokenizer: bool = True, model: bool = True) -> None:
+    """transformers' own GGUF reader: the tokenizer and model read from the file alone match the originals."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    from_gguf = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    for text in _chat_texts(tokenizer) if check_tokenizer else ():
-        assert (
-            from_gguf(text, add_special_tokens=False)["input_ids"]
-            == tokenizer(text, add_special_tokens=False)["input_ids"]
-        )
-    ids = torch.tensor([tokenizer(_chat_texts(tokenizer)[0], add_special_tokens=False)["input_ids"]])
+    original_tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    texts = _chat_texts(original_tokenizer)
+    if tokenizer:
+        from_gguf = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        for text in texts:
+            expected = original_tokenizer(text, add_special_tokens=False)["input_ids"]
+            assert from_gguf(text, add_special_tokens=False)["input_ids"] == expected
+    if not model:
+        return
+    ids = torch.tensor([original_tokenizer(texts[0], add_special_tokens=False)["input_ids"]])
     original = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     exported = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -183,7 +185,7 @@ def test_phi3_runs_in_llama_cpp(phi3_dir, tmp_path):
     if rotary == 1.0:  # transformers' reader takes no partial rotary factor from a `phi3` file
         # It also rebuilds any `phi3` file's tokenizer as the hub's legacy one ("▁" after every special token)
         # and cannot know of the swallowed whitespace, so only the model is compared there.
-        _transformers_round_trip(phi3_dir, path, check_tokenizer=False)
+        _transformers_round_trip(phi3_dir, path, tokenizer=False)
 
 
 def test_phi3_name_only_where_the_tokenizer_needs_it(tiny_model_dir, tmp_path):
@@ -208,3 +210,119 @@ def test_tokens_stripping_spaces_otherwise_are_refused(tmp_path):
     (path / "tokenizer.json").write_text(json.dumps(tokenizer))
     with pytest.raises(UnsupportedModelError, match=r"'<\|user\|>' strip the spaces"):
         check_exportable({"architectures": ["Phi3ForCausalLM"]}, AutoTokenizer.from_pretrained(path))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Gemma 2 and 3
+
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' "
+    "else message['role'] %}{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+)
+
+
+def make_gemma_like_tokenizer(path: Path) -> Path:
+    """Gemma's kind of tokenizer (transformers' GemmaTokenizer: spaces spelled "▁" by a normalizer, no "▁" put
+    before text) over Mistral's SentencePiece vocabulary, with Gemma's special tokens and turn markers."""
+    import json
+
+    from transformers import GemmaTokenizer
+
+    source = json.loads((shared_tokenizer_path("mistral-v1-instruct") / "tokenizer.json").read_text())["model"]
+    vocab = dict(source["vocab"])
+    vocab["<bos>"], vocab["<eos>"] = vocab.pop("<s>"), vocab.pop("</s>")
+    tokenizer = GemmaTokenizer(vocab=vocab, merges=[tuple(merge) for merge in source["merges"]])
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    tokenizer.chat_template = GEMMA_TEMPLATE
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module", params=["gemma2", "gemma3"])
+def gemma_dir(request, tmp_path_factory) -> Path:
+    tokenizer = make_gemma_like_tokenizer(tmp_path_factory.mktemp("gemma-tokenizer"))
+    overrides = {"tie_word_embeddings": True}
+    if request.param == "gemma3":  # as Gemma 3 4B and up: 10000 on sliding layers, 1e6 scaled 8x on full ones
+        full = {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0}
+        overrides["rope_parameters"] = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
+        overrides["rope_parameters"]["full_attention"] = full
+    folder = tmp_path_factory.mktemp(f"tiny-{request.param}")
+    return make_tiny_model(tokenizer, folder, arch=request.param, seed=4, **overrides)
+
+
+def test_gemma_runs_in_llama_cpp(gemma_dir, tmp_path):
+    """The test texts are longer than the 16-token window, so sliding-window layers differ from full ones."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(gemma_dir)
+    arch = "gemma3" if config.model_type == "gemma3_text" else "gemma2"
+    path = export_gguf(gemma_dir, "f16", out=tmp_path / "alone" / "model.gguf")
+    tokenizer = AutoTokenizer.from_pretrained(gemma_dir)
+    assert _field(path, "general.architecture") == arch
+    assert _field(path, "tokenizer.ggml.add_space_prefix") is False
+    assert list(_field(path, f"{arch}.attention.sliding_window_pattern")) == [True, False]
+    assert _field(path, f"{arch}.attention.key_length") == 32
+    assert "output.weight" not in {t.name for t in gguf.GGUFReader(path).tensors}  # tied
+    assert len(tokenizer(_chat_texts(tokenizer)[0])["input_ids"]) > 4 * config.sliding_window
+    _llama_cpp_matches(gemma_dir, path, [line for line in dict.fromkeys(CORPUS)])
+    # transformers' reader cannot rebuild the model: it takes no query_pre_attn_scalar (assumes Google's 256),
+    # no per-layer window pattern and no second RoPE base from a file. The tokenizer it can.
+    _transformers_round_trip(gemma_dir, path, model=False)
+
+
+ARCHITECTURES = {
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+    "mistral": "MistralForCausalLM",
+}
+
+
+def _config(arch: str, **overrides) -> dict:
+    from conftest import tiny_config
+
+    overrides = {"tie_word_embeddings": arch == "gemma2", **overrides}  # Gemma 2 has no lm_head of its own
+    return {**tiny_config(arch, **overrides).to_dict(), "architectures": [ARCHITECTURES[arch]]}
+
+
+REFUSED = {  # what llama.cpp would compute differently: refused by check_exportable, before any training
+    "gemma2-query-scale": ("gemma2", {"query_pre_attn_scalar": 64}, "query_pre_attn_scalar 64"),
+    "gemma2-untied": ("gemma2", {"tie_word_embeddings": False}, "an output matrix of its own"),
+    "gemma2-no-softcap": ("gemma2", {"final_logit_softcapping": None}, "soft-capping"),
+    "gemma3-attn-softcap": ("gemma3", {"attn_logit_softcapping": 50.0}, "attention logit soft-capping"),
+    "gemma3-gelu-erf": ("gemma3", {"hidden_activation": "gelu"}, "activation 'gelu'"),
+    "gemma3-local-rope-scaled": (
+        "gemma3",
+        {
+            "rope_parameters": {
+                "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+            }
+        },
+        "RoPE scaling on the sliding-window layers",
+    ),
+    "phi3-longrope": (
+        "phi3",
+        {
+            "rope_parameters": {
+                "rope_type": "longrope",
+                "rope_theta": 1e4,
+                "short_factor": [1.0] * 8,
+                "long_factor": [1.0] * 8,
+            }
+        },
+        "RoPE scaling 'longrope'",
+    ),
+    "mistral-gelu": ("mistral", {"hidden_act": "gelu"}, "activation 'gelu'"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_configs_llama_cpp_would_run_differently_are_refused(case):
+    from chattune.export.gguf import UnsupportedModelError, check_exportable
+
+    arch, overrides, message = REFUSED[case]
+    check_exportable(_config(arch))  # the same family as the tests export is accepted
+    with pytest.raises(UnsupportedModelError, match=message):
+        check_exportable(_config(arch, **overrides))

@@ -2,8 +2,8 @@
 
     python3 -m chattune.export.gguf MODEL_DIR --outtype f16|q8_0|f32 [--out FILE]
 
-Supported architectures (SUPPORTED_ARCHITECTURES): Llama and Mistral (llama.cpp's `llama`), Qwen2 (`qwen2`) and
-Phi-3 (`phi3`).
+Supported architectures (SUPPORTED_ARCHITECTURES): Llama and Mistral (llama.cpp's `llama`), Qwen2 (`qwen2`),
+Phi-3 (`phi3`), Gemma 2 and Gemma 3 text models (`gemma2`, `gemma3`).
 Tokenizers: byte-level BPE (GPT-2, Qwen2, Llama 3) and SentencePiece-style BPE with byte fallback (Llama 2,
 Mistral, Phi-3, Gemma), see `chattune.export.gguf_vocab`.
 A model that llama.cpp would run differently from transformers (an activation, a RoPE scaling or an attention
@@ -65,6 +65,70 @@ def _phi3_keys(writer: Any, config: dict[str, Any]) -> None:
         writer.add_sliding_window(int(config["sliding_window"]))
 
 
+def _attention_scale_problem(config: dict[str, Any], layers_of_27b: int) -> str | None:
+    """llama.cpp does not read Gemma's `query_pre_attn_scalar`: it scales queries by 1/sqrt(head_dim), or by
+    1/sqrt(hidden_size / heads) for a model with as many layers as the 27B one, as Google's models have it."""
+    head_dim = _head_dim(config)
+    expected = int(config["hidden_size"]) // int(config["num_attention_heads"])
+    expected = expected if int(config["num_hidden_layers"]) == layers_of_27b else head_dim
+    scalar = config.get("query_pre_attn_scalar")
+    if scalar is not None and float(scalar) != float(expected):
+        return f"query_pre_attn_scalar {scalar} (llama.cpp scales queries by 1/sqrt({expected}) for this model)"
+    return None
+
+
+def _gemma_problem(config: dict[str, Any], layers_of_27b: int) -> str | None:
+    if config.get("attention_bias"):
+        return "attention biases (llama.cpp's Gemma has none)"
+    if config.get("use_bidirectional_attention"):
+        return "bidirectional attention (an embedding model, not a causal decoder)"
+    if not set(config.get("layer_types") or ()) <= {"sliding_attention", "full_attention"}:
+        return f"layer types {sorted(set(config['layer_types']))} (llama.cpp knows sliding and full attention)"
+    return _attention_scale_problem(config, layers_of_27b)
+
+
+def _gemma2_problem(config: dict[str, Any]) -> str | None:
+    # llama.cpp's gemma2 always caps both with tanh and always reuses the embedding as the output matrix.
+    if config.get("attn_logit_softcapping") is None or config.get("final_logit_softcapping") is None:
+        return "Gemma 2 without attention or final logit soft-capping (llama.cpp always applies both)"
+    if not config.get("tie_word_embeddings", True):
+        return "Gemma 2 with an output matrix of its own (llama.cpp always uses the token embedding)"
+    return _gemma_problem(config, layers_of_27b=46)
+
+
+def _gemma3_problem(config: dict[str, Any]) -> str | None:
+    if config.get("attn_logit_softcapping") is not None:
+        return "Gemma 3 with attention logit soft-capping (llama.cpp's gemma3 has none)"
+    if _rope_parameters(config, "sliding_attention")["rope_type"] != "default":
+        return "RoPE scaling on the sliding-window layers (llama.cpp scales the full-attention layers only)"
+    return _gemma_problem(config, layers_of_27b=62)
+
+
+def _write_sliding_window(writer: Any, config: dict[str, Any]) -> None:
+    """The window and which layers use it, one flag per layer as the config's `layer_types` says."""
+    if _uses_sliding_window(config):
+        writer.add_sliding_window(int(config["sliding_window"]))
+        writer.add_sliding_window_pattern([kind == "sliding_attention" for kind in config["layer_types"]])
+
+
+def _gemma2_keys(writer: Any, config: dict[str, Any]) -> None:
+    writer.add_attn_logit_softcapping(float(config["attn_logit_softcapping"]))
+    writer.add_final_logit_softcapping(float(config["final_logit_softcapping"]))
+    _write_sliding_window(writer, config)
+
+
+def _gemma3_keys(writer: Any, config: dict[str, Any]) -> None:
+    if config.get("final_logit_softcapping") is not None:
+        writer.add_final_logit_softcapping(float(config["final_logit_softcapping"]))
+    if _uses_sliding_window(config):
+        _write_sliding_window(writer, config)
+        # The sliding-window layers rotate with a base of their own (10000 where full layers use 1e6).
+        writer.add_rope_freq_base_swa(float(_rope_parameters(config, "sliding_attention")["rope_theta"]))
+
+
+_GEMMA = {"activations": ("gelu_pytorch_tanh",), "norm_offset": 1.0, "sliding_window": True}
+
+
 # The RoPE scalings llama.cpp's `llama` applies as transformers does; Llama 3.1's as a `rope_freqs` tensor.
 _LLAMA_ROPE = ("default", "linear", "yarn", "llama3")
 
@@ -100,6 +164,19 @@ SUPPORTED_ARCHITECTURES: dict[str, _Arch] = {
     # Fused qkv_proj and gate_up_proj, stored as they are (attn_qkv, ffn_up: llama.cpp splits them in the same
     # order). Phi-3's long-context RoPE ("longrope", the 128k models) is not written.
     "Phi3ForCausalLM": _Arch(gguf.MODEL_ARCH.PHI3, rope_types=("default",), keys=_phi3_keys),
+    # Gemma: norm weights +1 (see `_Arch.norm_offset`), embeddings scaled by sqrt(hidden_size) and the GELU
+    # (tanh) MLP, which llama.cpp's graphs do themselves; sliding-window layers as `layer_types` lists them.
+    "Gemma2ForCausalLM": _Arch(
+        gguf.MODEL_ARCH.GEMMA2,
+        rope_types=("default",),
+        own_output=False,
+        check=_gemma2_problem,
+        keys=_gemma2_keys,
+        **_GEMMA,
+    ),
+    "Gemma3ForCausalLM": _Arch(
+        gguf.MODEL_ARCH.GEMMA3, rope_types=("default", "linear"), check=_gemma3_problem, keys=_gemma3_keys, **_GEMMA
+    ),
 }
 
 # outtype -> (storage type of 2-D weight matrices, general.file_type). 1-D tensors (norms, biases) stay F32.
@@ -454,7 +531,7 @@ def export_gguf(model_dir: str | Path, outtype: str = "f16", out: str | Path | N
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python3 -m chattune.export.gguf",
-        description="Export a Hugging Face model folder (Llama, Mistral, Qwen2, Phi-3) to GGUF.",
+        description="Export a Hugging Face model folder (Llama, Mistral, Qwen2, Phi-3, Gemma 2/3) to GGUF.",
     )
     parser.add_argument("model_dir", type=Path, help="folder with config.json, weights and tokenizer")
     parser.add_argument("--outtype", choices=list(OUTTYPES), default="f16", help="weight storage (default: f16)")
