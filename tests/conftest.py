@@ -109,10 +109,11 @@ TINY_ARCHS = {
             "layer_types": ["sliding_attention", "full_attention"],
         },
     ),
-    "phi": ("PhiConfig", {}),  # home-llm's Phi-2 family: no grouped-query attention, not exportable to GGUF
+    "phi": ("PhiConfig", {}),  # home-llm's Phi-2 family: no grouped-query attention
     "phi3": ("Phi3Config", {}),
     "stablelm": ("StableLmConfig", {}),
-    "gpt2": ("GPT2Config", {}),  # hidden_size, num_hidden_layers, ... are GPT-2's n_embd, n_layer, ...
+    # hidden_size, num_hidden_layers, ... are GPT-2's n_embd, n_layer, ...; an architecture GGUF export refuses
+    "gpt2": ("GPT2Config", {}),
 }
 
 

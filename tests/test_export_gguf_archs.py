@@ -276,6 +276,8 @@ ARCHITECTURES = {
     "gemma3": "Gemma3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
     "mistral": "MistralForCausalLM",
+    "stablelm": "StableLmForCausalLM",
+    "phi": "PhiForCausalLM",
 }
 
 
@@ -315,6 +317,9 @@ REFUSED = {  # what llama.cpp would compute differently: refused by check_export
         "RoPE scaling 'longrope'",
     ),
     "mistral-gelu": ("mistral", {"hidden_act": "gelu"}, "activation 'gelu'"),
+    "stablelm-more-kv-heads": ("stablelm", {"num_key_value_heads": 32}, "32 key/value heads for 4 attention heads"),
+    "stablelm-qk-norm": ("stablelm", {"qk_layernorm": True, "num_key_value_heads": 4}, "per-head q/k layer norms"),
+    "phi2-qk-norm": ("phi", {"qk_layernorm": True}, "q/k layer norms"),
 }
 
 
@@ -323,6 +328,31 @@ def test_configs_llama_cpp_would_run_differently_are_refused(case):
     from chattune.export.gguf import UnsupportedModelError, check_exportable
 
     arch, overrides, message = REFUSED[case]
-    check_exportable(_config(arch))  # the same family as the tests export is accepted
+    check_exportable(_config(arch, **{"num_key_value_heads": 4} if arch == "stablelm" else {}))  # accepted
     with pytest.raises(UnsupportedModelError, match=message):
         check_exportable(_config(arch, **overrides))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Phi-2 and StableLM (byte-level BPE vocabularies: the test tokenizer)
+
+SMALL_FAMILIES = {  # id: (TINY_ARCHS name, config overrides)
+    "phi2": ("phi", {}),
+    "stablelm-qkv-bias": ("stablelm", {"use_qkv_bias": True, "num_key_value_heads": 2}),  # StableLM 2 1.6B
+    "stablelm-parallel": ("stablelm", {"use_parallel_residual": True, "num_key_value_heads": 4}),  # no ffn_norm
+}
+
+
+@pytest.mark.parametrize("family", SMALL_FAMILIES)
+def test_layer_norm_families_run_in_llama_cpp(family, test_tokenizer_dir, tmp_path):
+    arch, overrides = SMALL_FAMILIES[family]
+    model_dir = make_tiny_model(test_tokenizer_dir, tmp_path / family, arch=arch, seed=5, **overrides)
+    path = export_gguf(model_dir, "f16", out=tmp_path / "alone" / "model.gguf")
+    gguf_arch = {"phi": "phi2", "stablelm": "stablelm"}[arch]
+    assert _field(path, "general.architecture") == gguf_arch
+    assert _field(path, f"{gguf_arch}.attention.layer_norm_epsilon") == pytest.approx(1e-5)
+    rotary = {"phi": 0.5, "stablelm": 0.25}[arch]  # transformers' defaults
+    assert _field(path, f"{gguf_arch}.rope.dimension_count") == int(16 * rotary)
+    _llama_cpp_matches(model_dir, path)
+    if arch == "stablelm":  # transformers reads no `phi2` file
+        _transformers_round_trip(model_dir, path)

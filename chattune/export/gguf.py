@@ -3,7 +3,7 @@
     python3 -m chattune.export.gguf MODEL_DIR --outtype f16|q8_0|f32 [--out FILE]
 
 Supported architectures (SUPPORTED_ARCHITECTURES): Llama and Mistral (llama.cpp's `llama`), Qwen2 (`qwen2`),
-Phi-3 (`phi3`), Gemma 2 and Gemma 3 text models (`gemma2`, `gemma3`).
+Phi-3 (`phi3`), Gemma 2 and Gemma 3 text models (`gemma2`, `gemma3`), Phi-2 (`phi2`) and StableLM (`stablelm`).
 Tokenizers: byte-level BPE (GPT-2, Qwen2, Llama 3) and SentencePiece-style BPE with byte fallback (Llama 2,
 Mistral, Phi-3, Gemma), see `chattune.export.gguf_vocab`.
 A model that llama.cpp would run differently from transformers (an activation, a RoPE scaling or an attention
@@ -126,6 +126,18 @@ def _gemma3_keys(writer: Any, config: dict[str, Any]) -> None:
         writer.add_rope_freq_base_swa(float(_rope_parameters(config, "sliding_attention")["rope_theta"]))
 
 
+def _phi2_problem(config: dict[str, Any]) -> str | None:
+    if config.get("qk_layernorm"):
+        return "Phi with q/k layer norms (llama.cpp's phi2 has none)"
+    return None
+
+
+def _stablelm_problem(config: dict[str, Any]) -> str | None:
+    if config.get("qk_layernorm"):  # StableLM 2 12B: one LayerNorm module per head, not written here
+        return "StableLM with per-head q/k layer norms (qk_layernorm), which the exporter does not write"
+    return None
+
+
 _GEMMA = {"activations": ("gelu_pytorch_tanh",), "norm_offset": 1.0, "sliding_window": True}
 
 
@@ -150,6 +162,10 @@ class _Arch:
     sliding_window: bool = False
     # Whether llama.cpp reads an output matrix of its own; if not, it always reuses the token embedding.
     own_output: bool = True
+    # Whether llama.cpp requires one (Phi-2, StableLM): a model with tied embeddings then gets a copy.
+    output_required: bool = False
+    # LayerNorm with bias (Phi-2, StableLM) rather than RMSNorm: which epsilon is written.
+    layer_norm: bool = False
     # The architecture's own checks (a reason to refuse, or None) and hyper-parameter keys.
     check: Callable[[dict[str, Any]], str | None] = _no_check
     keys: Callable[[Any, dict[str, Any]], None] = _no_keys
@@ -176,6 +192,23 @@ SUPPORTED_ARCHITECTURES: dict[str, _Arch] = {
     ),
     "Gemma3ForCausalLM": _Arch(
         gguf.MODEL_ARCH.GEMMA3, rope_types=("default", "linear"), check=_gemma3_problem, keys=_gemma3_keys, **_GEMMA
+    ),
+    # Phi-2: attention and MLP side by side on one LayerNorm, biases everywhere (lm_head too), partial rotary.
+    "PhiForCausalLM": _Arch(
+        gguf.MODEL_ARCH.PHI2,
+        activations=("gelu_new", "gelu_pytorch_tanh"),
+        rope_types=("default",),
+        output_required=True,
+        layer_norm=True,
+        check=_phi2_problem,
+    ),
+    # StableLM (2): LayerNorm with bias, partial rotary, optional q/k/v biases and parallel residual.
+    "StableLmForCausalLM": _Arch(
+        gguf.MODEL_ARCH.STABLELM,
+        rope_types=("default",),
+        output_required=True,
+        layer_norm=True,
+        check=_stablelm_problem,
     ),
 }
 
@@ -227,6 +260,10 @@ def _config_problem(config: dict[str, Any], arch: _Arch) -> str | None:
     activation = config.get("hidden_activation") or config.get("hidden_act") or arch.activations[0]
     if activation not in arch.activations:
         return f"activation {activation!r} (llama.cpp computes {', '.join(arch.activations)} for this architecture)"
+    n_head = int(config.get("num_attention_heads") or 1)
+    n_kv_head = int(config.get("num_key_value_heads") or n_head)
+    if n_head % n_kv_head:  # llama.cpp shares each KV head among n_head / n_kv_head query heads
+        return f"{n_kv_head} key/value heads for {n_head} attention heads (not a whole number of heads per group)"
     rope_type = _rope_parameters(config)["rope_type"]
     if rope_type not in arch.rope_types:
         return f"RoPE scaling {rope_type!r} is not supported by the exporter for this architecture"
@@ -409,7 +446,10 @@ def _write_hparams(writer: Any, arch: _Arch, config: dict[str, Any], n_vocab: in
         writer.add_value_length(_head_dim(config))
     writer.add_rope_dimension_count(_rope_dim(config))
     writer.add_rope_freq_base(float(rope["rope_theta"]))
-    writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
+    if arch.layer_norm:
+        writer.add_layer_norm_eps(float(config.get("layer_norm_eps", 1e-5)))
+    else:
+        writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
     writer.add_vocab_size(n_vocab)
     _write_rope_scaling(writer, rope, int(config.get("max_position_embeddings") or 2048))
     arch.keys(writer, config)
@@ -468,7 +508,11 @@ def _write_tensors(
         raise UnsupportedModelError(f"{model_dir}: the checkpoint has no token embedding (embed_tokens)")
     # Without an `output` tensor llama.cpp reuses the embedding (tied weights). A checkpoint that stores
     # lm_head although the config says "tied" keeps it, as transformers does, unless it is the same matrix.
-    if output is not None and not (config.get("tie_word_embeddings") and torch.equal(output, embedding)):
+    if output is None and arch.output_required:
+        output = embedding  # tied: the checkpoint has no lm_head, llama.cpp needs the matrix under its own name
+    if arch.output_required or (
+        output is not None and not (config.get("tie_word_embeddings") and torch.equal(output, embedding))
+    ):
         if not arch.own_output:
             raise UnsupportedModelError(
                 f"{model_dir}: lm_head differs from the token embedding, and llama.cpp's "
@@ -531,7 +575,7 @@ def export_gguf(model_dir: str | Path, outtype: str = "f16", out: str | Path | N
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python3 -m chattune.export.gguf",
-        description="Export a Hugging Face model folder (Llama, Mistral, Qwen2, Phi-3, Gemma 2/3) to GGUF.",
+        description="Export a Hugging Face model folder to GGUF (architectures: see docs/export.md).",
     )
     parser.add_argument("model_dir", type=Path, help="folder with config.json, weights and tokenizer")
     parser.add_argument("--outtype", choices=list(OUTTYPES), default="f16", help="weight storage (default: f16)")
