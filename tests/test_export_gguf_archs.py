@@ -356,3 +356,34 @@ def test_layer_norm_families_run_in_llama_cpp(family, test_tokenizer_dir, tmp_pa
     _llama_cpp_matches(model_dir, path)
     if arch == "stablelm":  # transformers reads no `phi2` file
         _transformers_round_trip(model_dir, path)
+
+
+def test_legacy_sentencepiece_tokenizer_puts_the_space_everywhere(mistral_dir, tmp_path):
+    """The tokenizer.json of older Llama 2 / Mistral / Phi-3 repositories spells the leading "▁" with a
+    normalizer, before every piece of text including after special tokens: llama.cpp's add_space_prefix."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    model_dir = Path(shutil.copytree(mistral_dir, tmp_path / "legacy"))
+    tokenizer = json.loads((model_dir / "tokenizer.json").read_text())
+    tokenizer["pre_tokenizer"] = None
+    tokenizer["normalizer"] = {
+        "type": "Sequence",
+        "normalizers": [
+            {"type": "Prepend", "prepend": "▁"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "▁"},
+        ],
+    }
+    (model_dir / "tokenizer.json").write_text(json.dumps(tokenizer))
+    legacy = AutoTokenizer.from_pretrained(model_dir)
+    assert legacy.tokenize("<s>[INST]")[1] == "▁["  # the behaviour under test, as transformers loads it
+    path = export_gguf(model_dir, "f16", out=tmp_path / "legacy.gguf")
+    assert _field(path, "tokenizer.ggml.add_space_prefix") is True
+    llm = load_llama(path, n_ctx=256, n_threads=1, verbose=False)
+    for text in [*_chat_texts(legacy), "hello  world", " leading", "<s> after a space</s>\n x"]:
+        assert (
+            llm.tokenize(text.encode(), add_bos=False, special=True)
+            == legacy(text, add_special_tokens=False)["input_ids"]
+        ), text
