@@ -105,10 +105,13 @@ def _gemma3_problem(config: dict[str, Any]) -> str | None:
 
 
 def _write_sliding_window(writer: Any, config: dict[str, Any]) -> None:
-    """The window and which layers use it, one flag per layer as the config's `layer_types` says."""
-    if _uses_sliding_window(config):
+    """The window and which layers use it, one flag per layer as the config's `layer_types` says. Without a
+    window every flag is off: llama.cpp's gemma2 would otherwise slide a 4096-token window on every other layer."""
+    windowed = _uses_sliding_window(config)
+    if windowed:
         writer.add_sliding_window(int(config["sliding_window"]))
-        writer.add_sliding_window_pattern([kind == "sliding_attention" for kind in config["layer_types"]])
+    layer_types = config.get("layer_types") or ["full_attention"] * int(config["num_hidden_layers"])
+    writer.add_sliding_window_pattern([windowed and kind == "sliding_attention" for kind in layer_types])
 
 
 def _gemma2_keys(writer: Any, config: dict[str, Any]) -> None:
@@ -120,10 +123,9 @@ def _gemma2_keys(writer: Any, config: dict[str, Any]) -> None:
 def _gemma3_keys(writer: Any, config: dict[str, Any]) -> None:
     if config.get("final_logit_softcapping") is not None:
         writer.add_final_logit_softcapping(float(config["final_logit_softcapping"]))
-    if _uses_sliding_window(config):
-        _write_sliding_window(writer, config)
-        # The sliding-window layers rotate with a base of their own (10000 where full layers use 1e6).
-        writer.add_rope_freq_base_swa(float(_rope_parameters(config, "sliding_attention")["rope_theta"]))
+    _write_sliding_window(writer, config)
+    # The sliding-window layers rotate with a base of their own (10000 where full layers use 1e6).
+    writer.add_rope_freq_base_swa(float(_rope_parameters(config, "sliding_attention")["rope_theta"]))
 
 
 def _phi2_problem(config: dict[str, Any]) -> str | None:
