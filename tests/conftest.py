@@ -93,10 +93,27 @@ def test_tokenizer(test_tokenizer_dir):
 TINY_ARCHS = {
     "llama": ("LlamaConfig", {"num_key_value_heads": 2}),
     "qwen2": ("Qwen2Config", {"num_key_value_heads": 2}),
-    "phi": ("PhiConfig", {}),  # home-llm's Phi-2 family: no grouped-query attention, not exportable to GGUF
+    "mistral": ("MistralConfig", {"num_key_value_heads": 2, "head_dim": 16}),
+    # Gemma: heads wider than hidden_size / heads, as Gemma's are, and a window shorter than the test texts.
+    "gemma2": (
+        "Gemma2Config",
+        {"num_key_value_heads": 2, "head_dim": 32, "query_pre_attn_scalar": 32, "sliding_window": 16},
+    ),
+    "gemma3": (
+        "Gemma3TextConfig",
+        {
+            "num_key_value_heads": 2,
+            "head_dim": 32,
+            "query_pre_attn_scalar": 32,
+            "sliding_window": 16,
+            "layer_types": ["sliding_attention", "full_attention"],
+        },
+    ),
+    "phi": ("PhiConfig", {}),  # home-llm's Phi-2 family: no grouped-query attention
     "phi3": ("Phi3Config", {}),
     "stablelm": ("StableLmConfig", {}),
-    "gpt2": ("GPT2Config", {}),  # hidden_size, num_hidden_layers, ... are GPT-2's n_embd, n_layer, ...
+    # hidden_size, num_hidden_layers, ... are GPT-2's n_embd, n_layer, ...; an architecture GGUF export refuses
+    "gpt2": ("GPT2Config", {}),
 }
 
 
@@ -134,6 +151,15 @@ def make_tiny_model(tokenizer_dir: Path, out_dir: Path, arch: str = "llama", see
     AutoModelForCausalLM.from_config(tiny_config(arch, tokenizer=tokenizer, **overrides)).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def load_llama(path: Path, **kwargs):
+    """chattune's llama_cpp.Llama loader (safe from the AMX backend's crash), skipping the test when
+    llama-cpp-python is not installed (it is not a dependency: installing it compiles llama.cpp)."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    from chattune.evaluation.llama_cpp import load_llama as load
+
+    return load(path, **kwargs)
 
 
 @pytest.fixture(scope="session")

@@ -58,7 +58,7 @@ def inputs(tmp_path_factory, test_tokenizer_dir) -> dict[str, Path]:
         "tokenizer": test_tokenizer_dir,
         "adapter": adapter,
         "a_file": write_jsonl(root / "a_file.jsonl", []),
-        "phi": make_tiny_model(test_tokenizer_dir, root / "phi", arch="phi"),
+        "gpt2": make_tiny_model(test_tokenizer_dir, root / "gpt2", arch="gpt2"),
     }
 
 
@@ -84,8 +84,8 @@ CASES = {  # id: (flags after the defaults, the message, what must not have star
     "missing-local-base": (["--base_model", "{root}/no/model"], "--base_model {root}/no/model: no such model folder"),
     "missing-relative-base": (["--base_model", "./no/such/model"], "--base_model ./no/such/model: no such model"),
     "gguf-export-refused": (
-        ["--base_model", "{phi}", "--export_gguf", "f16"],
-        "cannot export architecture PhiForCausalLM to GGUF",
+        ["--base_model", "{gpt2}", "--export_gguf", "f16"],
+        "cannot export architecture GPT2LMHeadModel to GGUF",
     ),
     "null-preference-side": (
         ["--dpo", "--train_dataset", "{pairs}"],

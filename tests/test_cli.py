@@ -85,18 +85,18 @@ def test_console_scripts_run_the_wrapped_mains():
 
 
 def test_train_refuses_a_gguf_export_it_could_not_write_before_training(test_tokenizer_dir, tmp_path):
-    base = make_tiny_model(test_tokenizer_dir, tmp_path / "phi", arch="phi")
+    base = make_tiny_model(test_tokenizer_dir, tmp_path / "gpt2", arch="gpt2")
     data = write_jsonl(tmp_path / "train.jsonl", chat_rows(4))
     result = run_script(TRAIN, *train_argv(base, data, tmp_path, run_name="r", export_gguf="f16"))
     assert result.returncode == 2, result.stderr[-2000:]
-    assert "cannot export architecture PhiForCausalLM to GGUF" in result.stderr
+    assert "cannot export architecture GPT2LMHeadModel to GGUF" in result.stderr
     assert "Tokenizing" not in result.stderr and not (tmp_path / "runs").exists()  # no data prepared, no training
 
 
 @pytest.mark.parametrize(
     "config,message",
     [
-        ({"architectures": ["PhiForCausalLM"]}, "cannot export architecture PhiForCausalLM"),
+        ({"architectures": ["GPT2LMHeadModel"]}, "cannot export architecture GPT2LMHeadModel"),
         ({"architectures": ["LlamaForCausalLM"], "rope_scaling": {"rope_type": "dynamic"}}, "RoPE scaling 'dynamic'"),
         ({"architectures": ["Qwen2ForCausalLM"], "rope_scaling": {"rope_type": "llama3"}}, "RoPE scaling 'llama3'"),
     ],

@@ -268,8 +268,8 @@ class TrainFlags:
             raise FlagError("--eval_fraction must be in (0, 1]")
         _check_evaluation_flags(self)
         if self.export_gguf:
-            from chattune.export.gguf import ALL_OUTTYPES, LLAMA_QUANT_TYPES
-            from chattune.export.quantize import require_quantizer
+            from chattune.export.gguf import ALL_OUTTYPES
+            from chattune.export.quantize import LLAMA_QUANT_TYPES, require_quantizer
 
             if self.export_gguf not in ALL_OUTTYPES:
                 raise FlagError(f"--export_gguf must be one of {', '.join(ALL_OUTTYPES)}, not {self.export_gguf!r}")

@@ -5,10 +5,14 @@
 
 An Ollama `Modelfile` is written beside the file (chattune.export.ollama).
 
-Supported: Llama and Qwen2 decoders (`LlamaForCausalLM`, `Qwen2ForCausalLM`) with a byte-level BPE
-tokenizer (GPT-2 / Qwen2 / Llama-3 style `tokenizer.json`). Anything else is refused with a message
-saying what is supported, before any weight is read. The file is written under a temporary name and
-renamed into place, so a crash never leaves a truncated `.gguf` that looks finished.
+Supported architectures (SUPPORTED_ARCHITECTURES): Llama and Mistral (llama.cpp's `llama`), Qwen2 (`qwen2`),
+Phi-3 (`phi3`), Gemma 2 and Gemma 3 text models (`gemma2`, `gemma3`), Phi-2 (`phi2`) and StableLM (`stablelm`).
+Tokenizers: byte-level BPE (GPT-2, Qwen2, Llama 3) and SentencePiece-style BPE with byte fallback (Llama 2,
+Mistral, Phi-3, Gemma), see `chattune.export.gguf_vocab`.
+A model that llama.cpp would run differently from transformers (an activation, a RoPE scaling or an attention
+variant its graph for the architecture does not have) is refused with a message saying why, before any weight
+is read; `check_exportable` runs the same checks at the start of a training run. The file is written under a
+temporary name and renamed into place, so a crash never leaves a truncated `.gguf` that looks finished.
 
 f32, f16 and q8_0 are written here. The k-quants and llama.cpp's other types are made from the f16 file by
 llama.cpp's own quantizer (chattune.export.quantize), as llama-quantize would.
@@ -25,7 +29,7 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,23 +40,193 @@ import numpy as np
 from chattune.atomic import atomic_path
 from chattune.cli import entry_point
 from chattune.errors import ChattuneError
+from chattune.export.gguf_vocab import (
+    TokenizerKind,
+    UnsupportedModelError,
+    file_name,
+    read_vocab,
+    tokenizer_kind,
+    write_vocab,
+)
 from chattune.export.ollama import write_modelfile
 from chattune.export.quantize import LLAMA_QUANT_TYPES, quantize_gguf, require_quantizer
 
+__all__ = [
+    "ALL_OUTTYPES",
+    "SUPPORTED_ARCHITECTURES",
+    "UnsupportedModelError",
+    "check_exportable",
+    "export_gguf",
+    "main",
+]
+
 logger = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------------------------------------------
+# Architectures
+
+
+def _no_check(config: dict[str, Any]) -> str | None:
+    return None
+
+
+def _no_keys(writer: Any, config: dict[str, Any]) -> None:
+    return None
+
+
+def _phi3_keys(writer: Any, config: dict[str, Any]) -> None:
+    # llama.cpp reads the window but does not apply it to Phi-3 yet (see `_context_length`); written as it is.
+    if _uses_sliding_window(config):
+        writer.add_sliding_window(int(config["sliding_window"]))
+
+
+def _attention_scale_problem(config: dict[str, Any], layers_of_27b: int) -> str | None:
+    """llama.cpp does not read Gemma's `query_pre_attn_scalar`: it scales queries by 1/sqrt(head_dim), or by
+    1/sqrt(hidden_size / heads) for a model with as many layers as the 27B one, as Google's models have it."""
+    head_dim = _head_dim(config)
+    expected = int(config["hidden_size"]) // int(config["num_attention_heads"])
+    expected = expected if int(config["num_hidden_layers"]) == layers_of_27b else head_dim
+    scalar = config.get("query_pre_attn_scalar")
+    if scalar is not None and float(scalar) != float(expected):
+        return f"query_pre_attn_scalar {scalar} (llama.cpp scales queries by 1/sqrt({expected}) for this model)"
+    return None
+
+
+def _gemma_problem(config: dict[str, Any], layers_of_27b: int) -> str | None:
+    if config.get("attention_bias"):
+        return "attention biases (llama.cpp's Gemma has none)"
+    if config.get("use_bidirectional_attention"):
+        return "bidirectional attention (an embedding model, not a causal decoder)"
+    if not set(config.get("layer_types") or ()) <= {"sliding_attention", "full_attention"}:
+        return f"layer types {sorted(set(config['layer_types']))} (llama.cpp knows sliding and full attention)"
+    return _attention_scale_problem(config, layers_of_27b)
+
+
+def _gemma2_problem(config: dict[str, Any]) -> str | None:
+    # llama.cpp's gemma2 always caps both with tanh and always reuses the embedding as the output matrix.
+    if config.get("attn_logit_softcapping") is None or config.get("final_logit_softcapping") is None:
+        return "Gemma 2 without attention or final logit soft-capping (llama.cpp always applies both)"
+    if not config.get("tie_word_embeddings", True):
+        return "Gemma 2 with an output matrix of its own (llama.cpp always uses the token embedding)"
+    return _gemma_problem(config, layers_of_27b=46)
+
+
+def _gemma3_problem(config: dict[str, Any]) -> str | None:
+    if config.get("attn_logit_softcapping") is not None:
+        return "Gemma 3 with attention logit soft-capping (llama.cpp's gemma3 has none)"
+    if _rope_parameters(config, "sliding_attention")["rope_type"] != "default":
+        return "RoPE scaling on the sliding-window layers (llama.cpp scales the full-attention layers only)"
+    return _gemma_problem(config, layers_of_27b=62)
+
+
+def _write_sliding_window(writer: Any, config: dict[str, Any]) -> None:
+    """The window and which layers use it, one flag per layer as the config's `layer_types` says. Without a
+    window every flag is off: llama.cpp's gemma2 would otherwise slide a 4096-token window on every other layer."""
+    windowed = _uses_sliding_window(config)
+    if windowed:
+        writer.add_sliding_window(int(config["sliding_window"]))
+    layer_types = config.get("layer_types") or ["full_attention"] * int(config["num_hidden_layers"])
+    writer.add_sliding_window_pattern([windowed and kind == "sliding_attention" for kind in layer_types])
+
+
+def _gemma2_keys(writer: Any, config: dict[str, Any]) -> None:
+    writer.add_attn_logit_softcapping(float(config["attn_logit_softcapping"]))
+    writer.add_final_logit_softcapping(float(config["final_logit_softcapping"]))
+    _write_sliding_window(writer, config)
+
+
+def _gemma3_keys(writer: Any, config: dict[str, Any]) -> None:
+    if config.get("final_logit_softcapping") is not None:
+        writer.add_final_logit_softcapping(float(config["final_logit_softcapping"]))
+    _write_sliding_window(writer, config)
+    # The sliding-window layers rotate with a base of their own (10000 where full layers use 1e6).
+    writer.add_rope_freq_base_swa(float(_rope_parameters(config, "sliding_attention")["rope_theta"]))
+
+
+def _phi2_problem(config: dict[str, Any]) -> str | None:
+    if config.get("qk_layernorm"):
+        return "Phi with q/k layer norms (llama.cpp's phi2 has none)"
+    return None
+
+
+def _stablelm_problem(config: dict[str, Any]) -> str | None:
+    if config.get("qk_layernorm"):  # StableLM 2 12B: one LayerNorm module per head, not written here
+        return "StableLM with per-head q/k layer norms (qk_layernorm), which the exporter does not write"
+    return None
+
+
+_GEMMA = {"activations": ("gelu_pytorch_tanh",), "norm_offset": 1.0, "sliding_window": True}
+
+
+# The RoPE scalings llama.cpp's `llama` applies as transformers does; Llama 3.1's as a `rope_freqs` tensor.
+_LLAMA_ROPE = ("default", "linear", "yarn", "llama3")
 
 
 @dataclass(frozen=True)
 class _Arch:
+    """How a Hugging Face architecture is written as a llama.cpp architecture."""
+
     gguf_arch: gguf.MODEL_ARCH
     # Whether q/k projections must be re-ordered for llama.cpp's rotary layout (see `_interleave_rope_rows`).
-    interleave_rope: bool
+    interleave_rope: bool = False
+    # The activations (config `hidden_act` / `hidden_activation`) llama.cpp's graph for it computes.
+    activations: tuple[str, ...] = ("silu",)
+    # The RoPE scalings llama.cpp applies to it as transformers does.
+    rope_types: tuple[str, ...] = ("default", "linear", "yarn")
+    # Gemma's RMSNorm scales by (1 + weight), llama.cpp's by the weight: added to every norm weight.
+    norm_offset: float = 0.0
+    # Whether llama.cpp applies the config's sliding-window attention (otherwise see `_context_length`).
+    sliding_window: bool = False
+    # Whether llama.cpp reads an output matrix of its own; if not, it always reuses the token embedding.
+    own_output: bool = True
+    # Whether llama.cpp requires one (Phi-2, StableLM): a model with tied embeddings then gets a copy.
+    output_required: bool = False
+    # LayerNorm with bias (Phi-2, StableLM) rather than RMSNorm: which epsilon is written.
+    layer_norm: bool = False
+    # The architecture's own checks (a reason to refuse, or None) and hyper-parameter keys.
+    check: Callable[[dict[str, Any]], str | None] = _no_check
+    keys: Callable[[Any, dict[str, Any]], None] = _no_keys
 
 
 SUPPORTED_ARCHITECTURES: dict[str, _Arch] = {
-    "LlamaForCausalLM": _Arch(gguf.MODEL_ARCH.LLAMA, interleave_rope=True),
+    "LlamaForCausalLM": _Arch(gguf.MODEL_ARCH.LLAMA, interleave_rope=True, rope_types=_LLAMA_ROPE),
+    # Mistral is a Llama with sliding-window attention, which llama.cpp's `llama` does not apply.
+    "MistralForCausalLM": _Arch(gguf.MODEL_ARCH.LLAMA, interleave_rope=True, rope_types=_LLAMA_ROPE),
     # llama.cpp runs Qwen2 with the "NeoX" rotary layout, which is the one Hugging Face uses: no re-ordering.
-    "Qwen2ForCausalLM": _Arch(gguf.MODEL_ARCH.QWEN2, interleave_rope=False),
+    "Qwen2ForCausalLM": _Arch(gguf.MODEL_ARCH.QWEN2),
+    # Fused qkv_proj and gate_up_proj, stored as they are (attn_qkv, ffn_up: llama.cpp splits them in the same
+    # order). Phi-3's long-context RoPE ("longrope", the 128k models) is not written.
+    "Phi3ForCausalLM": _Arch(gguf.MODEL_ARCH.PHI3, rope_types=("default",), keys=_phi3_keys),
+    # Gemma: norm weights +1 (see `_Arch.norm_offset`), embeddings scaled by sqrt(hidden_size) and the GELU
+    # (tanh) MLP, which llama.cpp's graphs do themselves; sliding-window layers as `layer_types` lists them.
+    "Gemma2ForCausalLM": _Arch(
+        gguf.MODEL_ARCH.GEMMA2,
+        rope_types=("default",),
+        own_output=False,
+        check=_gemma2_problem,
+        keys=_gemma2_keys,
+        **_GEMMA,
+    ),
+    "Gemma3ForCausalLM": _Arch(
+        gguf.MODEL_ARCH.GEMMA3, rope_types=("default", "linear"), check=_gemma3_problem, keys=_gemma3_keys, **_GEMMA
+    ),
+    # Phi-2: attention and MLP side by side on one LayerNorm, biases everywhere (lm_head too), partial rotary.
+    "PhiForCausalLM": _Arch(
+        gguf.MODEL_ARCH.PHI2,
+        activations=("gelu_new", "gelu_pytorch_tanh"),
+        rope_types=("default",),
+        output_required=True,
+        layer_norm=True,
+        check=_phi2_problem,
+    ),
+    # StableLM (2): LayerNorm with bias, partial rotary, optional q/k/v biases and parallel residual.
+    "StableLmForCausalLM": _Arch(
+        gguf.MODEL_ARCH.STABLELM,
+        rope_types=("default",),
+        output_required=True,
+        layer_norm=True,
+        check=_stablelm_problem,
+    ),
 }
 
 # outtype -> (storage type of 2-D weight matrices, general.file_type). 1-D tensors (norms, biases) stay F32.
@@ -67,28 +241,6 @@ ALL_OUTTYPES: tuple[str, ...] = (*OUTTYPES, *LLAMA_QUANT_TYPES)
 
 # Checkpoint entries that are buffers, not weights: nothing in GGUF corresponds to them.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
-
-# A text whose pre-tokenization tells the byte-level families apart: contractions in both cases (GPT-2
-# matches them case-sensitively), long digit runs (Qwen2 splits digits one by one, Llama 3 in threes),
-# runs of spaces and newlines, letters outside ASCII, and punctuation glued to words.
-_PRE_TOKENIZER_PROBE = (
-    "I'm sure we'LL see DON'T you'd 've 12345678 3.14159 x=1000000;\n\n\n  indented\tand\r\n"
-    "   spaces   end  Grüße München ça 日本語のテキスト 🙂🙂 ```python\nprint('hi')``` ((a+b)) --flag !!!?"
-)
-
-# Split patterns of the byte-level BPE families llama.cpp knows by name (the `tokenizer.ggml.pre` value).
-_QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-
-
-class UnsupportedModelError(ChattuneError, ValueError):
-    """The folder holds a model or tokenizer this exporter cannot write faithfully."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -111,24 +263,73 @@ def _architecture(config: dict[str, Any], model_dir: Any) -> tuple[str, _Arch]:
     )
 
 
-def _check_rope(rope: dict[str, Any], arch: _Arch, where: Any) -> None:
-    rope_type = rope["rope_type"]
-    if rope_type not in ("default", "linear", "yarn") and not (
-        rope_type == "llama3" and arch.gguf_arch == gguf.MODEL_ARCH.LLAMA
-    ):
-        raise UnsupportedModelError(f"{where}: RoPE scaling {rope_type!r} is not supported by the exporter")
+def _rope_parameters(config: dict[str, Any], layer_type: str = "full_attention") -> dict[str, Any]:
+    """transformers 5 keeps these in `rope_parameters` (per layer type where layer types differ, as in Gemma 3);
+    older configs in `rope_theta` + `rope_scaling` + `partial_rotary_factor`."""
+    params = dict(config.get("rope_scaling") or {})
+    nested = config.get("rope_parameters") or {}
+    params.update(nested.get(layer_type, {}) if isinstance(nested.get(layer_type), dict) else nested)
+    params.setdefault("rope_theta", config.get("rope_theta", 10000.0))
+    params.setdefault("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+    params["rope_type"] = params.get("rope_type", params.get("type", "default")) or "default"
+    return params
+
+
+def _config_problem(config: dict[str, Any], arch: _Arch) -> str | None:
+    """Why llama.cpp would compute something else than transformers with this config, or None."""
+    activation = config.get("hidden_activation") or config.get("hidden_act") or arch.activations[0]
+    if activation not in arch.activations:
+        return f"activation {activation!r} (llama.cpp computes {', '.join(arch.activations)} for this architecture)"
+    n_head = int(config.get("num_attention_heads") or 1)
+    n_kv_head = int(config.get("num_key_value_heads") or n_head)
+    if n_head % n_kv_head:  # llama.cpp shares each KV head among n_head / n_kv_head query heads
+        return f"{n_kv_head} key/value heads for {n_head} attention heads (not a whole number of heads per group)"
+    rope_type = _rope_parameters(config)["rope_type"]
+    if rope_type not in arch.rope_types:
+        return f"RoPE scaling {rope_type!r} is not supported by the exporter for this architecture"
+    return arch.check(config)
 
 
 def check_exportable(config: dict[str, Any], tokenizer: Any | None = None, where: Any = "the model") -> None:
-    """What export_gguf refuses before reading a weight: the architecture, its RoPE scaling and the tokenizer.
+    """What export_gguf refuses before reading a weight: the architecture, its configuration and the tokenizer.
 
     train.py runs it on the base model at the start of a run that ends in --export_gguf, since fine-tuning
-    changes neither, so an export that cannot succeed fails before the training rather than after it.
+    changes none of them, so an export that cannot succeed fails before the training rather than after it.
     """
     _, arch = _architecture(config, where)
-    _check_rope(_rope_parameters(config), arch, where)
+    problem = _config_problem(config, arch)
+    if problem:
+        raise UnsupportedModelError(f"{where}: {problem}")
     if tokenizer is not None:
-        _pre_tokenizer_of(tokenizer)
+        tokenizer_kind(tokenizer)
+
+
+def _load_config(model_dir: Path) -> tuple[dict[str, Any], _Arch]:
+    """The config with transformers' defaults filled in (hub configs leave out what equals the default)."""
+    from transformers import AutoConfig
+
+    raw = _read_json(model_dir / "config.json")
+    _, arch = _architecture(raw, model_dir)  # first, so that an unknown model type is refused by name
+    config = AutoConfig.from_pretrained(str(model_dir)).to_dict()
+    problem = _config_problem(config, arch)
+    if problem:
+        raise UnsupportedModelError(f"{model_dir}: {problem}")
+    if config.get("quantization_config"):
+        raise UnsupportedModelError(
+            f"{model_dir}: the checkpoint is quantized ({config['quantization_config'].get('quant_method', '?')}); "
+            "export a float (merged) model"
+        )
+    return config, arch
+
+
+def _load_tokenizer(model_dir: Path) -> tuple[Any, TokenizerKind]:
+    """The folder's tokenizer and the llama.cpp tokenizer to write it as; refuses what GGUF cannot reproduce."""
+    from transformers import AutoTokenizer
+
+    if not any((model_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        raise FileNotFoundError(f"{model_dir}: no tokenizer (tokenizer.json) to export")
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    return tokenizer, tokenizer_kind(tokenizer)
 
 
 def _iter_checkpoint(model_dir: Path) -> Iterator[tuple[str, Any]]:
@@ -154,16 +355,6 @@ def _iter_checkpoint(model_dir: Path) -> Iterator[tuple[str, Any]]:
         raise FileNotFoundError(f"{model_dir}: no model.safetensors, sharded safetensors or pytorch_model.bin")
     for file in bins:
         yield from torch.load(file, map_location="cpu", weights_only=True).items()
-
-
-def _rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
-    """transformers 5 keeps these in `rope_parameters`; older configs in `rope_theta` + `rope_scaling`."""
-    params = dict(config.get("rope_scaling") or {})
-    params.update(config.get("rope_parameters") or {})
-    if "rope_theta" not in params:
-        params["rope_theta"] = config.get("rope_theta", 10000.0)
-    params["rope_type"] = params.get("rope_type", params.get("type", "default")) or "default"
-    return params
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -219,140 +410,142 @@ def _encode_tensor(data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> tuple[
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Tokenizer
-
-
-@dataclass
-class _Vocab:
-    tokens: list[str]
-    types: list[int]
-    merges: list[str]
-    pre: str
-    special_ids: dict[str, int]  # bos / eos / unk / pad / eot
-    add_bos: bool
-    add_eos: bool
-    chat_template: str | list[dict[str, str]] | None
-
-
-def _detect_pre_tokenizer(backend: Any) -> str:
-    """The `tokenizer.ggml.pre` name of a byte-level BPE tokenizer (a `tokenizers.Tokenizer`).
-
-    Decided by behaviour, not by reading the JSON: the tokenizer's own pre-tokenizer and each known
-    family's split a probe text, and the family that splits it identically is the answer.
-    """
-    from tokenizers import Regex, pre_tokenizers
-
-    model_type = type(backend.model).__name__
-    if model_type != "BPE" or backend.pre_tokenizer is None:
-        raise UnsupportedModelError(
-            "unsupported tokenizer: GGUF export handles byte-level BPE tokenizers only (GPT-2, Qwen2, Llama 3 "
-            f"style), this one is a {model_type} model" + ("" if backend.pre_tokenizer else " without a pre-tokenizer")
-        )
-
-    def byte_level_after(pattern: str) -> Any:
-        return pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-            ]
-        )
-
-    candidates = {
-        "gpt-2": pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        "qwen2": byte_level_after(_QWEN2_SPLIT),
-        "llama-bpe": byte_level_after(_LLAMA3_SPLIT),
-    }
-    try:
-        ours = backend.pre_tokenizer.pre_tokenize_str(_PRE_TOKENIZER_PROBE)
-    except Exception as error:  # a pre-tokenizer kind that cannot run on its own
-        raise UnsupportedModelError(f"unsupported tokenizer: its pre-tokenizer cannot be checked ({error})") from error
-    for name, candidate in candidates.items():
-        if candidate.pre_tokenize_str(_PRE_TOKENIZER_PROBE) == ours:
-            return name
-    raise UnsupportedModelError(
-        "unsupported tokenizer: its pre-tokenizer splits text unlike any byte-level BPE family this exporter knows "
-        f"({', '.join(candidates)}); SentencePiece-style tokenizers (Metaspace, e.g. Mistral v1, Llama 2) "
-        "are not supported"
-    )
-
-
-def _chat_template(tokenizer: Any) -> str | list[dict[str, str]] | None:
-    template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, dict):  # several named templates: GGUF has a default plus named extras
-        return [{"name": name, "template": text} for name, text in template.items()]
-    return template or None
-
-
-def _load_tokenizer(model_dir: Path) -> tuple[Any, str]:
-    """The folder's tokenizer and its `tokenizer.ggml.pre` name; refuses tokenizers GGUF export cannot write."""
-    from transformers import AutoTokenizer
-
-    if not any((model_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
-        raise FileNotFoundError(f"{model_dir}: no tokenizer (tokenizer.json) to export")
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    return tokenizer, _pre_tokenizer_of(tokenizer)
-
-
-def _pre_tokenizer_of(tokenizer: Any) -> str:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise UnsupportedModelError("unsupported tokenizer: no fast (tokenizers) backend to read the vocabulary from")
-    return _detect_pre_tokenizer(backend)
-
-
-def _read_vocab(tokenizer: Any, pre: str, n_vocab: int, generation_config: dict[str, Any]) -> _Vocab:
-    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
-
-    by_id: dict[int, tuple[str, int]] = {
-        index: (token, gguf.TokenType.NORMAL) for token, index in model["vocab"].items()
-    }
-    for index, added in tokenizer.added_tokens_decoder.items():
-        # Special tokens are CONTROL: llama.cpp matches them whole and hides them when printing by default.
-        # Added tokens that are not special are USER_DEFINED: also matched whole, but printed.
-        by_id[index] = (added.content, gguf.TokenType.CONTROL if added.special else gguf.TokenType.USER_DEFINED)
-    if by_id and max(by_id) >= n_vocab:
-        raise UnsupportedModelError(
-            f"the tokenizer has ids up to {max(by_id)} but the embedding matrix has only {n_vocab} rows"
-        )
-    tokens, types = [], []
-    for index in range(n_vocab):
-        # Rows with no token (the embedding padded to a multiple of 32, or gaps in the ids) get placeholders,
-        # so that the token count equals the number of embedding rows, as llama.cpp requires.
-        token, token_type = by_id.get(index, (f"[PAD{index}]", gguf.TokenType.UNUSED))
-        tokens.append(token)
-        types.append(int(token_type))
-
-    merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in model.get("merges", [])]
-
-    special_ids = {
-        name: token_id
-        for name in ("bos", "eos", "unk", "pad")
-        if (token_id := getattr(tokenizer, f"{name}_token_id", None)) is not None
-    }
-    # A chat model usually stops on an end-of-turn token besides EOS (chattune writes both into
-    # generation_config.json): give llama.cpp the first other one as its end-of-turn token.
-    stop_ids = generation_config.get("eos_token_id")
-    stop_ids = stop_ids if isinstance(stop_ids, list) else [stop_ids]
-    extra = [i for i in stop_ids if isinstance(i, int) and i != special_ids.get("eos") and 0 <= i < n_vocab]
-    if extra:
-        special_ids["eot"] = extra[0]
-
-    # Whether the tokenizer puts BOS / EOS around a text by itself, as the HF tokenizer really does it.
-    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    full = tokenizer("a")["input_ids"]
-    add_bos = "bos" in special_ids and len(full) > len(plain) and full[0] == special_ids["bos"]
-    add_eos = "eos" in special_ids and len(full) > len(plain) and full[-1] == special_ids["eos"]
-
-    return _Vocab(tokens, types, merges, pre, special_ids, add_bos, add_eos, _chat_template(tokenizer))
-
-
-# --------------------------------------------------------------------------------------------------------------
 # Writing
 
 
 def default_output_path(model_dir: str | Path, outtype: str) -> Path:
     model_dir = Path(model_dir).resolve()
     return model_dir / f"{model_dir.name}-{outtype}.gguf"
+
+
+def _uses_sliding_window(config: dict[str, Any]) -> bool:
+    if not config.get("sliding_window"):
+        return False
+    if config.get("layer_types"):
+        return "sliding_attention" in config["layer_types"]
+    return bool(config.get("use_sliding_window", True))
+
+
+def _context_length(config: dict[str, Any], arch: _Arch, where: Any) -> int:
+    """The context length, or the attention window of a sliding-window model that llama.cpp runs without one
+    (Mistral v0.1, Phi-3): up to the window both compute the same, past it llama.cpp attends to every token."""
+    length = int(config.get("max_position_embeddings") or 2048)
+    window = int(config.get("sliding_window") or 0)
+    if arch.sliding_window or not _uses_sliding_window(config) or window >= length:
+        return length
+    logger.warning(
+        "%s: llama.cpp runs %s without sliding-window attention, so the file's context length is the window, "
+        "%d tokens, within which it computes what transformers does (the model's own is %d)",
+        where,
+        gguf.MODEL_ARCH_NAMES[arch.gguf_arch],
+        window,
+        length,
+    )
+    return window
+
+
+def _head_dim(config: dict[str, Any]) -> int:
+    return int(config.get("head_dim") or int(config["hidden_size"]) // int(config["num_attention_heads"]))
+
+
+def _rope_dim(config: dict[str, Any]) -> int:
+    return int(_head_dim(config) * float(_rope_parameters(config)["partial_rotary_factor"]))
+
+
+def _write_hparams(writer: Any, arch: _Arch, config: dict[str, Any], n_vocab: int, where: Any) -> None:
+    hidden, n_head = int(config["hidden_size"]), int(config["num_attention_heads"])
+    rope = _rope_parameters(config)
+    writer.add_context_length(_context_length(config, arch, where))
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(int(config["num_hidden_layers"]))
+    writer.add_feed_forward_length(int(config["intermediate_size"]))
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(int(config.get("num_key_value_heads") or n_head))
+    if _head_dim(config) != hidden // n_head:
+        writer.add_key_length(_head_dim(config))
+        writer.add_value_length(_head_dim(config))
+    writer.add_rope_dimension_count(_rope_dim(config))
+    writer.add_rope_freq_base(float(rope["rope_theta"]))
+    if arch.layer_norm:
+        writer.add_layer_norm_eps(float(config.get("layer_norm_eps", 1e-5)))
+    else:
+        writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
+    writer.add_vocab_size(n_vocab)
+    _write_rope_scaling(writer, rope, int(config.get("max_position_embeddings") or 2048))
+    arch.keys(writer, config)
+
+
+def _write_rope_scaling(writer: Any, rope: dict[str, Any], max_positions: int) -> None:
+    """Linear and YaRN scaling as keys (Llama 3.1's is the `rope_freqs` tensor, see `_write_tensors`)."""
+    if rope["rope_type"] == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+    elif rope["rope_type"] == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+        writer.add_rope_scaling_orig_ctx_len(int(rope.get("original_max_position_embeddings", max_positions)))
+
+
+def _convert(hf_name: str, tensor: Any, arch: _Arch, config: dict[str, Any]) -> np.ndarray:
+    """A checkpoint tensor as float32, in llama.cpp's convention for the architecture."""
+    import torch
+
+    data = tensor.to(torch.float32).numpy()
+    if arch.interleave_rope and (".self_attn.q_proj." in hf_name or ".self_attn.k_proj." in hf_name):
+        n_head = int(config["num_attention_heads"])
+        data = _interleave_rope_rows(data, n_head if ".q_proj." in hf_name else int(config["num_key_value_heads"]))
+    if arch.norm_offset and hf_name.endswith("norm.weight"):
+        data = data + np.float32(arch.norm_offset)
+    return data
+
+
+def _add_tensor(writer: Any, name: str, data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> None:
+    encoded, stored_as = _encode_tensor(data, qtype)
+    writer.add_tensor(name, encoded, raw_dtype=stored_as)
+
+
+def _write_tensors(
+    writer: Any, model_dir: Path, arch: _Arch, config: dict[str, Any], qtype: gguf.GGMLQuantizationType
+) -> int:
+    """Every tensor of the checkpoint under llama.cpp's name; returns the number of embedding rows."""
+    import torch
+
+    names = gguf.get_tensor_name_map(arch.gguf_arch, int(config["num_hidden_layers"]))
+    n_vocab, embedding, output = None, None, None
+    for hf_name, tensor in _iter_checkpoint(model_dir):
+        if hf_name.endswith(_IGNORED_SUFFIXES):
+            continue
+        if hf_name == "lm_head.weight":  # decided once the embedding has been seen too
+            output = tensor
+            continue
+        gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise UnsupportedModelError(f"{model_dir}: no GGUF name for checkpoint tensor {hf_name!r}")
+        if gguf_name == "token_embd.weight":
+            n_vocab, embedding = tensor.shape[0], tensor
+        _add_tensor(writer, gguf_name, _convert(hf_name, tensor, arch, config), qtype)
+    if n_vocab is None:
+        raise UnsupportedModelError(f"{model_dir}: the checkpoint has no token embedding (embed_tokens)")
+    # Without an `output` tensor llama.cpp reuses the embedding (tied weights). A checkpoint that stores
+    # lm_head although the config says "tied" keeps it, as transformers does, unless it is the same matrix.
+    if output is None and arch.output_required:
+        output = embedding  # tied: the checkpoint has no lm_head, llama.cpp needs the matrix under its own name
+    if arch.output_required or (
+        output is not None and not (config.get("tie_word_embeddings") and torch.equal(output, embedding))
+    ):
+        if not arch.own_output:
+            raise UnsupportedModelError(
+                f"{model_dir}: lm_head differs from the token embedding, and llama.cpp's "
+                f"{gguf.MODEL_ARCH_NAMES[arch.gguf_arch]} always computes the output with the embedding"
+            )
+        _add_tensor(writer, "output.weight", _convert("lm_head.weight", output, arch, config), qtype)
+    rope = _rope_parameters(config)
+    if rope["rope_type"] == "llama3":
+        writer.add_tensor(
+            gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
+            _llama3_rope_factors(rope, _rope_dim(config), int(config.get("max_position_embeddings") or 2048)),
+        )
+    return int(n_vocab)
 
 
 def export_gguf(model_dir: str | Path, outtype: str = "f16", out: str | Path | None = None) -> Path:
@@ -384,7 +577,6 @@ def _export_quantized(model_dir: str | Path, outtype: str, out: str | Path | Non
 
 
 def _write_gguf(model_dir: str | Path, outtype: str, out: str | Path | None) -> Path:
-    import torch
 
     model_dir = Path(model_dir).resolve()
     if (model_dir / "adapter_config.json").is_file() and not (model_dir / "config.json").is_file():
@@ -394,108 +586,21 @@ def _write_gguf(model_dir: str | Path, outtype: str, out: str | Path | None) -> 
         )
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir}: no config.json (not a Hugging Face model folder)")
-    config = _read_json(model_dir / "config.json")
-    _, arch = _architecture(config, model_dir)
-    rope = _rope_parameters(config)
-    _check_rope(rope, arch, model_dir)
-    if config.get("quantization_config"):
-        raise UnsupportedModelError(
-            f"{model_dir}: the checkpoint is quantized ({config['quantization_config'].get('quant_method', '?')}); "
-            "export a float (merged) model"
-        )
+    config, arch = _load_config(model_dir)
+    tokenizer, kind = _load_tokenizer(model_dir)  # before any weight is read: an unsupported tokenizer fails fast
     qtype, file_type = OUTTYPES[outtype]
     out = Path(out) if out is not None else default_output_path(model_dir, outtype)
 
-    n_layers = int(config["num_hidden_layers"])
-    hidden = int(config["hidden_size"])
-    n_head = int(config["num_attention_heads"])
-    n_kv_head = int(config.get("num_key_value_heads") or n_head)
-    head_dim = int(config.get("head_dim") or hidden // n_head)
-    max_positions = int(config.get("max_position_embeddings", 2048))
-    rope_dim = int(head_dim * float(rope.get("partial_rotary_factor", 1.0)))
-    tied = bool(config.get("tie_word_embeddings", False))
-    tokenizer, pre = _load_tokenizer(model_dir)  # before any weight is read: an unsupported tokenizer fails fast
-    names = gguf.get_tensor_name_map(arch.gguf_arch, n_layers)
-    arch_name = gguf.MODEL_ARCH_NAMES[arch.gguf_arch]
-
     with atomic_path(out) as staging:
-        writer = gguf.GGUFWriter(staging, arch_name)
+        writer = gguf.GGUFWriter(staging, gguf.MODEL_ARCH_NAMES[arch.gguf_arch])
         try:
-            n_vocab, embedding, output = None, None, None
-            for hf_name, tensor in _iter_checkpoint(model_dir):
-                if hf_name.endswith(_IGNORED_SUFFIXES):
-                    continue
-                if hf_name == "lm_head.weight":  # decided once the embedding has been seen too
-                    output = tensor
-                    continue
-                gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-                if gguf_name is None:
-                    raise UnsupportedModelError(f"{model_dir}: no GGUF name for checkpoint tensor {hf_name!r}")
-                data = tensor.to(torch.float32).numpy()
-                if arch.interleave_rope and (".self_attn.q_proj." in hf_name or ".self_attn.k_proj." in hf_name):
-                    data = _interleave_rope_rows(data, n_head if ".q_proj." in hf_name else n_kv_head)
-                if gguf_name == "token_embd.weight":
-                    n_vocab, embedding = data.shape[0], tensor
-                encoded, stored_as = _encode_tensor(data, qtype)
-                writer.add_tensor(gguf_name, encoded, raw_dtype=stored_as)
-            if n_vocab is None:
-                raise UnsupportedModelError(f"{model_dir}: the checkpoint has no token embedding (embed_tokens)")
-            # Without an `output` tensor llama.cpp reuses the embedding (tied weights). A checkpoint that stores
-            # lm_head although the config says "tied" keeps it, as transformers does, unless it is the same matrix.
-            if output is not None and not (tied and torch.equal(output, embedding)):
-                encoded, stored_as = _encode_tensor(output.to(torch.float32).numpy(), qtype)
-                writer.add_tensor("output.weight", encoded, raw_dtype=stored_as)
-
-            rope_type = rope["rope_type"]
-            if rope_type == "llama3" and arch.gguf_arch == gguf.MODEL_ARCH.LLAMA:
-                writer.add_tensor(
-                    gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
-                    _llama3_rope_factors(rope, rope_dim, max_positions),
-                )
-            elif rope_type == "linear":
-                writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-                writer.add_rope_scaling_factor(float(rope["factor"]))
-            elif rope_type == "yarn":
-                writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-                writer.add_rope_scaling_factor(float(rope["factor"]))
-                writer.add_rope_scaling_orig_ctx_len(int(rope.get("original_max_position_embeddings", max_positions)))
-
-            writer.add_name(model_dir.name)
+            n_vocab = _write_tensors(writer, model_dir, arch, config, qtype)
+            writer.add_name(file_name(model_dir.name, kind))
             writer.add_file_type(file_type)
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-            writer.add_context_length(max_positions)
-            writer.add_embedding_length(hidden)
-            writer.add_block_count(n_layers)
-            writer.add_feed_forward_length(int(config["intermediate_size"]))
-            writer.add_head_count(n_head)
-            writer.add_head_count_kv(n_kv_head)
-            if head_dim != hidden // n_head:
-                writer.add_key_length(head_dim)
-                writer.add_value_length(head_dim)
-            writer.add_rope_dimension_count(rope_dim)
-            writer.add_rope_freq_base(float(rope["rope_theta"]))
-            writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
-            writer.add_vocab_size(n_vocab)
-
-            vocab = _read_vocab(tokenizer, pre, n_vocab, _read_json(model_dir / "generation_config.json"))
-            writer.add_tokenizer_model("gpt2")
-            writer.add_tokenizer_pre(vocab.pre)
-            writer.add_token_list(vocab.tokens)
-            writer.add_token_types(vocab.types)
-            writer.add_token_merges(vocab.merges)
-            adders = {
-                "bos": writer.add_bos_token_id,
-                "eos": writer.add_eos_token_id,
-                "unk": writer.add_unk_token_id,
-                "pad": writer.add_pad_token_id,
-                "eot": writer.add_eot_token_id,
-            }
-            for name, token_id in vocab.special_ids.items():
-                adders[name](token_id)
-            writer.add_add_bos_token(vocab.add_bos)
-            writer.add_add_eos_token(vocab.add_eos)
-            if vocab.chat_template:
-                writer.add_chat_template(vocab.chat_template)
+            _write_hparams(writer, arch, config, n_vocab, model_dir)
+            generation_config = _read_json(model_dir / "generation_config.json")
+            write_vocab(writer, read_vocab(tokenizer, kind, n_vocab, generation_config))
 
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
@@ -512,8 +617,8 @@ def _write_gguf(model_dir: str | Path, outtype: str, out: str | Path | None) -> 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python3 -m chattune.export.gguf",
-        description="Export a Hugging Face model folder (Llama or Qwen2, byte-level BPE tokenizer) to GGUF, with an "
-        "Ollama Modelfile beside the file.",
+        description="Export a Hugging Face model folder to GGUF (architectures: see docs/export.md), with an Ollama "
+        "Modelfile beside the file.",
         epilog="f32, f16 and q8_0 are written by chattune; the other types by llama.cpp's quantizer from the f16 "
         "file, which needs llama-cpp-python (docs/export.md).",
     )
