@@ -11,7 +11,7 @@ from typing import Any
 
 from chattune.data import formats
 from chattune.errors import ChattuneError
-from chattune.training.gguf_models import find_gguf, resolve_model
+from chattune.training.gguf_models import find_gguf, read_architecture, resolve_model
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -80,6 +80,7 @@ def inspect_model_folder(path: str | os.PathLike, gguf_runtime: str = "transform
     if gguf_runtime == "llama.cpp":
         gguf_file = find_gguf(path)
         if gguf_file is not None:
+            read_architecture(gguf_file)  # a file that is not GGUF, or is cut short, is named before any work
             return ModelSource(gguf_file, "gguf")
     folder = Path(resolve_model(str(path)))
     if not folder.exists():
