@@ -47,22 +47,15 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from random_llama import SMOLLM2_135M, save_random_llama  # noqa: E402  (bench/ is the script's folder)
+
 ARMS = ("trl", "chattune-dpo", "chattune-sft")
 METHODS = ("full", "lora")
 SHAPES: dict[str, dict[str, Any]] = {
     "toy": dict(
         hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=256
     ),
-    "smollm2-135m": dict(
-        hidden_size=576,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        intermediate_size=1536,
-        vocab_size=49152,
-        rope_theta=100000.0,
-        rms_norm_eps=1e-5,
-    ),
+    "smollm2-135m": SMOLLM2_135M,
 }
 TARGET_DPO_OVER_SFT = 1.2
 
@@ -157,27 +150,13 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def build_base_model(work: Path, args: argparse.Namespace, rows: list[dict]) -> dict:
     """Tokenizer trained on the pairs, random-weight Llama of --shape; saved to work/base."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from chattune.data.build_tokenizer import train_bpe_tokenizer
 
     texts = (text for row in rows for text in row.values())
     tokenizer = train_bpe_tokenizer(texts, vocab_size=args.tokenizer_vocab)
     shape = {"vocab_size": len(tokenizer), **SHAPES[args.shape]}
-    config = LlamaConfig(
-        **shape,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(args.seed)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(work / "base")
-    tokenizer.save_pretrained(work / "base")
-    return {"shape": args.shape, "model_vocab": config.vocab_size, "parameters": model.num_parameters()}
+    model = save_random_llama(work / "base", shape, tokenizer, args.seed, max_positions=2048)
+    return {"shape": args.shape, "model_vocab": model.config.vocab_size, "parameters": model.num_parameters()}
 
 
 # --- the subprocess side: one arm, instrumented --------------------------------------------------------------

@@ -53,21 +53,12 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from random_llama import SMOLLM2_135M, save_random_llama  # noqa: E402  (bench/ is the script's folder)
+
 RESULT_FILE = "result.json"
 ARMS = ("chattune", "baseline", "trl_best")
 # Architecture overrides by --shape; the toy's come from --hidden_size and --layers.
-SHAPES: dict[str, dict[str, Any]] = {
-    "toy": {},
-    "smollm2-135m": dict(
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        vocab_size=49152,
-        rope_theta=100000.0,
-    ),
-}
+SHAPES: dict[str, dict[str, Any]] = {"toy": {}, "smollm2-135m": SMOLLM2_135M}
 LORA = {"r": 16, "alpha": 32}  # chattune's defaults, dropout 0 in every arm
 
 
@@ -372,9 +363,6 @@ def generate_data(work: Path, args: argparse.Namespace) -> None:
 
 def build_base_model(work: Path, args: argparse.Namespace) -> dict:
     """A tokenizer and a random-weight Llama of --shape, saved to work/base."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     tokenizer = smollm2_tokenizer() if args.shape == "smollm2-135m" else None
     tokenizer = tokenizer or trained_tokenizer(work, args)
     shape = {
@@ -388,23 +376,12 @@ def build_base_model(work: Path, args: argparse.Namespace) -> dict:
     }
     if args.vocab:
         shape["vocab_size"] = args.vocab
-    config = LlamaConfig(
-        **shape,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(args.seed)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(work / "base")
-    tokenizer.save_pretrained(work / "base")
+    model = save_random_llama(work / "base", shape, tokenizer, args.seed, max_positions=4096)
     return {
         "shape": args.shape,
         "tokenizer": "smollm2" if len(tokenizer) == 49152 else "trained",
         "tokenizer_vocab": len(tokenizer),
-        "model_vocab": config.vocab_size,
+        "model_vocab": model.config.vocab_size,
         "parameters": model.num_parameters(),
     }
 
