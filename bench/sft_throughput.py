@@ -53,7 +53,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from random_llama import SMOLLM2_135M, save_random_llama  # noqa: E402  (bench/ is the script's folder)
+from bench.random_llama import SMOLLM2_135M, save_random_llama  # noqa: E402  (after REPO is on sys.path)
 
 RESULT_FILE = "result.json"
 ARMS = ("chattune", "baseline", "trl_best")
