@@ -5,7 +5,7 @@ The installed package runs the same as `chattune-train`."""
 
 import sys
 
-from chattune.training.run import main
+from chattune.train_entry import main
 
 if __name__ == "__main__":
     sys.exit(main())

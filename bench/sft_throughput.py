@@ -107,6 +107,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--method", choices=("full", "lora", "both"), default="full", help="full fine-tuning, LoRA")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each arm (median and spread reported)")
+    parser.add_argument(
+        "--trl_allocator",
+        choices=("system", "tbbmalloc"),
+        default="system",
+        help="malloc of TRL's arms: glibc's, as a TRL script runs (default), or oneTBB's, which train.py preloads "
+        "on a CPU host (chattune/allocator.py)",
+    )
     parser.add_argument("--workdir", default=None, help="keep data, model and logs here (default: a temp dir)")
     parser.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)  # in a subprocess
     parser.add_argument("--lora", action="store_true", help=argparse.SUPPRESS)  # in a subprocess
@@ -340,6 +347,9 @@ def run_arm(args: argparse.Namespace) -> int:
         result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     result["peak_rss_worker_mb"] = round(children / 1024, 1)  # largest tokenizing worker, if any
+    from chattune.allocator import active_allocator
+
+    result["allocator"] = active_allocator()
     (work / f"{args.arm}-{os.environ.get('CHATTUNE_LEAN_LOSS', 'auto')}-{RESULT_FILE}").write_text(json.dumps(result))
     return 0
 
@@ -430,6 +440,7 @@ def run_subprocess(
         env["CUDA_VISIBLE_DEVICES"] = ""
     if lean_loss is not None:
         env["CHATTUNE_LEAN_LOSS"] = lean_loss
+    env.update(allocator_environment(args, arm))
     command = [sys.executable, str(Path(__file__).resolve()), *args.argv, "--workdir", str(work), "--arm", arm]
     command += ["--lora"] if lora else []
     log = work / f"{arm}-{lean_loss or 'auto'}.log"
@@ -442,6 +453,17 @@ def run_subprocess(
         sys.stderr.write(f"arm {arm} failed (exit {code}); log: {log}\n{tail}\n")
         return {"arm": arm, "error": f"exit {code}", "log_tail": tail.splitlines()[-5:]}
     return json.loads(result_file.read_text())
+
+
+def allocator_environment(args: argparse.Namespace, arm: str) -> dict[str, str]:
+    """The chattune arm gets the malloc train.py would restart with; TRL's arms glibc's unless --trl_allocator."""
+    from chattune.allocator import find_tbbmalloc, has_gpu_device, preload_plan
+
+    environ = dict(os.environ)
+    if arm != "chattune":
+        environ["CHATTUNE_ALLOCATOR"] = args.trl_allocator
+    plan = preload_plan(environ, find_tbbmalloc(), has_gpu_device())
+    return {"LD_PRELOAD": plan} if plan else {}
 
 
 def repeated(args: argparse.Namespace, work: Path, lora: bool) -> dict[str, dict]:
@@ -559,6 +581,7 @@ def config_summary(args: argparse.Namespace) -> dict:
         "max_devices": args.max_devices,
         "compact_prompt": args.compact_prompt,
         "chattune_flags": args.chattune_flags,
+        "trl_allocator": args.trl_allocator,
         "cpu_count": os.cpu_count(),
     }
 

@@ -536,7 +536,12 @@ def parse_flags(argv: list[str] | None = None) -> TrainFlags:
     from transformers import HfArgumentParser
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(TrainFlags, prog="train.py", description=__doc__.split("\n\n")[0])
+    parser = HfArgumentParser(
+        TrainFlags,
+        prog="train.py",
+        description=__doc__.split("\n\n")[0],
+        epilog="Environment: " + " ".join(ENVIRONMENT),
+    )
     parser.add_argument("--config", help="A YAML recipe of flags (see recipes/); command-line flags override it.")
     try:
         argv = _expand_config(argv)
@@ -635,6 +640,15 @@ def _suggest(name: str) -> str:
     return f"; did you mean --{close[0]}?" if close else ""
 
 
+# What train.py reads from the environment besides its flags (shown by --help and in docs/flags.md).
+ENVIRONMENT = (
+    "CHATTUNE_ALLOCATOR=auto|tbbmalloc|system picks the malloc: auto restarts train.py with oneTBB's "
+    "scalable allocator preloaded on Linux hosts without a GPU when the tbb package is installed (far less memory "
+    "on CPU; docs/performance.md), system keeps glibc's.",
+    "CHATTUNE_LEAN_LOSS=auto|1|0: the labelled-positions-only loss (auto: everywhere but CUDA/XPU with Triton).",
+)
+
+
 def flags_markdown() -> str:
     """The flag reference in docs/flags.md, generated from the dataclass (a test fails when they drift)."""
     lines = [
@@ -649,6 +663,7 @@ def flags_markdown() -> str:
     for f in fields(TrainFlags):
         default = "required" if f.name in ("run_name", "base_model", "train_dataset") else repr(f.default)
         lines.append(f"| `--{f.name}` | {default} | {f.metadata['help'].replace('|', '/')} |")
+    lines += ["", "## Environment", "", *(f"- {variable}" for variable in ENVIRONMENT)]
     return "\n".join(lines) + "\n"
 
 

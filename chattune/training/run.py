@@ -14,6 +14,7 @@ from typing import Any
 from accelerate import PartialState
 from transformers import EarlyStoppingCallback
 
+from chattune.allocator import active_allocator
 from chattune.cli import entry_point, report_progress
 from chattune.config.flags import FlagError, TrainFlags, parse_flags
 from chattune.data import formats, tokenization
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 def train(flags: TrainFlags, state: PartialState) -> int:
     started = time.time()
     report_progress("preparing the run (tokenizer, data, model)", "nothing was saved")
+    logger.info("memory allocator: %s", active_allocator())
     check_integrations(flags)
     check_method(flags)
     check_inputs(flags)

@@ -1,0 +1,12 @@
+"""train.py and `chattune-train`: pick the memory allocator first, before torch is imported (chattune.allocator)."""
+
+from __future__ import annotations
+
+
+def main() -> int:
+    from chattune.allocator import use_scalable_allocator
+
+    use_scalable_allocator()  # returns unless this process must restart with another malloc
+    from chattune.training.run import main as train
+
+    return train()
