@@ -93,12 +93,13 @@ def run_arm(args: argparse.Namespace) -> dict:
 
 
 def arm_environment(arm: str) -> dict[str, str] | None:
-    from chattune.allocator import find_tbbmalloc
+    """The arm's extra environment; for tbbmalloc the LD_PRELOAD train.py would restart with (None: not installed)."""
+    from chattune.allocator import ALLOCATOR_ENV, find_tbbmalloc, preload_plan
 
     if arm != "tbbmalloc":
         return ARMS[arm]
-    libraries = find_tbbmalloc()
-    return {"LD_PRELOAD": " ".join(map(str, libraries))} if libraries else None
+    plan = preload_plan({ALLOCATOR_ENV: "tbbmalloc"}, find_tbbmalloc(), gpu=False)
+    return {"LD_PRELOAD": plan} if plan else None
 
 
 def main(argv: list[str] | None = None) -> int:
