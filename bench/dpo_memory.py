@@ -23,9 +23,11 @@ Arms, each in its own subprocess (its peak RSS is its own), for --method full (a
 * chattune-sft: train.py's SFT on the same prompts and chosen answers, same model and --micro_batch_size
   (an SFT micro-batch holds half the sequences of a DPO one: DPO forwards chosen and rejected).
 
-Each arm reports peak RSS (and peak GPU memory on a GPU) and real (non-padding) tokens/s over steps 2..N; the
-JSON line ends with ratios against the arms measured in this run (target: chattune DPO peak RSS <= 1.2x SFT's).
-A failed arm reports its name and error; the others still report.
+chattune's arms run with the malloc train.py would restart with (oneTBB's on a Linux host without a GPU, see
+chattune/allocator.py), TRL's with glibc's, as a TRL script runs. Each arm reports peak RSS (and peak GPU memory
+on a GPU) and real (non-padding) tokens/s over steps 2..N; each run is printed to stderr as one JSON line as soon
+as it lands, and the report, one JSON line on stdout, ends with ratios against the arms measured in this run
+(target: chattune DPO peak RSS <= 1.2x SFT's). A failed arm reports its name and error; the others still report.
 """
 
 from __future__ import annotations
@@ -311,6 +313,9 @@ def run_arm(args: argparse.Namespace) -> int:
     else:
         run_chattune(args, work, dpo=args.arm == "chattune-dpo")
     result = probe.result()
+    from chattune.allocator import active_allocator
+
+    result["allocator"] = active_allocator()
     # read at the very end: the peak of the whole arm, training included
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     import torch
@@ -330,6 +335,7 @@ def run_subprocess(args: argparse.Namespace, work: Path, arm: str, method: str, 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     # a fresh datasets cache per arm: chattune's reference pass runs (and is timed) every time, never reused
     env["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix=f"cache-{name}-", dir=work)
+    env.update(allocator_environment(arm))
     result_file, log = work / f"{name}.json", work / f"{name}.log"
     command = [
         *(sys.executable, str(Path(__file__).resolve()), *args.argv, "--workdir", str(work)),
@@ -342,6 +348,16 @@ def run_subprocess(args: argparse.Namespace, work: Path, arm: str, method: str, 
         kept = {"log": str(log)} if args.workdir else {}  # a temporary work folder is removed at the end
         return {"arm": arm, "error": f"exit status {code}: {last_lines(log)}", **kept}
     return {"arm": arm, **json.loads(result_file.read_text())}
+
+
+def allocator_environment(arm: str) -> dict[str, str]:
+    """chattune's arms get the malloc train.py would restart with; TRL's keep glibc's."""
+    from chattune.allocator import find_tbbmalloc, has_gpu_device, preload_plan
+
+    if arm == "trl":
+        return {}
+    plan = preload_plan(dict(os.environ), find_tbbmalloc(), has_gpu_device())
+    return {"LD_PRELOAD": plan} if plan else {}
 
 
 def last_lines(log: Path, count: int = 6) -> str:
@@ -406,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
             for repeat in range(args.repeats):
                 for arm in ARMS:
                     runs[arm].append(run_subprocess(args, work, arm, method, repeat))
+                    landed = {"method": method, "run": repeat + 1, **runs[arm][-1]}
+                    print(json.dumps(landed), file=sys.stderr, flush=True)
             arms = {arm: summarize(results) for arm, results in runs.items()}
             report[method] = {"arms": arms, **compare(arms)}
         report["setup"] = {**setup, **settings(args), "wall_s": round(time.perf_counter() - start, 1)}

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """SFT throughput: chattune's train.py against a plain TRL SFTTrainer script, same model, data and batch.
 
-    python3 bench/sft_throughput.py                 # three arms, one JSON line (~2 min on 2 idle CPU cores)
+    python3 bench/sft_throughput.py                 # four arms, one JSON line (~4 min on 2 idle CPU cores)
     python3 bench/sft_throughput.py --shape smollm2-135m --method both --repeats 3 --steps 6
     python3 bench/sft_throughput.py --vocab 150000  # peak RSS of train.py with and without the lean loss
 
@@ -15,6 +15,9 @@ Arms, each in its own subprocess so that its peak RSS is its own:
 
 * chattune: train.py's code (chattune.training.run.main) with its defaults (padding-free micro-batches, automatic
   assistant masks), --micro_batch_size 8.
+* chattune_checkpointed: the same with `--gradient_checkpointing`, as TRL's arms run: TRL's SFTConfig turns
+  activation checkpointing on by default, chattune leaves it off (speed over memory), so this is the arm that
+  compares like with like.
 * baseline: the SFTTrainer script of TRL's documentation: a conversational `messages` dataset, SFTConfig
   defaults (padded batches), assistant_only_loss=True through TRL's training template for Qwen2.5 (or,
   where TRL cannot patch the template, completion-only loss on prompt/completion rows, said in the output).
@@ -28,6 +31,8 @@ Arms, each in its own subprocess so that its peak RSS is its own:
 `--method lora` runs every arm with the same LoRA adapter (r 16, alpha 32, no dropout, every linear layer of the
 blocks); `--method both` runs full fine-tuning then LoRA. `--repeats N` runs each arm N times, alternating, and
 reports the median with the spread. An arm that fails is reported with its error; the others still run.
+Each run's result is printed to stderr as one JSON line as soon as it lands (a stopped benchmark keeps what it
+measured); the report is one JSON line on stdout at the end. `--arms` runs a subset.
 
 Both arms get the same learning rate and schedule, weight decay, clipping, seed, effective batch and number
 of optimizer steps. A small wrapper in each subprocess (patching nothing inside chattune's files) times the
@@ -56,7 +61,7 @@ sys.path.insert(0, str(REPO))
 from bench.random_llama import SMOLLM2_135M, save_random_llama  # noqa: E402  (after REPO is on sys.path)
 
 RESULT_FILE = "result.json"
-ARMS = ("chattune", "baseline", "trl_best")
+ARMS = ("chattune", "chattune_checkpointed", "baseline", "trl_best")
 # Architecture overrides by --shape; the toy's come from --hidden_size and --layers.
 SHAPES: dict[str, dict[str, Any]] = {"toy": {}, "smollm2-135m": SMOLLM2_135M}
 LORA = {"r": 16, "alpha": 32}  # chattune's defaults, dropout 0 in every arm
@@ -82,7 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=None,
         help="memory mode: a model with this many output rows (e.g. 150000); runs train.py with the lean loss "
-        "on and off (CHATTUNE_LEAN_LOSS=1/0) instead of the two arms",
+        "on and off (CHATTUNE_LEAN_LOSS=1/0) instead of the other arms",
     )
     parser.add_argument("--compact_prompt", action="store_true", help="short system prompts (generator flag)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -92,7 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="extra train.py flags for the chattune arm, e.g. --chattune_flags=--gradient_checkpointing (TRL's "
         "SFTConfig turns activation checkpointing on by default; chattune leaves it off)",
     )
-    parser.add_argument("--bf16", action="store_true", help="train in bfloat16 (both arms)")
+    parser.add_argument("--bf16", action="store_true", help="train in bfloat16 (every arm)")
     parser.add_argument(
         "--peak_tflops",
         type=float,
@@ -114,6 +119,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="malloc of TRL's arms: glibc's, as a TRL script runs (default), or oneTBB's, which train.py preloads "
         "on a CPU host (chattune/allocator.py)",
     )
+    parser.add_argument(
+        "--arms",
+        type=arm_list,
+        default=ARMS,
+        help=f"comma-separated arms to run (default: all of {','.join(ARMS)})",
+    )
     parser.add_argument("--workdir", default=None, help="keep data, model and logs here (default: a temp dir)")
     parser.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)  # in a subprocess
     parser.add_argument("--lora", action="store_true", help=argparse.SUPPRESS)  # in a subprocess
@@ -122,6 +133,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.steps = args.steps or (2 if args.vocab else 10)
     args.batch_size = args.batch_size or (8 if args.vocab else 16)
     return args
+
+
+def arm_list(text: str) -> tuple[str, ...]:
+    arms = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown or not arms:
+        raise argparse.ArgumentTypeError(f"unknown arm(s) {unknown or text!r}; choose from {','.join(ARMS)}")
+    return tuple(arm for arm in ARMS if arm in arms)  # always in the documented order
 
 
 # --- the subprocess side: one arm, instrumented ---------------------------------------------------------
@@ -194,14 +213,17 @@ class Probe:
             "real_tokens_timed": real,
             "labelled_tokens_timed": labelled,
             "micro_batches": len(self.batches),
-            "activation_checkpointing": bool(getattr(self.trainer.args, "activation_checkpointing", False)),
+            "activation_checkpointing": bool(
+                getattr(self.trainer.args, "activation_checkpointing", None)
+                or getattr(self.trainer.args, "gradient_checkpointing", False)
+            ),
             # 6 x parameters x tokens/s: the usual estimate, attention's own FLOPs left out
             "mfu": round(6 * parameters * real / elapsed / (peak_tflops * 1e12), 4) if peak_tflops else None,
         }
 
 
 def instrument_common(probe: Probe) -> None:
-    """Time TRL's dataset preparation and attach the probe when training starts (both arms)."""
+    """Time TRL's dataset preparation and attach the probe when training starts (every arm)."""
     import transformers
     from trl import SFTTrainer
 
@@ -215,7 +237,7 @@ def instrument_common(probe: Probe) -> None:
     transformers.Trainer.train = train
 
 
-def run_chattune(args: argparse.Namespace, work: Path) -> dict:
+def run_chattune(args: argparse.Namespace, work: Path, checkpointed: bool = False) -> dict:
     import chattune.data.tokenization
     from chattune.training import run
 
@@ -235,6 +257,7 @@ def run_chattune(args: argparse.Namespace, work: Path) -> dict:
         *(["--bf16"] if args.bf16 else []),
         *(["--use_lora", "--lora_rank", str(LORA["r"]), "--lora_alpha", str(LORA["alpha"])] if args.lora else []),
         *(["--lora_dropout", "0"] if args.lora else []),
+        *(["--gradient_checkpointing"] if checkpointed else []),
         *shlex.split(args.chattune_flags),
     ]
     code = run.main(argv)
@@ -338,7 +361,10 @@ def longest_example(tokenizer: Any, source: Path) -> int:
 
 def run_arm(args: argparse.Namespace) -> int:
     work = Path(args.workdir)
-    result = run_chattune(args, work) if args.arm == "chattune" else run_trl(args, work, best=args.arm == "trl_best")
+    if args.arm.startswith("chattune"):
+        result = run_chattune(args, work, checkpointed=args.arm == "chattune_checkpointed")
+    else:
+        result = run_trl(args, work, best=args.arm == "trl_best")
     # refreshed at the very end: the peak of the whole arm, training included
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     import torch
@@ -460,7 +486,7 @@ def allocator_environment(args: argparse.Namespace, arm: str) -> dict[str, str]:
     from chattune.allocator import find_tbbmalloc, has_gpu_device, preload_plan
 
     environ = dict(os.environ)
-    if arm != "chattune":
+    if not arm.startswith("chattune"):
         environ["CHATTUNE_ALLOCATOR"] = args.trl_allocator
     plan = preload_plan(environ, find_tbbmalloc(), has_gpu_device())
     return {"LD_PRELOAD": plan} if plan else {}
@@ -469,10 +495,12 @@ def allocator_environment(args: argparse.Namespace, arm: str) -> dict[str, str]:
 def repeated(args: argparse.Namespace, work: Path, lora: bool) -> dict[str, dict]:
     """Every arm --repeats times, alternating (so a slow phase of the machine hits all arms alike); per arm the
     run with the median tokens/s, plus the spread of tokens/s and peak RSS over the runs."""
-    runs: dict[str, list[dict]] = {arm: [] for arm in ARMS}
-    for _ in range(args.repeats):
-        for arm in ARMS:
+    runs: dict[str, list[dict]] = {arm: [] for arm in args.arms}
+    for repeat in range(args.repeats):
+        for arm in args.arms:
             runs[arm].append(run_subprocess(args, work, arm, lora=lora))
+            landed = {"method": "lora" if lora else "full", "arm": arm, "run": repeat + 1, **runs[arm][-1]}
+            print(json.dumps(landed), file=sys.stderr, flush=True)
     return {arm: summarize_runs(results) for arm, results in runs.items()}
 
 
@@ -491,23 +519,31 @@ def summarize_runs(results: list[dict]) -> dict:
 
 
 def targets(arms: dict[str, dict], shape: str, lora: bool) -> dict:
-    """The acceptance targets, measured against this run's figures (nothing here is hard-coded). An arm that
-    failed leaves its targets unmeasured (None)."""
-    chattune, baseline, best = arms["chattune"], arms["baseline"], arms["trl_best"]
+    """The acceptance targets, measured against this run's figures (nothing here is hard-coded): for the chattune
+    arm at the top level, for chattune_checkpointed under "checkpointed". An arm that failed or did not run leaves
+    its targets unmeasured (None)."""
+    report = comparison(arms.get("chattune", {}), arms, shape, lora)
+    if "chattune_checkpointed" in arms:
+        report["checkpointed"] = comparison(arms["chattune_checkpointed"], arms, shape, lora)
+    return report
+
+
+def comparison(ours: dict, arms: dict[str, dict], shape: str, lora: bool) -> dict:
+    baseline, best = arms.get("baseline", {}), arms.get("trl_best", {})
 
     def ratio(key: str, a: dict, b: dict) -> float | None:
         return round(a[key] / b[key], 3) if key in a and key in b else None
 
     def loss_gap(other: dict) -> float | None:
-        if chattune.get("final_loss") is None or other.get("final_loss") is None:
+        if ours.get("final_loss") is None or other.get("final_loss") is None:
             return None
-        return round(abs(chattune["final_loss"] - other["final_loss"]) / other["final_loss"], 4)
+        return round(abs(ours["final_loss"] - other["final_loss"]) / other["final_loss"], 4)
 
     report: dict[str, Any] = {
-        "throughput_vs_baseline": ratio("tokens_per_s", chattune, baseline),
-        "throughput_vs_trl_best": ratio("tokens_per_s", chattune, best),
-        "peak_rss_vs_baseline": ratio("peak_rss_mb", chattune, baseline),
-        "peak_rss_vs_trl_best": ratio("peak_rss_mb", chattune, best),
+        "throughput_vs_baseline": ratio("tokens_per_s", ours, baseline),
+        "throughput_vs_trl_best": ratio("tokens_per_s", ours, best),
+        "peak_rss_vs_baseline": ratio("peak_rss_mb", ours, baseline),
+        "peak_rss_vs_trl_best": ratio("peak_rss_mb", ours, best),
         "loss_gap_vs_baseline": loss_gap(baseline),
         "loss_gap_vs_trl_best": loss_gap(best),
     }
@@ -527,8 +563,8 @@ def targets(arms: dict[str, dict], shape: str, lora: bool) -> dict:
             "loss_gap_vs_trl_best <= 2%": at_most(report["loss_gap_vs_trl_best"], 0.02),
         }
         if lora:
-            checks["chattune peak RSS <= 3 GB"] = at_most(chattune.get("peak_rss_mb"), 3 * 1024)
-    checks["chattune padding_share <= 2%"] = at_most(chattune.get("padding_share"), 0.02)
+            checks["chattune peak RSS <= 3 GB"] = at_most(ours.get("peak_rss_mb"), 3 * 1024)
+    checks["chattune padding_share <= 2%"] = at_most(ours.get("padding_share"), 0.02)
     report["targets"] = checks
     return report
 
@@ -580,6 +616,7 @@ def config_summary(args: argparse.Namespace) -> dict:
         "repeats": args.repeats,
         "max_devices": args.max_devices,
         "compact_prompt": args.compact_prompt,
+        "arms": list(args.arms),
         "chattune_flags": args.chattune_flags,
         "trl_allocator": args.trl_allocator,
         "cpu_count": os.cpu_count(),
