@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """SFT throughput: chattune's train.py against a plain TRL SFTTrainer script, same model, data and batch.
 
-    python3 bench/sft_throughput.py                 # four arms, one JSON line (~4 min on 2 idle CPU cores)
+    python3 bench/sft_throughput.py                 # four arms, one JSON line (minutes on 2 CPU cores)
     python3 bench/sft_throughput.py --shape smollm2-135m --method both --repeats 3 --steps 6
     python3 bench/sft_throughput.py --vocab 150000  # peak RSS of train.py with and without the lean loss
 
