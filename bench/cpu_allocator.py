@@ -94,12 +94,11 @@ def run_arm(args: argparse.Namespace) -> dict:
 
 def arm_environment(arm: str) -> dict[str, str] | None:
     """The arm's extra environment; for tbbmalloc the LD_PRELOAD train.py would restart with (None: not installed)."""
-    from chattune.allocator import ALLOCATOR_ENV, find_tbbmalloc, preload_plan
+    from chattune.allocator import ALLOCATOR_ENV, preload_environment
 
     if arm != "tbbmalloc":
         return ARMS[arm]
-    plan = preload_plan({ALLOCATOR_ENV: "tbbmalloc"}, find_tbbmalloc(), gpu=False)
-    return {"LD_PRELOAD": plan} if plan else None
+    return preload_environment({ALLOCATOR_ENV: "tbbmalloc"}) or None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -352,12 +352,9 @@ def run_subprocess(args: argparse.Namespace, work: Path, arm: str, method: str, 
 
 def allocator_environment(arm: str) -> dict[str, str]:
     """chattune's arms get the malloc train.py would restart with; TRL's keep glibc's."""
-    from chattune.allocator import find_tbbmalloc, has_gpu_device, preload_plan
+    from chattune.allocator import preload_environment
 
-    if arm == "trl":
-        return {}
-    plan = preload_plan(dict(os.environ), find_tbbmalloc(), has_gpu_device())
-    return {"LD_PRELOAD": plan} if plan else {}
+    return {} if arm == "trl" else preload_environment(os.environ)
 
 
 def last_lines(log: Path, count: int = 6) -> str:

@@ -94,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--chattune_flags",
         default="",
-        help="extra train.py flags for the chattune arm, e.g. --chattune_flags=--gradient_checkpointing (TRL's "
+        help="extra train.py flags for both chattune arms, e.g. --chattune_flags=--gradient_checkpointing (TRL's "
         "SFTConfig turns activation checkpointing on by default; chattune leaves it off)",
     )
     parser.add_argument("--bf16", action="store_true", help="train in bfloat16 (every arm)")
@@ -483,13 +483,12 @@ def run_subprocess(
 
 def allocator_environment(args: argparse.Namespace, arm: str) -> dict[str, str]:
     """The chattune arm gets the malloc train.py would restart with; TRL's arms glibc's unless --trl_allocator."""
-    from chattune.allocator import find_tbbmalloc, has_gpu_device, preload_plan
+    from chattune.allocator import ALLOCATOR_ENV, preload_environment
 
     environ = dict(os.environ)
     if not arm.startswith("chattune"):
-        environ["CHATTUNE_ALLOCATOR"] = args.trl_allocator
-    plan = preload_plan(environ, find_tbbmalloc(), has_gpu_device())
-    return {"LD_PRELOAD": plan} if plan else {}
+        environ[ALLOCATOR_ENV] = args.trl_allocator
+    return preload_environment(environ)
 
 
 def repeated(args: argparse.Namespace, work: Path, lora: bool) -> dict[str, dict]:

@@ -71,12 +71,19 @@ def preload_plan(
     return " ".join([*(str(library) for library in libraries), *([preloaded] if preloaded else [])])
 
 
+def preload_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """What a process started with `environ` needs in its environment to run on the malloc train.py would choose
+    there: {"LD_PRELOAD": ...}, or {} to run as is. The benchmarks give it to the arms they start."""
+    plan = preload_plan(environ, find_tbbmalloc(), has_gpu_device())
+    return {"LD_PRELOAD": plan} if plan else {}
+
+
 def use_scalable_allocator() -> None:
     """Restart this command with oneTBB's malloc preloaded, when `preload_plan` says so; otherwise return."""
-    plan = preload_plan(os.environ, find_tbbmalloc(), has_gpu_device())
-    if plan is None:
+    preload = preload_environment(os.environ)
+    if not preload:
         return
-    environ = {**os.environ, "LD_PRELOAD": plan, REEXEC_MARKER: "1"}
+    environ = {**os.environ, **preload, REEXEC_MARKER: "1"}
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environ)
