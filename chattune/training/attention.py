@@ -9,6 +9,11 @@ padding, but no padding), and for anything else it is plain SDPA.
 
 On CUDA it uses PyTorch's own varlen flash kernel (`torch.nn.attention.varlen`, one call per layer);
 elsewhere, or where that kernel refuses the inputs, one SDPA call per example.
+
+A row can also branch: where the position ids jump back to some p > 0 instead of counting on, the tokens that
+follow continue the current example after its first p tokens, not after the token before them. DPO packs a
+pair that way, shared prompt once and then both answers (chattune.training.shared_prefix); each branch
+attends to that prefix and to itself, never to the other answer.
 """
 
 from __future__ import annotations
@@ -45,23 +50,92 @@ TORCH_VARLEN_OPTIONS = frozenset(inspect.signature(TORCH_VARLEN).parameters) if 
 _bounds_cache: dict[str, Any] = {}
 
 
-def cumulative_lengths(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """flash-attention's `cu_seqlens` (int32, starts of each example plus the total) and the longest example.
-
-    Computed once per forward pass: every layer gets the same position_ids tensor, and a weak reference
-    makes sure a later batch that happens to reuse its memory is never mistaken for it.
-    """
-    cached = _bounds_cache.get("entry")
+def _once_per_forward(name: str, position_ids: torch.Tensor, compute: Any) -> Any:
+    """`compute()` once per forward pass: every layer gets the same position_ids tensor, and a weak reference
+    makes sure a later batch that happens to reuse its memory is never mistaken for it."""
+    cached = _bounds_cache.get(name)
     if cached is not None and cached[0]() is position_ids:
         return cached[1]
+    result = compute()
+    _bounds_cache[name] = (weakref.ref(position_ids), result)
+    return result
+
+
+def cumulative_lengths(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """flash-attention's `cu_seqlens` (int32, starts of each example plus the total) and the longest example."""
+    return _once_per_forward("bounds", position_ids, lambda: _cumulative_lengths(position_ids))
+
+
+def _cumulative_lengths(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     flat = position_ids.flatten()
     starts = (flat == 0).nonzero().flatten()
     if starts.numel() == 0 or int(starts[0]) != 0:
         starts = torch.cat([starts.new_zeros(1), starts])
     cu_seqlens = torch.cat([starts, starts.new_full((1,), flat.numel())]).to(torch.int32)
-    result = (cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max()))
-    _bounds_cache["entry"] = (weakref.ref(position_ids), result)
-    return result
+    return cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+
+
+# A run of a packed row: tokens [start, end) attend to themselves causally, after the tokens
+# [prefix_start, prefix_start + prefix_length) of their example (none for a run that starts an example).
+Run = tuple[int, int, int, int]
+
+
+def branched_runs(position_ids: torch.Tensor, batch: int, tokens: int) -> list[Run] | None:
+    """The runs of a flattened (batch * tokens) row whose position ids branch; None when none branches."""
+    return _once_per_forward("runs", position_ids, lambda: _branched_runs(position_ids, batch, tokens))
+
+
+def _branched_runs(position_ids: torch.Tensor, batch: int, tokens: int) -> list[Run] | None:
+    flat = position_ids.expand(batch, tokens).flatten()
+    jumps = (flat[1:] != flat[:-1] + 1) & (flat[1:] != 0)
+    jumps[tokens - 1 :: tokens] = False  # a new row always starts a new example
+    if not bool(jumps.any()):
+        return None
+    positions = flat.tolist()
+    starts = sorted({0, *range(tokens, batch * tokens, tokens), *(flat == 0).nonzero().flatten().tolist()})
+    starts = sorted({*starts, *(jumps.nonzero().flatten() + 1).tolist()})
+    runs: list[Run] = []
+    example_start, first_run_end = 0, 0
+    for start, end in zip(starts, [*starts[1:], batch * tokens]):
+        prefix = positions[start]
+        if prefix == 0 or start % tokens == 0:
+            example_start, first_run_end, prefix = start, end, 0
+        elif prefix > first_run_end - example_start:
+            raise ValueError(
+                f"position ids branch back to {prefix}, past the {first_run_end - example_start} tokens their "
+                "example has before its first branch"
+            )
+        runs.append((start, end, example_start, prefix))
+    return runs
+
+
+def _attend_runs(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    runs: list[Run],
+    **kwargs: Any,
+) -> list[torch.Tensor]:
+    """One SDPA call per run of (1, heads, tokens, head_dim) states; a branch also sees its prefix's keys."""
+    pieces = []
+    for start, end, prefix_start, prefix in runs:
+        if prefix == 0:
+            states = (key[:, :, start:end], value[:, :, start:end])
+            mask = None
+        else:
+            before = slice(prefix_start, prefix_start + prefix)
+            states = tuple(torch.cat([s[:, :, before], s[:, :, start:end]], dim=2) for s in (key, value))
+            mask = branch_mask(end - start, prefix, query.device)
+        pieces.append(sdpa_attention_forward(module, query[:, :, start:end], *states, mask, **kwargs)[0])
+    return pieces
+
+
+def branch_mask(length: int, prefix: int, device: torch.device) -> torch.Tensor:
+    """(1, 1, length, prefix + length), True where attention is allowed: the whole prefix, then causal."""
+    rows = torch.arange(length, device=device)[:, None]
+    columns = torch.arange(prefix + length, device=device)[None, :]
+    return ((columns < prefix) | (columns - prefix <= rows))[None, None]
 
 
 def batch_lengths(position_ids: torch.Tensor, batch: int, tokens: int) -> tuple[torch.Tensor, int]:
@@ -135,24 +209,22 @@ def varlen_sdpa_attention(
             "packed examples apart; train with --attn_implementation sdpa"
         )
     batch, heads, tokens, dim = query.shape
-    cu_seqlens, longest = batch_lengths(position_ids, batch, tokens)
-    if query.is_cuda and TORCH_VARLEN is not None and not _torch_varlen_failed and not kwargs.get("dropout"):
-        try:
-            output = _torch_varlen_attention(query, key, value, cu_seqlens, longest, kwargs.get("scaling"))
-            return output.reshape(batch, tokens, heads, dim), None
-        except (RuntimeError, TypeError, ValueError) as error:  # an older kernel, a dtype or head size it refuses
-            _torch_varlen_failed.append(str(error))
-            logger.warning("torch varlen attention refused these inputs (%s); attending per example with SDPA", error)
-    # one SDPA call per example of the flattened batch: (1, heads, length, head_dim) slices
+    runs = branched_runs(position_ids, batch, tokens)
+    if runs is None:
+        cu_seqlens, longest = batch_lengths(position_ids, batch, tokens)
+        if query.is_cuda and TORCH_VARLEN is not None and not _torch_varlen_failed and not kwargs.get("dropout"):
+            try:
+                output = _torch_varlen_attention(query, key, value, cu_seqlens, longest, kwargs.get("scaling"))
+                return output.reshape(batch, tokens, heads, dim), None
+            except (RuntimeError, TypeError, ValueError) as error:  # an older kernel, a dtype or head size it refuses
+                _torch_varlen_failed.append(str(error))
+                logger.warning("torch varlen attention refused these inputs (%s); attending per example", error)
+        bounds = cu_seqlens.tolist()
+        runs = [(start, end, start, 0) for start, end in zip(bounds[:-1], bounds[1:])]
+    # one SDPA call per run of the flattened batch (branches too, on every device): (1, heads, length, head_dim)
     query, key, value = (flat_tokens(states).transpose(0, 1)[None] for states in (query, key, value))
-    bounds = cu_seqlens.tolist()
     with sdpa_kernel(WITHOUT_CUDNN):
-        pieces = [
-            sdpa_attention_forward(
-                module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], None, **kwargs
-            )[0]
-            for start, end in zip(bounds[:-1], bounds[1:])
-        ]
+        pieces = _attend_runs(module, query, key, value, runs, **kwargs)
     return torch.cat(pieces, dim=1).reshape(batch, tokens, heads, dim), None
 
 

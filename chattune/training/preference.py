@@ -30,6 +30,7 @@ from chattune.data.formats import DataError
 from chattune.data.sources import Source, read_sources
 from chattune.training.arguments import training_args
 from chattune.training.safety import AtomicCheckpointMixin
+from chattune.training.shared_prefix import LeanDPO, share_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +163,11 @@ def build_preference_trainer(
     before training, while the starting model still exists.
     """
     config_class, trl_trainer = trl_classes(flags.method)
-    trainer_class = with_atomic_checkpoints(trl_trainer)
+    mixins: tuple[type, ...] = ()
+    if flags.method == "dpo":
+        share_prompts(model, per_example_attention=flags.attn_implementation is None)
+        mixins = (LeanDPO,)
+    trainer_class = with_atomic_checkpoints(trl_trainer, *mixins)
     common = dict(**training_args(flags, dtype, has_eval=eval_data is not None), max_length=flags.ctx_size)
     shared = dict(
         train_dataset=train_data,
@@ -189,7 +194,7 @@ def build_preference_trainer(
             precompute_ref_log_probs=flags.precompute_ref_log_probs,
         )
         if flags.precompute_ref_log_probs:
-            return _precomputed_dpo_trainer(trl_trainer, flags, model, dtype, config, shared, held_out)
+            return _precomputed_dpo_trainer(trl_trainer, mixins, flags, model, dtype, config, shared, held_out)
     # The reference is the starting model. With LoRA, TRL disables the adapter instead of keeping a copy.
     reference = None if peft_config is not None else _frozen_copy(model)
     return trainer_class(model=model, ref_model=reference, args=config, **shared)
@@ -197,6 +202,7 @@ def build_preference_trainer(
 
 def _precomputed_dpo_trainer(
     trl_trainer: type,
+    mixins: tuple[type, ...],
     flags: TrainFlags,
     model: Any,
     dtype: torch.dtype,
@@ -209,7 +215,7 @@ def _precomputed_dpo_trainer(
     step (with LoRA, with the adapter off) and keeps nothing besides the policy."""
     from chattune.training.reference import PrecomputedReference, reference_identity
 
-    trainer_class = type(trl_trainer.__name__, (AtomicCheckpointMixin, PrecomputedReference, trl_trainer), {})
+    trainer_class = with_atomic_checkpoints(trl_trainer, PrecomputedReference, *mixins)
     return trainer_class(
         model=model,
         ref_model=None,
@@ -220,8 +226,9 @@ def _precomputed_dpo_trainer(
     )
 
 
-def with_atomic_checkpoints(trainer_class: type) -> type:
-    return type(trainer_class.__name__, (AtomicCheckpointMixin, trainer_class), {})
+def with_atomic_checkpoints(trainer_class: type, *mixins: type) -> type:
+    """`trainer_class` with atomic checkpoints and `mixins` (outermost first), under its own name."""
+    return type(trainer_class.__name__, (AtomicCheckpointMixin, *mixins, trainer_class), {})
 
 
 def _frozen_copy(model: Any) -> Any:
