@@ -19,9 +19,12 @@ Arms, each in its own subprocess (its peak RSS is its own), for --method full (a
   DPOConfig defaults, except the optimisation settings, precision and activation checkpointing, which follow
   this script's options so that the arms differ in how they treat the reference.
 * chattune-dpo: train.py --method dpo --precompute_ref_log_probs (a fresh `datasets` cache: the reference pass
-  runs and is timed as precompute_s).
+  runs and is timed as precompute_s). Each pair's prompt runs once, both answers branching from it
+  (chattune.training.shared_prefix; `shared_prompts` in the report).
 * chattune-sft: train.py's SFT on the same prompts and chosen answers, same model and --micro_batch_size
-  (an SFT micro-batch holds half the sequences of a DPO one: DPO forwards chosen and rejected).
+  (an SFT micro-batch holds a prompt and one answer per example; a DPO one a prompt and two answers).
+
+`--arms` runs a subset; ratios that need a left-out arm are null.
 
 chattune's arms run with the malloc train.py would restart with (oneTBB's on a Linux host without a GPU, see
 chattune/allocator.py), TRL's with glibc's, as a TRL script runs. Each arm reports peak RSS (and peak GPU memory
@@ -49,7 +52,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.random_llama import SMOLLM2_135M, save_random_llama  # noqa: E402  (after REPO is on sys.path)
+from bench.arms import arm_list  # noqa: E402  (after REPO is on sys.path)
+from bench.random_llama import SMOLLM2_135M, save_random_llama  # noqa: E402
 
 ARMS = ("trl", "chattune-dpo", "chattune-sft")
 METHODS = ("full", "lora")
@@ -75,6 +79,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokenizer_vocab", type=int, default=1024, help="BPE vocabulary trained on the pairs")
     parser.add_argument("--bf16", action="store_true", help="compute in bfloat16 (every arm)")
     parser.add_argument("--gradient_checkpointing", action="store_true", help="activation checkpointing (every arm)")
+    parser.add_argument(
+        "--arms",
+        type=arm_list(ARMS),
+        default=ARMS,
+        help=f"comma-separated arms to run (default: all of {','.join(ARMS)})",
+    )
     parser.add_argument("--workdir", default=None, help="keep data, model and logs here (default: a temp dir)")
     parser.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)  # in a subprocess
     parser.add_argument("--arm_method", choices=METHODS, help=argparse.SUPPRESS)
@@ -206,6 +216,7 @@ class Probe:
             "precompute_s": round(self.precompute_s, 3),
             "activation_checkpointing": bool(getattr(model, "is_gradient_checkpointing", False)),
             "reference": reference_kind(self.trainer),
+            "shared_prompts": shares_prompts(self.trainer),
         }
 
 
@@ -218,6 +229,13 @@ def reference_kind(trainer: Any) -> str:
     if hasattr(trainer, "ref_model"):  # DPO on an adapter
         return "adapter off, a pass per micro-batch"
     return "none (SFT)"
+
+
+def shares_prompts(trainer: Any) -> bool:
+    """chattune's DPO runs each pair's prompt once (chattune.training.shared_prefix); TRL's runs it twice."""
+    from chattune.training.shared_prefix import LeanDPO, packable_backbone
+
+    return isinstance(trainer, LeanDPO) and packable_backbone(trainer.model) is not None
 
 
 def instrument(probe: Probe) -> None:
@@ -374,6 +392,7 @@ def summarize(runs: list[dict]) -> dict:
     }
     summary["peak_rss_mb_runs"] = [run["peak_rss_mb"] for run in done]
     summary["reference"] = done[0]["reference"]
+    summary["shared_prompts"] = done[0].get("shared_prompts", False)
     summary["activation_checkpointing"] = done[0]["activation_checkpointing"]
     failed = [run["error"] for run in runs if "error" in run]
     return {**summary, **({"errors": failed} if failed else {})}
@@ -387,7 +406,7 @@ def ratio(numerator: dict, denominator: dict, key: str) -> float | None:
 
 def compare(arms: dict[str, dict]) -> dict:
     """Ratios against this run's own arms; None where an arm failed."""
-    trl, dpo, sft = arms["trl"], arms["chattune-dpo"], arms["chattune-sft"]
+    trl, dpo, sft = (arms.get(arm, {}) for arm in ARMS)  # an arm left out by --arms compares as None
     dpo_over_sft = ratio(dpo, sft, "peak_rss_mb")
     comparison = {
         "chattune_dpo_rss_over_sft": dpo_over_sft,
@@ -415,9 +434,9 @@ def main(argv: list[str] | None = None) -> int:
         methods = METHODS if args.method == "both" else (args.method,)
         report: dict[str, Any] = {}
         for method in methods:
-            runs: dict[str, list[dict]] = {arm: [] for arm in ARMS}
+            runs: dict[str, list[dict]] = {arm: [] for arm in args.arms}
             for repeat in range(args.repeats):
-                for arm in ARMS:
+                for arm in args.arms:
                     runs[arm].append(run_subprocess(args, work, arm, method, repeat))
                     landed = {"method": method, "run": repeat + 1, **runs[arm][-1]}
                     print(json.dumps(landed), file=sys.stderr, flush=True)

@@ -58,7 +58,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.random_llama import SMOLLM2_135M, save_random_llama  # noqa: E402  (after REPO is on sys.path)
+from bench.arms import arm_list  # noqa: E402  (after REPO is on sys.path)
+from bench.random_llama import SMOLLM2_135M, save_random_llama  # noqa: E402
 
 RESULT_FILE = "result.json"
 ARMS = ("chattune", "chattune_checkpointed", "baseline", "trl_best")
@@ -121,7 +122,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--arms",
-        type=arm_list,
+        type=arm_list(ARMS),
         default=ARMS,
         help=f"comma-separated arms to run (default: all of {','.join(ARMS)})",
     )
@@ -133,14 +134,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.steps = args.steps or (2 if args.vocab else 10)
     args.batch_size = args.batch_size or (8 if args.vocab else 16)
     return args
-
-
-def arm_list(text: str) -> tuple[str, ...]:
-    arms = tuple(name.strip() for name in text.split(",") if name.strip())
-    unknown = sorted(set(arms) - set(ARMS))
-    if unknown or not arms:
-        raise argparse.ArgumentTypeError(f"unknown arm(s) {unknown or text!r}; choose from {','.join(ARMS)}")
-    return tuple(arm for arm in ARMS if arm in arms)  # always in the documented order
 
 
 # --- the subprocess side: one arm, instrumented ---------------------------------------------------------
