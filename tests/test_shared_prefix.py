@@ -82,6 +82,8 @@ def test_pairs_are_packed_with_their_common_prefix_once():
         ([[1, 2], [1, 3], [1, 4]], [[1, 1]] * 3, {}, False),  # not chosen + rejected rows
         ([[1, 2], [1, 3]], [[1, 1], [1, 1]], {"use_cache": True}, False),
         ([[1, 2], [1, 3]], [[1, 1], [1, 1]], {"output_router_logits": True}, False),
+        ([[1, 2], [1, 3]], [[1, 1], [1, 1]], {"inputs_embeds": None, "output_hidden_states": None}, True),  # PEFT's
+        ([[1, 2], [1, 3]], [[1, 1], [1, 1]], {"output_hidden_states": True}, False),
     ],
 )
 def test_only_trls_pair_layout_is_packed(input_ids, mask, extra, expected):

@@ -31,7 +31,8 @@ from chattune.training.attention import VARLEN_SDPA, use_varlen_sdpa
 
 logger = logging.getLogger(__name__)
 
-# what TRL's DPOTrainer passes the backbone besides input_ids and attention_mask
+# what TRL's DPOTrainer passes the backbone besides input_ids and attention_mask; PEFT's model adds the other
+# arguments of the forward, as None
 PASSED_THROUGH = frozenset({"use_cache", "return_dict"})
 
 
@@ -76,8 +77,8 @@ def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> PackedP
 
 def packable(input_ids: Any, attention_mask: Any, kwargs: dict) -> bool:
     """TRL's pair layout, right-padded, with nothing the packed row could not carry (a cache, embeddings)."""
-    if set(kwargs) - PASSED_THROUGH or kwargs.get("use_cache"):
-        return False
+    if kwargs.get("use_cache") or any(kwargs[key] for key in set(kwargs) - PASSED_THROUGH):
+        return False  # a cache, embeddings, per-layer outputs (in the packed layout) or router logits
     if not isinstance(input_ids, torch.Tensor) or not isinstance(attention_mask, torch.Tensor):
         return False
     if input_ids.dim() != 2 or input_ids.shape[0] % 2 or input_ids.shape != attention_mask.shape:
