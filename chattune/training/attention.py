@@ -92,8 +92,9 @@ def _branched_runs(position_ids: torch.Tensor, batch: int, tokens: int) -> list[
     if not bool(jumps.any()):
         return None
     positions = flat.tolist()
-    starts = sorted({0, *range(tokens, batch * tokens, tokens), *(flat == 0).nonzero().flatten().tolist()})
-    starts = sorted({*starts, *(jumps.nonzero().flatten() + 1).tolist()})
+    row_starts = range(0, batch * tokens, tokens)
+    example_starts = (flat == 0).nonzero().flatten().tolist()
+    starts = sorted({*row_starts, *example_starts, *(jumps.nonzero().flatten() + 1).tolist()})
     runs: list[Run] = []
     example_start, first_run_end = 0, 0
     for start, end in zip(starts, [*starts[1:], batch * tokens]):

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from chattune.training.attention import VARLEN_SDPA, use_varlen_sdpa
+from chattune.training.attention import VARLEN_SDPA
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,8 @@ def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> PackedP
 
 def packable(input_ids: Any, attention_mask: Any, kwargs: dict) -> bool:
     """TRL's pair layout, right-padded, with nothing the packed row could not carry (a cache, embeddings)."""
-    if kwargs.get("use_cache") or any(kwargs[key] for key in set(kwargs) - PASSED_THROUGH):
+    given = [kwargs[key] for key in set(kwargs) - PASSED_THROUGH if kwargs[key] is not None]
+    if kwargs.get("use_cache") or any(value is not False for value in given):
         return False  # a cache, embeddings, per-layer outputs (in the packed layout) or router logits
     if not isinstance(input_ids, torch.Tensor) or not isinstance(attention_mask, torch.Tensor):
         return False
@@ -131,14 +132,17 @@ def share_prompts(model: Any, per_example_attention: bool = True) -> bool:
 
     `per_example_attention` is off when the user chose --attn_implementation: their choice is kept.
     """
-    from chattune.training.batching import isolates_packed_examples
+    from chattune.training.batching import plan_batching
 
-    safe, why = isolates_packed_examples(model)
+    # the choice SFT's padding-free batches make (and the switch to varlen SDPA), for the same reasons
+    plan = plan_batching(model, packing=False, per_example_attention=per_example_attention)
     if not per_example_attention:
         why = "--attn_implementation was given"
-    elif safe and not use_varlen_sdpa(model):
+    elif plan.padding_free:  # examples are kept apart, but not by chattune's attention, which alone can branch
         why = "the model's attention is not SDPA, or has sliding-window layers"
-    shared = safe and per_example_attention and getattr(model.config, "_attn_implementation", None) == VARLEN_SDPA
+    else:
+        why = plan.reason
+    shared = per_example_attention and getattr(model.config, "_attn_implementation", None) == VARLEN_SDPA
     if shared:
         logger.info("DPO: each pair's prompt runs once, its two answers branch from it (no padding)")
     else:
