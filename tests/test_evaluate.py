@@ -181,9 +181,10 @@ def test_summary_by_language_and_kind_hand_checked():
 
 
 def test_table_shows_every_group_and_dashes_for_none():
+    from chattune.domains.homeassistant.task import HomeAssistantTask
     from chattune.evaluation.report import format_table
 
-    table = format_table(summarize(*hand_made_group()))
+    table = format_table(summarize(*hand_made_group()), HomeAssistantTask())
     for row in ("overall", "language=english", "language=german", "kind=action", "kind=status", "kind=unknown"):
         assert row in table
     status_row = next(line for line in table.splitlines() if line.startswith("kind=status"))

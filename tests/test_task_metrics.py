@@ -13,8 +13,10 @@ from safetensors.torch import load_file
 from test_crash_safety import straight_and_killed_then_resumed
 
 from chattune.config.flags import FlagError, TrainFlags
+from chattune.domains.homeassistant.task import HomeAssistantTask
 from chattune.training.task_metrics import (
     best_metric_key,
+    GenerationPlan,
     check_best_metric,
     greater_is_better,
     load_generation_sample,
@@ -194,7 +196,7 @@ def test_bad_metric_and_generation_flags(tmp_path):
         flags(tmp_path / "t.jsonl", eval_generate=4, method="dpo")
 
     no_calls = write_jsonl(tmp_path / "no_calls.jsonl", home_rows(4, "Nothing to do."))
-    sample = load_generation_sample(str(no_calls), 4, seed=1)
+    sample = GenerationPlan(load_generation_sample(str(no_calls), 4, seed=1), HomeAssistantTask())
     with pytest.raises(FlagError, match="add --eval_generate N to log it"):
         check_best_metric(flags(no_calls, metric_for_best_model="service_call_exact_match"), None)
     with pytest.raises(FlagError, match="entity_accuracy cannot be measured on the 4 sampled"):

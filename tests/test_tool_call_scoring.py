@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from chattune.evaluation.tool_calls import (
+from chattune.domains.tool_calling.scoring import (
     ToolCall,
     ToolCallFormatError,
     aggregate,

@@ -146,6 +146,15 @@ class TrainFlags:
         "At every evaluation, also generate greedy replies for a fixed sample of N --test_dataset examples and log "
         "evaluate.py's task metrics (eval_service_call_exact_match, eval_entity_accuracy, ...) next to eval_loss.",
     )
+    eval_task: str = _flag(
+        "auto",
+        "How --eval_generate reads and scores replies, as evaluate.py's --task: homeassistant, tool_calls, "
+        "module:Class or path/file.py:Class, or auto (detected from the test data).",
+    )
+    eval_constrain: bool = _flag(
+        False,
+        "With --eval_generate: decode under each prompt's grammar, as evaluate.py --constrain (needs llguidance).",
+    )
     metric_for_best_model: str = _flag(
         "eval_loss",
         "The logged metric that picks the best checkpoint (kept by --save_total_limit, loaded by "
@@ -496,6 +505,7 @@ def _check_evaluation_flags(flags: TrainFlags) -> None:
     needs_test_set = {
         "--early_stopping_patience": flags.early_stopping_patience is not None,
         "--eval_generate": flags.eval_generate is not None,
+        "--eval_constrain": flags.eval_constrain,
         "--load_best_model_at_end": flags.load_best_model_at_end,
         f"--metric_for_best_model {flags.metric_for_best_model}": flags.metric_for_best_model != "eval_loss",
     }

@@ -88,8 +88,12 @@ def generate_replies(
     continuations: Sequence[tuple[list[int], list[int]] | None] | None = None,
     seconds: list[float | None] | None = None,
     progress: bool = True,
+    grammars: Sequence[str | None] | None = None,
 ) -> tuple[list[str], list[tuple[float, int] | None]]:
     """Greedy replies in the order of `prompts`, and the reference NLL of each example with a continuation.
+
+    `grammars`, when given, holds a GBNF grammar per prompt (None: that prompt is free) that its reply must follow
+    (chattune.evaluation.constrained).
 
     `seconds`, when given, is filled (in the order of `prompts`) with the wall time of each example's batch,
     from its first forward pass until its decoded replies: what a request waited for its reply in that batch.
@@ -109,6 +113,7 @@ def generate_replies(
     batches = list(length_sorted_batches([len(p) for p in prompts], batch_size))
     if seconds is not None:
         seconds[:] = [None] * len(prompts)
+    compiler = _grammar_compiler(model, tokenizer, stops) if grammars and any(grammars) else None
     for batch in tqdm(batches, desc="generating", unit="batch", file=sys.stderr, disable=not progress):
         started = time.perf_counter()
         ids, mask = left_pad([prompts[i] for i in batch], tokenizer.pad_token_id, device)
@@ -120,6 +125,8 @@ def generate_replies(
                 extra[cache_argument(model)] = cache
                 for index, result in zip(batch, sums):
                     nlls[index] = result
+            if compiler is not None:
+                extra["logits_processor"] = _grammar_processors(compiler, [grammars[i] for i in batch])
             output = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, **extra)
         for row, index in enumerate(batch):
             replies[index] = decode_reply(tokenizer, output[row, ids.shape[1] :].tolist(), stops)
@@ -128,6 +135,21 @@ def generate_replies(
             for index in batch:
                 seconds[index] = elapsed
     return replies, nlls
+
+
+def _grammar_compiler(model: Any, tokenizer: Any, stops: list[int]) -> Any:
+    from chattune.evaluation.constrained import GrammarCompiler
+
+    width = model.get_output_embeddings().weight.shape[0]  # the logits' width, maybe past the tokenizer's
+    return GrammarCompiler(tokenizer, width, stops)
+
+
+def _grammar_processors(compiler: Any, grammars: Sequence[str | None]) -> Any:
+    from transformers import LogitsProcessorList
+
+    from chattune.evaluation.constrained import GrammarLogitsProcessor
+
+    return LogitsProcessorList([GrammarLogitsProcessor([compiler.matcher(g) if g else None for g in grammars])])
 
 
 def _prefill_with_references(

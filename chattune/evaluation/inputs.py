@@ -45,11 +45,6 @@ class Example:
     after_tool_result: bool = False  # tool-calling data: the turn answers a tool result
 
 
-def is_tool_calling(examples: list[Example]) -> bool:
-    """Tool-calling data is scored turn by turn on its calls (chattune.evaluation.tool_calls)."""
-    return any(example.reference_message is not None for example in examples)
-
-
 @dataclass
 class ModelSource:
     path: Path

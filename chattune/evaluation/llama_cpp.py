@@ -123,9 +123,12 @@ class LlamaCppModel:
         continuations: Sequence[tuple[list[int], list[int]] | None] | None = None,
         seconds: list[float | None] | None = None,
         progress: bool = True,
+        grammars: Sequence[str | None] | None = None,
     ) -> tuple[list[str], list[tuple[float, int] | None]]:
         """Greedy replies to the rendered prompts `texts`, one at a time, and the reference NLL of each example
-        with a continuation (scored on `hf_prompts` + continuation, in the same pass the reply starts from)."""
+        with a continuation (scored on `hf_prompts` + continuation, in the same pass the reply starts from).
+        `grammars` holds a GBNF grammar per prompt (None: free), applied by llama.cpp's own grammar sampler, as
+        llama-server's `--grammar-file` would."""
         from tqdm import tqdm
 
         self.open(context_size(hf_prompts, continuations, max_new_tokens))
@@ -141,7 +144,8 @@ class LlamaCppModel:
                 self.tokenization_mismatches += 1
             continuation = continuations[index] if continuations else None
             nlls.append(self.reference_nll(hf_prompts[index], continuation) if continuation else None)
-            replies.append(self._greedy_reply(prompt, max_new_tokens))
+            grammar = self._grammar(grammars[index]) if grammars and grammars[index] else None
+            replies.append(self._greedy_reply(prompt, max_new_tokens, grammar))
             if seconds is not None:
                 seconds.append(time.perf_counter() - started)
         if self.tokenization_mismatches:
@@ -153,12 +157,22 @@ class LlamaCppModel:
             )
         return replies, nlls
 
-    def _greedy_reply(self, prompt: list[int], max_new_tokens: int) -> str:
+    def _grammar(self, text: str) -> Any:
+        """llama.cpp's parse of a GBNF text, kept for the prompts that share it."""
+        cache = self.__dict__.setdefault("_grammars", {})
+        if text not in cache:
+            try:
+                cache[text] = self.llama_cpp.LlamaGrammar.from_string(text, verbose=False)
+            except ValueError as error:
+                raise EvalError(f"llama.cpp cannot parse the task's grammar: {error}") from None
+        return cache[text]
+
+    def _greedy_reply(self, prompt: list[int], max_new_tokens: int, grammar: Any = None) -> str:
         self._check_fits(len(prompt) + max_new_tokens)
         stops = set(self.stop_ids)
         new_ids: list[int] = []
         # temp 0 is llama.cpp's greedy sampler; repeat_penalty 1 turns the penalty off, as in HF greedy decoding.
-        for token in self.llm.generate(prompt, temp=0.0, repeat_penalty=1.0, reset=True):
+        for token in self.llm.generate(prompt, temp=0.0, repeat_penalty=1.0, reset=True, grammar=grammar):
             if token in stops:
                 break
             new_ids.append(token)

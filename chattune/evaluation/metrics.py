@@ -12,6 +12,24 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+# Numbers closer than this count as equal: models write 0.4, 0.40 or 0.4000001 for the same volume.
+NUMBER_TOLERANCE = 1e-4
+
+
+def values_equal(a: Any, b: Any) -> bool:
+    """Deep equality with numeric tolerance; booleans are never equal to numbers."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return math.isclose(a, b, rel_tol=NUMBER_TOLERANCE, abs_tol=NUMBER_TOLERANCE)
+    if isinstance(a, str) and isinstance(b, str):
+        return a.strip() == b.strip()
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(values_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(values_equal(a[key], b[key]) for key in a)
+    return a == b
+
 
 def ratio(numerator: float, denominator: float) -> float | None:
     """numerator / denominator, or None when nothing was counted."""

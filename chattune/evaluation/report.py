@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from chattune.atomic import write_text_atomic
-from chattune.domains.homeassistant.scoring import METRIC_KEYS, ExampleScore
-from chattune.evaluation import tool_calls
+from chattune.domains.task import Score, Task
 from chattune.evaluation.inputs import EvalError, Example
 
 RESULTS_FILE = "eval_results.json"
@@ -24,19 +23,10 @@ TABLE_FILES = ("eval_table.json", "eval_table.csv")
 TABLE_COLUMNS = ("model", "step", "path", "reused")
 
 
-def failure_records(examples: Sequence[Example], replies: Sequence[str], scores: Sequence[ExampleScore]) -> list:
+def failure_records(task: Task, examples: Sequence[Example], replies: Sequence[str], scores: Sequence[Score]) -> list:
+    """The task's record of every reply that is not an exact match, with its 1-based row."""
     return [
-        {
-            "row": index + 1,
-            "prompt": example.prompt,
-            "expected": example.reference,
-            "got": reply,
-            "expected_calls": score.expected_calls,
-            "got_calls": score.predicted_calls,
-            "json_valid": score.json_valid,
-            "language": example.language,
-            "kind": example.kind,
-        }
+        task.failure_record(index + 1, example, reply, score)
         for index, (example, reply, score) in enumerate(zip(examples, replies, scores))
         if not score.exact_match
     ]
@@ -68,52 +58,25 @@ def write_outputs(folder: Path, summary: dict, settings: dict, failures: list) -
     return results_path, failures_path
 
 
-SHORT_NAMES = {
-    "service_call_exact_match": "exact",
-    "call_precision": "prec",
-    "call_recall": "recall",
-    "entity_accuracy": "entity",
-    "json_valid_rate": "json_ok",
-    "no_call_accuracy": "no_call",
-    "perplexity": "ppl",
-    "bleu": "bleu",
-    "rouge1": "rouge1",
-    "rouge2": "rouge2",
-    "rougeL": "rougeL",
-    "meteor": "meteor",
-    "edit_distance": "edit",
-    "latency_mean_s": "lat_s",
-    "latency_p95_s": "p95_s",
-    "n_examples": "n",
-    "tool_call_exact_match": "exact",
-    "function_name_accuracy": "func",
-    "argument_accuracy": "args",
-    "final_reply_rougeL": "final_rL",
-    "n_turns": "turns",
-}
-SLICES = (("language", "by_language"), ("kind", "by_kind"), ("devices", "by_devices"))
+def metric_keys(task: Task) -> tuple[str, ...]:
+    """The overall metrics a task's table shows, in order."""
+    return task.metric_keys()
 
 
-def metric_keys(summary: dict) -> tuple[str, ...]:
-    """The overall metrics of a summary's task: Home Assistant replies, or tool-calling turns."""
-    return tool_calls.METRIC_KEYS if summary.get("task") == tool_calls.TASK else METRIC_KEYS
-
-
-def format_table(summary: dict) -> str:
-    """One row per group (overall, each language, kind and device-count bucket); '-' where a metric does not
-    apply."""
+def format_table(summary: dict, task: Task) -> str:
+    """One row per group (overall, then each of the task's slices); '-' where a metric does not apply."""
     rows = [("overall", summary)]
-    for prefix, key in SLICES:
+    for prefix, key in task.slices:
         rows += [(f"{prefix}={name}", metrics) for name, metrics in summary.get(key, {}).items()]
-    return _grid(rows, [])
+    return _grid(rows, [], task)
 
 
-def format_comparison(rows: Sequence[dict], skipped: Sequence[dict] = ()) -> str:
+def format_comparison(rows: Sequence[dict], task: Task, skipped: Sequence[dict] = ()) -> str:
     """One line per model of a sweep or comparison: its label, step ('final' for a run's final folder, '-' for a
     model that is not a checkpoint), then the overall metrics; then the checkpoints left out, and why."""
     labelled = [(row["model"], row) for row in rows]
     steps = [_step(row) for row in rows]
-    return "\n".join([_grid(labelled, steps), *(f"skipped {s['model']}: {s['reason']}" for s in skipped)])
+    return "\n".join([_grid(labelled, steps, task), *(f"skipped {s['model']}: {s['reason']}" for s in skipped)])
 
 
 def _step(row: dict) -> str:
@@ -122,21 +85,25 @@ def _step(row: dict) -> str:
     return "final" if row.get("final") else "-"
 
 
-def _grid(rows: Sequence[tuple[str, dict]], steps: Sequence[str]) -> str:
+def _grid(rows: Sequence[tuple[str, dict]], steps: Sequence[str], task: Task) -> str:
     width = max(len(name) for name, _ in rows) + 2
     step_width = max((len(step) for step in steps), default=0)
     header = "".ljust(width) + (f"{'step':>{step_width}}" if steps else "")
-    keys = metric_keys(rows[0][1])
-    lines = [header + "".join(f" {SHORT_NAMES[k]:>8}" for k in keys)]
+    keys, short = task.metric_keys(), task.short_names()
+    lines = [header + "".join(f" {short[k]:>8}" for k in keys)]
     for index, (name, metrics) in enumerate(rows):
         step = f"{steps[index]:>{step_width}}" if steps else ""
         lines.append(name.ljust(width) + step + "".join(f" {_cell(k, metrics.get(k)):>8}" for k in keys))
-    legend = ", ".join(f"{SHORT_NAMES[key]}={key}" for key in keys)
-    notes = f"columns: {legend}; '-' = no applicable example; bleu on a 0-100 scale; edit: lower is better"
+    legend = ", ".join(f"{short[key]}={key}" for key in keys)
+    lower = [short[key] for key in keys if not task.higher_is_better(key) and key != "perplexity"]
+    notes = f"columns: {legend}; '-' = no applicable example; bleu on a 0-100 scale"
+    notes += f"; lower is better: {', '.join(['ppl', *lower])}" if lower else ""
     return "\n".join([*lines, "", *textwrap.wrap(notes, width=120)])
 
 
-def write_table(folder: Path, rows: Sequence[dict], skipped: Sequence[dict], settings: dict) -> tuple[Path, Path]:
+def write_table(
+    folder: Path, rows: Sequence[dict], skipped: Sequence[dict], settings: dict, task: Task
+) -> tuple[Path, Path]:
     """eval_table.json ({"rows", "skipped", "settings"}) and eval_table.csv (the rows, overall metrics only)."""
     json_path, csv_path = folder / TABLE_FILES[0], folder / TABLE_FILES[1]
     document = {"rows": list(rows), "skipped": list(skipped), "settings": settings}
@@ -144,7 +111,7 @@ def write_table(folder: Path, rows: Sequence[dict], skipped: Sequence[dict], set
     buffer = io.StringIO()
     writer = csv.DictWriter(
         buffer,
-        fieldnames=[*TABLE_COLUMNS, *metric_keys(rows[0] if rows else {})],
+        fieldnames=[*TABLE_COLUMNS, *task.metric_keys()],
         extrasaction="ignore",
         lineterminator="\n",
     )

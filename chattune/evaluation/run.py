@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from chattune.cli import entry_point
-from chattune.evaluation import tool_calls
+from chattune.domains.task import Task, check_task_name, resolve_task
+from chattune.domains.tool_calling.scoring import parser_for
 from chattune.evaluation.generation import stop_token_ids
 from chattune.evaluation.inputs import (
     EvalError,
@@ -40,7 +41,6 @@ from chattune.evaluation.report import (
     failure_records,
     format_comparison,
     format_table,
-    metric_keys,
     write_outputs,
     write_table,
 )
@@ -79,6 +79,14 @@ class Settings:
     prompt_template_file: str | None = None  # a Jinja chat template used instead of the model's own
     gguf_runtime: str = "auto"  # what runs a .gguf MODEL: llama.cpp, transformers, or auto (llama.cpp if installed)
     compare: bool = False  # only says that several MODELs are compared; naming several does that anyway
+    task: str = "auto"  # a registered task, module:Class or file.py:Class; auto: detected from the test data
+    constrain: bool = False  # decode each reply under its prompt's grammar (the task's)
+    resolved_task: Task | None = field(default=None, repr=False)  # the task object, once the examples are read
+
+    def task_for(self, examples: Sequence[Example]) -> Task:
+        if self.resolved_task is None:
+            self.resolved_task = resolve_task(self.task, examples, tool_call_format=self.tool_call_format)
+        return self.resolved_task
 
     @property
     def several(self) -> bool:
@@ -163,9 +171,30 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         help="Score every MODEL named and print one table, a row each, e.g. `--compare models/run "
         "models/run/run-q8_0.gguf models/run/run-q4_k_m.gguf` (naming several MODELs does the same).",
     )
+    parser.add_argument(
+        "--task",
+        default="auto",
+        help="How replies are read and scored: homeassistant (the ```homeassistant block of service calls), "
+        "tool_calls (OpenAI-style tool calls, any tool schema), module:Class or path/file.py:Class for a task "
+        "of your own (a chattune.domains.task.Task subclass), or auto: detected from the test data (default).",
+    )
+    parser.add_argument(
+        "--constrain",
+        action="store_true",
+        help="Constrained decoding: each reply follows a grammar the task builds from its own prompt, so it can "
+        "only name what the prompt lists (Home Assistant: listed entity ids, their domain's listed services, "
+        "typed and ranged arguments; tool calls: the row's tools and their argument schemas). A .gguf in "
+        "llama.cpp uses llama.cpp's GBNF sampler; transformers uses llguidance with the same grammar. Rows the task "
+        "has no grammar for (no Devices line) are generated free and counted as unconstrained_rows.",
+    )
     args = vars(parser.parse_args(argv))
     args["gguf_runtime"] = _gguf_runtime(args["gguf_runtime"])
-    tool_calls.parser_for(args["tool_call_format"])  # a bad value fails here, before any model loads
+    parser_for(args["tool_call_format"])  # a bad value fails here, before any model loads
+    check_task_name(args["task"])
+    if args["constrain"] and not _constraint_ready(args):
+        from chattune.evaluation.constrained import require_llguidance
+
+        require_llguidance()
     template = args["prompt_template_file"]
     if template is not None and not Path(template).is_file():
         raise EvalError(f"--prompt_template_file {template}: no such file")
@@ -174,6 +203,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     if settings.all_checkpoints and others:
         raise EvalError(f"--all_checkpoints takes one run folder (runs/<run>), got {len(others) + 1} paths")
     return settings
+
+
+def _constraint_ready(args: dict) -> bool:
+    """Whether --constrain can run without llguidance: every MODEL a .gguf scored in llama.cpp."""
+    models = args["model"]
+    return args["gguf_runtime"] == "llama.cpp" and all(str(m).endswith(".gguf") for m in models)
 
 
 def gguf_file_type(path: Path) -> str:
@@ -234,17 +269,23 @@ def score_model(
     logger.info("loading %s %s in %s on %s (%s)", source.kind, source.path, runtime, device, precision)
     model = load_model(source, tokenizer, device, dtype)
 
+    task = settings.task_for(examples)
     started = time.monotonic()
     scored = generate_and_score(
-        model,
-        tokenizer,
-        examples,
-        settings.batch_size,
-        device,
-        settings.max_new_tokens,
-        tool_call_format=settings.tool_call_format,
-    )
-    summary = summarize_examples(examples, scored.scores)
+        model, tokenizer, examples, task, settings.batch_size, device, settings.max_new_tokens,
+        constrain=settings.constrain,
+    )  # fmt: skip
+    summary = summarize_examples(task, examples, scored.scores)
+    if settings.constrain:
+        summary["constrained"] = True
+        summary["unconstrained_rows"] = len(scored.unconstrained_rows)
+        if scored.unconstrained_rows:
+            logger.warning(
+                "--constrain: %d row(s) had no grammar and were generated free (no Devices line or tools): rows %s",
+                len(scored.unconstrained_rows),
+                ", ".join(map(str, scored.unconstrained_rows[:20]))
+                + (" ..." if len(scored.unconstrained_rows) > 20 else ""),
+            )
 
     record = {
         "model": str(source.path),
@@ -258,17 +299,24 @@ def score_model(
         "device": device,
         "runtime": runtime,
         "dtype": precision,
-        "decoding": "greedy",
+        "decoding": "greedy, constrained by the task's grammar" if settings.constrain else "greedy",
+        "task": task.name,
+        "unconstrained_rows": scored.unconstrained_rows,
         "stop_token_ids": model.stop_ids if runtime == "llama.cpp" else stop_token_ids(model, tokenizer),
         "seconds": round(time.monotonic() - started, 2),
-        "reuse_key": reuse_key(source, examples, settings.max_new_tokens),
+        "reuse_key": reuse_key(source, examples, settings.max_new_tokens, _scoring_key(settings, task)),
     }
     if runtime == "llama.cpp":
         record["tokenization_mismatches"] = model.tokenization_mismatches
         model.close()
-    paths = write_outputs(folder, summary, record, failure_records(examples, scored.replies, scored.scores))
+    paths = write_outputs(folder, summary, record, failure_records(task, examples, scored.replies, scored.scores))
     logger.info("wrote %s and %s", *paths)
     return summary
+
+
+def _scoring_key(settings: Settings, task: Task) -> dict[str, Any]:
+    """How replies are made and read, for the reuse of stored results: the task, and the grammar's use."""
+    return {"task": task.name, "constrain": settings.constrain}
 
 
 def run_several(settings: Settings) -> dict:
@@ -309,7 +357,9 @@ def _require_some(settings: Settings, targets: Targets) -> None:
 
 def _table_row(target: Target, examples: list[Example], settings: Settings, device: str, dtype: Any) -> dict:
     folder = results_folder(target, settings.output_dir)
-    key = reuse_key(target.source, examples, settings.max_new_tokens)
+    key = reuse_key(
+        target.source, examples, settings.max_new_tokens, _scoring_key(settings, settings.task_for(examples))
+    )
     summary = None if settings.overwrite else stored_summary(folder, key)
     reused = summary is not None
     if reused:
@@ -317,7 +367,7 @@ def _table_row(target: Target, examples: list[Example], settings: Settings, devi
     else:
         summary = score_model(target.source, examples, settings, device, dtype, folder)
         _release_memory(device)
-    overall = {name: summary.get(name) for name in metric_keys(summary)}
+    overall = {name: summary.get(name) for name in settings.task_for(examples).metric_keys()}
     return {
         "model": target.label,
         "step": target.step,
@@ -344,7 +394,7 @@ def _write_table(settings: Settings, targets: Targets, rows: list[dict]) -> None
         logger.info("comparison table not written; pass --output_dir to keep it as eval_table.json/.csv")
         return
     record = {"test_dataset": settings.test_dataset, "max_examples": settings.max_examples}
-    paths = write_table(Path(folder), rows, targets.skipped, record)
+    paths = write_table(Path(folder), rows, targets.skipped, record, settings.resolved_task)
     logger.info("wrote %s and %s", *paths)
 
 
@@ -361,7 +411,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(result, ensure_ascii=False), file=stdout, flush=True)
     else:
         print(
-            format_comparison(result["rows"], result["skipped"]) if settings.several else format_table(result),
+            format_comparison(result["rows"], settings.resolved_task, result["skipped"])
+            if settings.several
+            else format_table(result, settings.resolved_task),
             file=stdout,
         )
     return 0

@@ -1,5 +1,8 @@
 """Generate replies for test examples and score them: the one path evaluate.py and train.py's `--eval_generate`
-share, so a metric logged during training means what evaluate.py reports for the same model and examples."""
+share, so a metric logged during training means what evaluate.py reports for the same model and examples.
+
+What a reply means and how it is scored is the task's (chattune.domains.task); nothing here knows a domain.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from chattune.data.masking import IGNORE_INDEX, ChatMasker
-from chattune.domains.homeassistant.scoring import ExampleScore, devices_in_prompt, score_example, summarize
-from chattune.evaluation import tool_calls
+from chattune.domains.task import Score, Task
 from chattune.evaluation.generation import (
     auto_max_new_tokens,
     generate_replies,
@@ -18,46 +20,52 @@ from chattune.evaluation.generation import (
     reference_token_ids,
     render_prompt_texts,
 )
-from chattune.evaluation.inputs import Example, is_tool_calling
+from chattune.evaluation.inputs import Example
 from chattune.evaluation.llama_cpp import LlamaCppModel
 
 
 @dataclass
 class ScoredReplies:
     replies: list[str]
-    scores: list[ExampleScore] | list[tool_calls.TurnScore]
+    scores: list[Score]
     max_new_tokens: int
+    unconstrained_rows: list[int] | None = None  # with constrain: 1-based rows the task had no grammar for
 
 
 def generate_and_score(
     model: Any,
     tokenizer: Any,
     examples: Sequence[Example],
+    task: Task,
     batch_size: int,
     device: str,
     max_new_tokens: int | None = None,
     reference_likelihood: bool = True,
     progress: bool = True,
-    tool_call_format: str = "auto",
+    constrain: bool = False,
 ) -> ScoredReplies:
-    """Greedy replies scored against their references, in the order of `examples`.
+    """Greedy replies scored by `task` against their references, in the order of `examples`.
 
     With `reference_likelihood` each score also holds its reference's NLL (for perplexity); without it only
     the replies are generated. `max_new_tokens` None sizes the reply budget from the references; `progress`
-    shows a progress bar on stderr. Tool-calling examples are scored turn by turn, their calls read from the
-    replies with `tool_call_format` (chattune.evaluation.tool_calls). Each score holds its batch's wall time.
+    shows a progress bar on stderr. With `constrain`, each reply follows the grammar the task gives for its prompt;
+    a prompt without one is generated free and listed in `unconstrained_rows`. Each score holds its batch's wall
+    time.
     """
     texts = render_prompt_texts(tokenizer, examples)
     # The template already wrote any BOS; letting the tokenizer add another would shift the model.
     prompts = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
     continuations = reference_continuations(ChatMasker(tokenizer), examples, prompts) if reference_likelihood else None
     max_new_tokens = max_new_tokens or auto_max_new_tokens(tokenizer, examples)
+    grammars = [task.grammar(example) for example in examples] if constrain else None
     seconds: list[float | None] = []
     if isinstance(model, LlamaCppModel):  # a GGUF file in llama.cpp
-        replies, nlls = model.generate_replies(texts, prompts, max_new_tokens, continuations, seconds, progress)
+        replies, nlls = model.generate_replies(
+            texts, prompts, max_new_tokens, continuations, seconds, progress, grammars
+        )
     else:
         replies, nlls = generate_replies(
-            model, tokenizer, prompts, batch_size, max_new_tokens, device, continuations, seconds, progress
+            model, tokenizer, prompts, batch_size, max_new_tokens, device, continuations, seconds, progress, grammars
         )
     if continuations is not None:
         apart = [i for i, continuation in enumerate(continuations) if continuation is None]
@@ -65,19 +73,13 @@ def generate_and_score(
             separate = _separate_nll(model, tokenizer, [examples[i] for i in apart], batch_size, device)
             for index, result in zip(apart, separate):
                 nlls[index] = result
-    if is_tool_calling(examples):
-        parse = tool_calls.parser_for(tool_call_format)
-        scores: list = [
-            tool_calls.score_turn(e.reference_message, reply, parse, e.after_tool_result)
-            for e, reply in zip(examples, replies)
-        ]
-    else:
-        scores = [score_example(e.reference, reply) for e, reply in zip(examples, replies)]
+    scores = [task.score(example, reply) for example, reply in zip(examples, replies)]
     for score, nll, took in zip(scores, nlls, seconds):
         score.seconds = took
         if nll is not None:
             score.nll_sum, score.n_tokens = nll
-    return ScoredReplies(replies, scores, max_new_tokens)
+    free = [index + 1 for index, grammar in enumerate(grammars) if grammar is None] if grammars is not None else None
+    return ScoredReplies(replies, scores, max_new_tokens, free)
 
 
 def _separate_nll(
@@ -97,10 +99,6 @@ def _separate_nll(
     return results
 
 
-def summarize_examples(examples: Sequence[Example], scores: Sequence[Any]) -> dict[str, Any]:
-    """The scorer's summary of these examples: overall, per language and per kind (and, for Home Assistant
-    replies, per number of devices in the prompt)."""
-    languages, kinds = [e.language for e in examples], [e.kind for e in examples]
-    if is_tool_calling(list(examples)):
-        return tool_calls.summarize(scores, languages, kinds)
-    return summarize(scores, languages, kinds, [devices_in_prompt(e.prompt) for e in examples])
+def summarize_examples(task: Task, examples: Sequence[Example], scores: Sequence[Score]) -> dict[str, Any]:
+    """The task's summary of these examples: overall and per slice (language, kind, and the task's own)."""
+    return task.summarize(examples, scores)

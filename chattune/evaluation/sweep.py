@@ -121,15 +121,19 @@ def results_folder(target: Target, output_dir: str | None) -> Path:
     return Path(output_dir) / target.label if output_dir else target.source.results_dir
 
 
-def reuse_key(source: ModelSource, examples: Sequence[Example], max_new_tokens: int | None) -> dict[str, Any]:
+def reuse_key(
+    source: ModelSource, examples: Sequence[Example], max_new_tokens: int | None, scoring: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """What must not have changed for stored results to stand: the test examples, the reply budget asked for,
-    and the weight files (name, size, modification time)."""
+    the weight files (name, size, modification time), and how replies were made and read (`scoring`: the task,
+    constrained decoding)."""
     text = json.dumps([dataclasses.asdict(e) for e in examples], sort_keys=True, ensure_ascii=False)
     weights = [[path.name, path.stat().st_size, path.stat().st_mtime_ns] for path in source.weight_files]
     return {
         "examples_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
         "max_new_tokens_requested": max_new_tokens,
         "weights": weights,
+        **(scoring or {}),
     }
 
 

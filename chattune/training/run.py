@@ -73,7 +73,7 @@ def train(flags: TrainFlags, state: PartialState) -> int:
     check_inputs(flags)
     check_precision_hardware(flags)
     check_optimizer(flags)
-    generation_sample = plan_evaluations(flags)
+    generation_plan = plan_evaluations(flags)
     with state.main_process_first():  # a GGUF file is converted once, by the main process
         base_folder = resolve_model(flags.base_model)
     gguf_source = find_gguf(flags.base_model) if base_folder != flags.base_model else None
@@ -142,7 +142,7 @@ def train(flags: TrainFlags, state: PartialState) -> int:
         trainer = build_trainer(
             flags, model, tokenizer, train_data, eval_data, plan, dtype, peft_config, callbacks=callbacks
         )
-        trainer.generation_sample = generation_sample
+        trainer.generation_plan = generation_plan
     finish_set_up(trainer, flags, dtype, fresh_start=resume is None, num_processes=state.num_processes)
     run_first(trainer, throughput)
     if state.is_main_process:

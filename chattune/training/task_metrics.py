@@ -13,11 +13,12 @@ import logging
 import os
 import random
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from numbers import Real
 from typing import Any
 
 from chattune.config.flags import FlagError, TrainFlags
-from chattune.domains.homeassistant.scoring import METRIC_KEYS, score_example
+from chattune.domains.task import Task, check_task_name, resolve_task
 from chattune.evaluation.inputs import Example, load_examples
 
 logger = logging.getLogger(__name__)
@@ -65,26 +66,36 @@ def load_generation_sample(sources: str | Sequence[str], size: int, seed: int) -
     return [examples[index] for index in chosen]
 
 
-def check_best_metric(flags: TrainFlags, sample: Sequence[Example] | None) -> None:
+@dataclass
+class GenerationPlan:
+    """What --eval_generate generates for at every evaluation, and how its replies are read."""
+
+    sample: list[Example]
+    task: Task
+    constrain: bool = False
+
+
+def check_best_metric(flags: TrainFlags, plan: GenerationPlan | None) -> None:
     """Refuse, before any training, a --metric_for_best_model that no evaluation of this run will log."""
     key = best_metric_key(flags.metric_for_best_model)
     if key == LOSS:
         return
-    measurable = _measurable_task_metrics(sample) if sample else []
+    sample = plan.sample if plan else None
+    measurable = _measurable_task_metrics(plan) if plan else []
     valid = [LOSS, *([] if flags.preference else SFT_EVAL_METRICS), *(PREFIX + name for name in measurable)]
     if key in valid:
         return
-    hint = _why_not_logged(key[len(PREFIX) :], sample)
+    hint = _why_not_logged(key[len(PREFIX) :], sample, flags)
     raise FlagError(
         f"--metric_for_best_model {flags.metric_for_best_model}: this run never logs {key}{hint}; "
         f"valid names: {', '.join(valid)}"
     )
 
 
-def _why_not_logged(name: str, sample: Sequence[Example] | None) -> str:
+def _why_not_logged(name: str, sample: Sequence[Example] | None, flags: TrainFlags) -> str:
     if name == "perplexity":
         return "; perplexity is not measured while training: eval_loss is its logarithm"
-    if name not in METRIC_KEYS or name in NOT_SCORES:
+    if name in NOT_SCORES or not _is_task_metric(name, flags):
         return ""
     if sample is None:
         return f"; {name} is a task metric: add --eval_generate N to log it"
@@ -94,13 +105,20 @@ def _why_not_logged(name: str, sample: Sequence[Example] | None) -> str:
     )
 
 
-def _measurable_task_metrics(sample: Sequence[Example]) -> list[str]:
-    """The task metrics a perfect model would get a value for on `sample`: the ones its references make
-    applicable (a sample without a no-call reference has no no-call accuracy, whatever the model does)."""
-    from chattune.evaluation.scored import summarize_examples
+def _is_task_metric(name: str, flags: TrainFlags) -> bool:
+    """Whether `name` is a metric of --eval_task (any registered task's, with auto)."""
+    from chattune.domains.task import REGISTERED, task_class
 
-    perfect = [score_example(example.reference, example.reference) for example in sample]
-    return task_metric_names(summarize_examples(sample, perfect))
+    names = REGISTERED if flags.eval_task == "auto" else [flags.eval_task]
+    return any(name in task_class(spec).metric_keys() for spec in names)
+
+
+def _measurable_task_metrics(plan: GenerationPlan) -> list[str]:
+    """The task metrics a perfect model would get a value for on the sample: the ones its references make
+    applicable (a sample without a no-call reference has no no-call accuracy, whatever the model does)."""
+    task = plan.task
+    perfect = [task.score(example, task.reference_reply(example)) for example in plan.sample]
+    return task_metric_names(task.summarize(plan.sample, perfect))
 
 
 def refuse_sharded_generation(flags: TrainFlags) -> None:
@@ -138,9 +156,9 @@ def untouched_training_state(model: Any) -> Iterator[None]:
 
 
 class TaskMetricsMixin:
-    """Mixed into chattune's SFT trainer: with `generation_sample` set, every evaluation adds the task metrics."""
+    """Mixed into chattune's SFT trainer: with `generation_plan` set, every evaluation adds the task metrics."""
 
-    generation_sample: list[Example] | None = None
+    generation_plan: GenerationPlan | None = None
     _max_new_tokens: int | None = None
 
     def evaluation_loop(
@@ -152,7 +170,7 @@ class TaskMetricsMixin:
         metric_key_prefix: str = "eval",
     ) -> Any:
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
-        if self.generation_sample and description == "Evaluation":  # not Trainer.predict
+        if self.generation_plan and description == "Evaluation":  # not Trainer.predict
             output.metrics.update(self.task_metrics(metric_key_prefix))
         return output
 
@@ -161,9 +179,10 @@ class TaskMetricsMixin:
         from accelerate.utils import gather_object
 
         from chattune.evaluation.generation import auto_max_new_tokens
-        from chattune.evaluation.scored import generate_and_score, summarize_examples
+        from chattune.evaluation.scored import generate_and_score
 
-        sample, tokenizer = self.generation_sample, self.processing_class
+        plan, tokenizer = self.generation_plan, self.processing_class
+        sample = plan.sample
         if self._max_new_tokens is None:  # one budget for the whole sample, the same on every process
             self._max_new_tokens = auto_max_new_tokens(tokenizer, sample)
         mine = list(range(self.accelerator.process_index, len(sample), self.accelerator.num_processes))
@@ -172,14 +191,16 @@ class TaskMetricsMixin:
                 self.model,
                 tokenizer,
                 [sample[i] for i in mine],
+                plan.task,
                 self.args.per_device_eval_batch_size,
                 self.args.device,
                 self._max_new_tokens,
                 reference_likelihood=False,  # eval_loss already measures the references
                 progress=False,  # a second bar would break the training's own
+                constrain=plan.constrain,
             )
         gathered = sorted(gather_object(list(zip(mine, scored.scores))), key=lambda pair: pair[0])
-        summary = summarize_examples(sample, [score for _, score in gathered])
+        summary = plan.task.summarize(sample, [score for _, score in gathered])
         return self._logged(summary, prefix)
 
     def _logged(self, summary: dict[str, Any], prefix: str) -> dict[str, float]:
@@ -194,15 +215,22 @@ class TaskMetricsMixin:
         return metrics
 
 
-def plan_evaluations(flags: TrainFlags) -> list[Example] | None:
-    """Everything about the evaluations that can fail (the best-model metric, --eval_generate, steps that must
-    align), checked before any work; returns the sample to generate for (None without --eval_generate)."""
+def plan_evaluations(flags: TrainFlags) -> GenerationPlan | None:
+    """Everything about the evaluations that can fail (the best-model metric, --eval_generate, its task and
+    grammar engine, steps that must align), checked before any work; returns what to generate for (None without
+    --eval_generate)."""
     from chattune.training.arguments import evaluation_args
 
     evaluation_args(flags, has_eval=bool(flags.test_dataset))
     refuse_sharded_generation(flags)
-    sample = None
+    check_task_name(flags.eval_task)
+    plan = None
     if flags.eval_generate:
+        if flags.eval_constrain:
+            from chattune.evaluation.constrained import require_llguidance
+
+            require_llguidance()
         sample = load_generation_sample(flags.test_dataset, flags.eval_generate, flags.seed)
-    check_best_metric(flags, sample)
-    return sample
+        plan = GenerationPlan(sample, resolve_task(flags.eval_task, sample), flags.eval_constrain)
+    check_best_metric(flags, plan)
+    return plan

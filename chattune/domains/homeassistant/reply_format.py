@@ -14,15 +14,14 @@ Model output is untrusted, so `parse_reply` never raises: malformed lines only c
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any
+
+from chattune.evaluation.metrics import values_equal
 
 BLOCK_NAME = "homeassistant"
 FENCE = "```"
 FENCE_OPEN = FENCE + BLOCK_NAME
-# Numbers closer than this count as equal: models write 0.4, 0.40 or 0.4000001 for the same volume.
-NUMBER_TOLERANCE = 1e-4
 
 
 @dataclass
@@ -84,21 +83,6 @@ def _parse_block(body: str) -> tuple[list[dict], bool]:
         else:
             valid = False
     return calls, valid
-
-
-def values_equal(a: Any, b: Any) -> bool:
-    """Deep equality with numeric tolerance; booleans are never equal to numbers."""
-    if isinstance(a, bool) or isinstance(b, bool):
-        return isinstance(a, bool) and isinstance(b, bool) and a == b
-    if isinstance(a, int | float) and isinstance(b, int | float):
-        return math.isclose(a, b, rel_tol=NUMBER_TOLERANCE, abs_tol=NUMBER_TOLERANCE)
-    if isinstance(a, str) and isinstance(b, str):
-        return a.strip() == b.strip()
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(values_equal(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(values_equal(a[key], b[key]) for key in a)
-    return a == b
 
 
 def calls_equal(a: list[dict], b: list[dict]) -> bool:

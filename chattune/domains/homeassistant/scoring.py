@@ -13,8 +13,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from chattune.domains.homeassistant.reply_format import ParsedReply, calls_equal, parse_reply, values_equal
-from chattune.evaluation.metrics import bleu, edit_distance, latency, meteor, perplexity, ratio, rouge
+from chattune.domains.homeassistant.reply_format import ParsedReply, calls_equal, parse_reply
+from chattune.domains.task import Score
+from chattune.evaluation.metrics import bleu, edit_distance, latency, meteor, perplexity, ratio, rouge, values_equal
 
 # Summary keys, in the order the table prints them.
 METRIC_KEYS = (
@@ -40,10 +41,9 @@ UNKNOWN = "unknown"
 
 
 @dataclass
-class ExampleScore:
+class ExampleScore(Score):
     """Everything the group metrics need from one example (counts, so groups can be micro-averaged)."""
 
-    exact_match: bool
     n_predicted: int  # calls parsed from the reply
     n_expected: int  # calls in the reference
     n_correct: int  # predicted calls matched one-to-one with an expected call
@@ -57,9 +57,6 @@ class ExampleScore:
     reference_sentence: str
     expected_calls: list[dict]
     predicted_calls: list[dict]
-    nll_sum: float | None = None  # summed token NLL of the reference answer under the model
-    n_tokens: int = 0  # tokens in nll_sum
-    seconds: float | None = None  # wall time until this reply was generated (its batch's)
 
 
 def makes_call(parsed: ParsedReply) -> bool:

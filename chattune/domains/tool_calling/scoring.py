@@ -22,9 +22,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from chattune.domains.homeassistant.reply_format import values_equal
+from chattune.domains.task import Score
 from chattune.errors import ChattuneError
-from chattune.evaluation.metrics import latency, perplexity, ratio, rouge_l
+from chattune.evaluation.metrics import latency, perplexity, ratio, rouge_l, values_equal
 
 FORMATS = ("auto", "hermes", "mistral", "json")
 _HERMES = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.S)
@@ -151,12 +151,12 @@ def reference_calls(message: dict) -> list[ToolCall]:
 
 
 @dataclass
-class TurnScore:
-    """One assistant turn: the calls it should make (maybe none) against what the model wrote."""
+class TurnScore(Score):
+    """One assistant turn: the calls it should make (maybe none) against what the model wrote. `exact_match`: the
+    same set of calls (order ignored), and nothing unreadable."""
 
     expects_call: bool
     makes_call: bool
-    exact_match: bool  # the same set of calls (order ignored), and nothing unreadable
     n_expected: int
     n_names_correct: int  # expected calls whose function the reply called (one-to-one)
     key_hits: dict[str, tuple[int, int]]  # argument key -> (expected, correct) over name-matched calls
@@ -167,9 +167,6 @@ class TurnScore:
     reference_text: str
     expected_calls: list[dict]
     predicted_calls: list[dict]
-    nll_sum: float | None = None  # summed token NLL of the reference turn under the model
-    n_tokens: int = 0
-    seconds: float | None = None  # wall time of the turn's generation batch
 
 
 def _same_call(a: ToolCall, b: ToolCall) -> bool:
