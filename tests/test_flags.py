@@ -159,3 +159,26 @@ def test_trained_weights_stay_float32_under_bf16_compute(extra, expected):
     flags = parse_flags([*REQUIRED, "--bf16", *extra])
     assert weight_dtype(flags, torch.bfloat16) is expected
     assert weight_dtype(flags, torch.float32) is torch.float32
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--time_budget", "0"], "--time_budget is a number of seconds above 0"),
+        (["--test_dataset", "t.jsonl", "--eval_steps", "2.5"], "whole number of steps or a fraction below 1"),
+        (
+            ["--test_dataset", "t.jsonl", "--eval_steps", "0.25", "--load_best_model_at_end"],
+            "need --eval_steps in whole steps",
+        ),
+    ],
+    ids=["no-time", "half-step", "fraction-with-best-checkpoint"],
+)
+def test_time_budget_and_fractional_evaluations_are_checked(extra, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_flags([*REQUIRED, *extra])
+    assert message in capsys.readouterr().err
+
+
+def test_evaluations_as_a_fraction_of_the_run():
+    flags = parse_flags([*REQUIRED, "--test_dataset", "t.jsonl", "--eval_steps", "0.25", "--time_budget", "600"])
+    assert flags.eval_steps == 0.25 and flags.time_budget == 600

@@ -86,6 +86,15 @@ class TrainFlags:
     micro_batch_size: int = _flag(2, "Examples per forward pass on each process.")
     epochs: float = _flag(1.0, "Passes over the training data.")
     max_steps: int = _flag(-1, "Stop after this many optimizer steps (overrides --epochs when > 0).")
+    time_budget: float | None = _flag(
+        None,
+        "Seconds the run may take, from preparing it to its last step (evaluations during training included; the "
+        "final save and export after it are not). After a few steps it measures the time of one, lowers the number "
+        "of steps to fit, rescales the learning-rate schedule (warm-up and decay) to the new length, and logs what "
+        "it chose; --max_steps or --epochs stays the upper limit. Resumed with --time_budget, a run finishes the "
+        "steps its budget chose (stored in the checkpoint) without measuring again; resumed without it, it trains "
+        "to --max_steps/--epochs.",
+    )
     learning_rate: float = _flag(1e-5, "Peak learning rate.")
     learning_rate_schedule: str = _flag(
         "cosine", "Learning-rate schedule: cosine, linear, constant, constant_with_warmup, …"
@@ -131,8 +140,10 @@ class TrainFlags:
     )
     save_steps: int = _flag(500, "Save a checkpoint every N optimizer steps.")
     save_total_limit: int | None = _flag(2, "Keep at most N checkpoints (the newest are kept).")
-    eval_steps: int | None = _flag(
-        None, "Evaluate on --test_dataset every N steps (default: at the end of each epoch)."
+    eval_steps: float | None = _flag(
+        None,
+        "Evaluate on --test_dataset every N steps, or, below 1, every such fraction of the run's steps (0.25: four "
+        "evaluations, which follow the run's length under --time_budget) (default: at the end of each epoch).",
     )
     eval_fraction: float = _flag(
         1.0, "Share of --test_dataset used by the periodic evaluations (home-llm used 0.1); the end uses all of it."
@@ -368,6 +379,8 @@ def check_values(flags: TrainFlags) -> None:
             f"--epochs {flags.epochs:g} trains nothing, and the untrained base model would be saved as the result; "
             "give --epochs above 0, or a number of steps with --max_steps"
         )
+    if flags.time_budget is not None and flags.time_budget <= 0:
+        raise FlagError(f"--time_budget is a number of seconds above 0, not {flags.time_budget:g}")
     if flags.learning_rate < 0:  # 0 is allowed: it measures without learning
         raise FlagError(f"--learning_rate must not be negative, not {flags.learning_rate:g}")
     if flags.use_lora and flags.lora_rank < 1:
@@ -512,6 +525,14 @@ def _check_evaluation_flags(flags: TrainFlags) -> None:
     given = [name for name, value in needs_test_set.items() if value]
     if given and not flags.test_dataset:
         raise FlagError(f"{', '.join(given)} needs --test_dataset: the evaluations run on it")
+    if flags.eval_steps is not None and not (0 < flags.eval_steps < 1 or flags.eval_steps == int(flags.eval_steps)):
+        raise FlagError(f"--eval_steps is a whole number of steps or a fraction below 1, not {flags.eval_steps:g}")
+    best_checkpoint = flags.load_best_model_at_end or flags.early_stopping_patience is not None
+    if flags.eval_steps is not None and flags.eval_steps < 1 and best_checkpoint:
+        raise FlagError(
+            "--load_best_model_at_end and --early_stopping_patience need --eval_steps in whole steps: every "
+            "evaluation must land on a --save_steps checkpoint"
+        )
     if flags.eval_generate is not None and flags.eval_generate < 1:
         raise FlagError(f"--eval_generate is a number of test examples, at least 1, not {flags.eval_generate}")
     if flags.eval_generate is not None and flags.method != "sft":

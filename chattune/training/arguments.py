@@ -125,7 +125,7 @@ def evaluation_args(flags: TrainFlags, has_eval: bool) -> dict[str, Any]:
     if flags.save_steps % eval_steps:
         wants = "--early_stopping_patience" if flags.early_stopping_patience is not None else "--load_best_model_at_end"
         raise FlagError(
-            f"{wants} needs --save_steps ({flags.save_steps}) to be a multiple of --eval_steps ({eval_steps})"
+            f"{wants} needs --save_steps ({flags.save_steps}) to be a multiple of --eval_steps ({eval_steps:g})"
         )
     return {"eval_strategy": "steps", "eval_steps": eval_steps, "load_best_model_at_end": True, **best}
 

@@ -268,16 +268,24 @@ class ContinueSchedule(TrainerCallback):
         scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate may wrap it
         if state.global_step == 0 or optimizer is None or not hasattr(scheduler, "lr_lambdas"):
             return
-        groups, step = optimizer.param_groups, scheduler.last_epoch
-        rates = [base * schedule(step) for schedule, base in zip(scheduler.lr_lambdas, scheduler.base_lrs)]
-        if rates != [group["lr"] for group in groups]:
+        was = [group["lr"] for group in optimizer.param_groups]
+        rates = follow_schedule(scheduler, optimizer)
+        if rates != was:
             logger.info(
                 "resumed at step %d of %d: learning rate %.3g from this run's schedule (the checkpoint's had set %.3g)",
                 state.global_step,
                 state.max_steps,
                 rates[0],
-                groups[0]["lr"],
+                was[0],
             )
-        for group, rate in zip(groups, rates):
-            group["lr"] = rate
-        scheduler._last_lr = rates  # what the trainer logs as this step's learning rate (get_last_lr)
+
+
+def follow_schedule(scheduler: Any, optimizer: Any) -> list[float]:
+    """Set each parameter group's learning rate for the scheduler's current step from its step -> factor functions
+    (LambdaLR's lr_lambdas), as if the schedule had always been this one; returns the rates."""
+    step = scheduler.last_epoch
+    rates = [base * schedule(step) for schedule, base in zip(scheduler.lr_lambdas, scheduler.base_lrs)]
+    for group, rate in zip(optimizer.param_groups, rates):
+        group["lr"] = rate
+    scheduler._last_lr = rates  # what the trainer logs as this step's learning rate (get_last_lr)
+    return rates

@@ -23,6 +23,7 @@ from chattune.data.sources import Source, read_sources
 from chattune.data.tokenizer import NO_TEMPLATE_HELP, add_tokens, load_tokenizer, resize_embeddings, set_stop_tokens
 from chattune.training.arguments import check_integrations, check_optimizer, set_warmup_epochs
 from chattune.training.batching import plan_batching
+from chattune.training.budget import TimeBudget
 from chattune.training.gguf_models import find_gguf, resolve_model
 from chattune.training.loftq import check_loftq_weights, init_loftq
 from chattune.training.modeling import (
@@ -127,7 +128,10 @@ def train(flags: TrainFlags, state: PartialState) -> int:
     # 4. train; Ctrl-C or SIGTERM saves a checkpoint and stops
     stop = GracefulStop()
     throughput = ThroughputCallback(model.num_parameters(), state.num_processes, flags.flops_baseline)
-    callbacks = [stop, throughput, run_record(flags, state.num_processes), ContinueSchedule()]
+    callbacks = [stop, throughput, run_record(flags, state.num_processes)]
+    if flags.time_budget:  # before ContinueSchedule: a resumed budgeted run's schedule is rebuilt first
+        callbacks.append(TimeBudget(flags.time_budget, already_spent=time.time() - started))
+    callbacks.append(ContinueSchedule())
     if flags.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=flags.early_stopping_patience))
     if flags.preference:
