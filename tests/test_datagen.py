@@ -16,6 +16,13 @@ from pathlib import Path
 import pytest
 
 from chattune.domains.homeassistant.datagen import DataGenError, GenerateConfig, PileError, generate
+from chattune.domains.homeassistant.datagen.leakage import (
+    Normaliser,
+    describe,
+    near_copies,
+    pile_fillers,
+    pile_near_copies,
+)
 from chattune.domains.homeassistant.datagen.piles import PILES_DIR, discover_languages, load_language
 from chattune.domains.homeassistant.datagen.templates import LEFTOVER_RE, template_regex
 from chattune.domains.homeassistant.reply_format import parse_reply
@@ -216,6 +223,37 @@ def test_train_and_test_are_disjoint(medium, language):
         return names
 
     assert not device_names(train) & device_names(test)
+
+
+# ------------------------------------------------------------------------------------------ held-out phrasings
+
+
+def test_near_copies_ignore_case_punctuation_placeholders_and_device_names():
+    normalise = Normaliser(["Kitchen Light", "warm white"])
+    train = [("actions.csv:2", "Turn on the {device}, please!"), ("actions.csv:3", "Make the {device} {color}")]
+    test = [
+        ("a:1", "turn ON the Kitchen Light please"),  # the same phrasing, filled in
+        ("a:2", "Make the {device} warm white."),  # a filled placeholder is a placeholder
+        ("a:3", "Turn on that {device} please"),  # a near copy (ratio >= 90)
+        ("a:4", "Let some daylight in through the {device}"),
+    ]
+    assert normalise("Dim the Kitchen Light to 40%!") == "dim the SLOT to SLOT"
+    assert [copy.test_where for copy in near_copies(train, test, normalise)] == ["a:1", "a:2", "a:3"]
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_no_test_phrasing_nearly_copies_a_train_phrasing(language):
+    copies = pile_near_copies(load_language(PILES, language))
+    assert not copies, "test phrasings that nearly copy train ones:\n" + describe(copies)
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_no_generated_test_request_nearly_copies_a_train_request(medium, language):
+    normalise = Normaliser(pile_fillers(load_language(PILES, language)))
+    train = [("train", turns(row)[1]) for row in medium["train"][language]]
+    test = [("test", turns(row)[1]) for row in medium["test"][language]]
+    copies = near_copies(train, test, normalise)
+    assert not copies, describe(copies[:20])
 
 
 # ------------------------------------------------------------------------------------------ CLI
