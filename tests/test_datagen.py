@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from chattune.domains.homeassistant.datagen import DataGenError, GenerateConfig, PileError, generate
+from chattune.domains.homeassistant.datagen.devices import DOMAINS, look_alike_score
 from chattune.domains.homeassistant.datagen.leakage import (
     Normaliser,
     describe,
@@ -199,15 +200,66 @@ def test_status_answers_match_listed_state(medium, language):
 
 @pytest.mark.parametrize("language", LANGUAGES)
 def test_refusals_name_a_device_that_is_not_listed(medium, language):
+    """Every domain and persona is refused; the refused name is never listed; a named look-alike always is."""
     pile = load_language(PILES, language)
-    names = {device.name for group in pile.devices.values() for device in group}
+    domain_of = {device.name: device.domain for group in pile.devices.values() for device in group}
     patterns = [template_regex(refusal.text) for refusal in pile.refusals]
+    refused_domains, personas = set(), set()
     for row in (r for r in medium["train"][language] if r["kind"] == "refusal"):
         system, _, answer = turns(row)
         listed_names = {name for name, _ in parse_system(system)[1].values()}
         matches = [m for m in (p.fullmatch(answer) for p in patterns) if m and "device" in m.groupdict()]
         assert matches, answer
-        assert any(m["device"] in names and m["device"] not in listed_names for m in matches), answer
+        fits = [m for m in matches if m["device"] in domain_of and m["device"] not in listed_names]
+        assert fits, answer
+        assert any(m.groupdict().get("device2") in {None, *listed_names} for m in fits), answer  # a look-alike
+        refused_domains.add(domain_of[fits[0]["device"]])
+        personas.add(next(name for name, prompt in pile.personas.items() if system.startswith(prompt)))
+    assert refused_domains == set(DOMAINS)
+    assert personas == set(pile.personas)
+
+
+def _refused_and_acted(rows: list[dict]) -> tuple[dict[str, dict], dict[str, list[dict]]]:
+    refusals = {turns(row)[1]: row for row in rows if row["kind"] == "refusal"}
+    actions: dict[str, list[dict]] = {}
+    for row in rows:
+        if row["kind"] == "template_action":
+            actions.setdefault(turns(row)[1], []).append(row)
+    return refusals, actions
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_refused_requests_are_also_carried_out_when_listed(medium, split):
+    """Contrastive pairs: the same request is refused in one example and carried out, on the device it names,
+    in another of the same split, whose listing adds that device to the refusal's."""
+    refusals, actions = _refused_and_acted(medium[split]["english"])
+    paired = 0
+    for request, refusal in refusals.items():
+        refused_listing = parse_system(turns(refusal)[0])[1]
+        for action in actions.get(request, []):
+            listing = parse_system(turns(action)[0])[1]
+            (call,) = parse_reply(turns(action)[2]).calls
+            assert call["target_device"] not in refused_listing
+            name = listing[call["target_device"]][0]
+            assert name in turns(refusal)[2] and name in request
+            paired += len(set(listing) - set(refused_listing)) == 1
+    assert paired >= 0.4 * len(refusals)
+
+
+def test_refusals_usually_list_look_alikes_of_the_missing_device(medium):
+    """Near misses: the listing shares a name word or the domain with the refused device."""
+    pile = load_language(PILES, "english")
+    by_name = {device.name: device for group in pile.devices.values() for device in group}
+    refusals = [row for row in medium["train"]["english"] if row["kind"] == "refusal"]
+    near = 0
+    for row in refusals:
+        system, request, _ = turns(row)
+        missing = max((name for name in by_name if name in request), key=len)
+        listing = parse_system(system)[1]
+        near += any(
+            look_alike_score(by_name[missing], by_name[name]) for name, _ in listing.values() if name in by_name
+        )
+    assert near >= 0.6 * len(refusals)
 
 
 @pytest.mark.parametrize("language", LANGUAGES)
