@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from chattune.domains.homeassistant.datagen import DataGenError, GenerateConfig, PileError, generate
-from chattune.domains.homeassistant.datagen.devices import DOMAINS, look_alike_score
+from chattune.domains.homeassistant.datagen.devices import DOMAINS, SERVICE_BY_NAME, look_alike_score
 from chattune.domains.homeassistant.datagen.leakage import (
     Normaliser,
     describe,
@@ -217,6 +217,19 @@ def test_refusals_name_a_device_that_is_not_listed(medium, language):
         personas.add(next(name for name, prompt in pile.personas.items() if system.startswith(prompt)))
     assert refused_domains == set(DOMAINS)
     assert personas == set(pile.personas)
+
+
+def test_implied_requests_cover_every_device_type_and_every_service_with_arguments():
+    pile = load_language(PILES, "english")
+    types = {device.type for group in pile.devices.values() for device in group}
+    with_arguments = {name for name, spec in SERVICE_BY_NAME.items() if spec.args}
+    for split in ("train", "test"):
+        rows = [row for row in pile.specific if row.split == split]
+        assert with_arguments <= {row.service.full_name for row in rows}, split
+        split_types = {device.type for group in pile.devices.values() for device in group if device.split == split}
+        assert {row.device_type for row in rows} == split_types, split
+    assert types == {row.device_type for row in pile.specific}
+    assert sum(row.split == "train" for row in pile.specific) >= 225  # three times the 75 of 2026-12
 
 
 def _refused_and_acted(rows: list[dict]) -> tuple[dict[str, dict], dict[str, list[dict]]]:
