@@ -16,6 +16,14 @@ from pathlib import Path
 import pytest
 
 from chattune.domains.homeassistant.datagen import DataGenError, GenerateConfig, PileError, generate
+from chattune.domains.homeassistant.datagen.devices import DOMAINS, SERVICE_BY_NAME, look_alike_score
+from chattune.domains.homeassistant.datagen.leakage import (
+    Normaliser,
+    describe,
+    near_copies,
+    pile_fillers,
+    pile_near_copies,
+)
 from chattune.domains.homeassistant.datagen.piles import PILES_DIR, discover_languages, load_language
 from chattune.domains.homeassistant.datagen.templates import LEFTOVER_RE, template_regex
 from chattune.domains.homeassistant.reply_format import parse_reply
@@ -192,15 +200,79 @@ def test_status_answers_match_listed_state(medium, language):
 
 @pytest.mark.parametrize("language", LANGUAGES)
 def test_refusals_name_a_device_that_is_not_listed(medium, language):
+    """Every domain and persona is refused; the refused name is never listed; a named look-alike always is."""
     pile = load_language(PILES, language)
-    names = {device.name for group in pile.devices.values() for device in group}
+    domain_of = {device.name: device.domain for group in pile.devices.values() for device in group}
     patterns = [template_regex(refusal.text) for refusal in pile.refusals]
+    refused_domains, personas = set(), set()
     for row in (r for r in medium["train"][language] if r["kind"] == "refusal"):
         system, _, answer = turns(row)
         listed_names = {name for name, _ in parse_system(system)[1].values()}
         matches = [m for m in (p.fullmatch(answer) for p in patterns) if m and "device" in m.groupdict()]
         assert matches, answer
-        assert any(m["device"] in names and m["device"] not in listed_names for m in matches), answer
+        fits = [m for m in matches if m["device"] in domain_of and m["device"] not in listed_names]
+        assert fits, answer
+        assert any(m.groupdict().get("device2") in {None, *listed_names} for m in fits), answer  # a look-alike
+        refused_domains.add(domain_of[fits[0]["device"]])
+        personas.add(next(name for name, prompt in pile.personas.items() if system.startswith(prompt)))
+    assert refused_domains == set(DOMAINS)
+    assert personas == set(pile.personas)
+
+
+def test_implied_requests_cover_every_device_type_and_every_service_with_arguments():
+    pile = load_language(PILES, "english")
+    types = {device.type for group in pile.devices.values() for device in group}
+    with_arguments = {name for name, spec in SERVICE_BY_NAME.items() if spec.args}
+    for split in ("train", "test"):
+        rows = [row for row in pile.specific if row.split == split]
+        assert with_arguments <= {row.service.full_name for row in rows}, split
+        split_types = {device.type for group in pile.devices.values() for device in group if device.split == split}
+        assert {row.device_type for row in rows} == split_types, split
+    assert types == {row.device_type for row in pile.specific}
+    assert sum(row.split == "train" for row in pile.specific) >= 225  # three times the 75 of 2026-12
+
+
+def _refused_and_acted(rows: list[dict]) -> tuple[dict[str, dict], dict[str, list[dict]]]:
+    refusals = {turns(row)[1]: row for row in rows if row["kind"] == "refusal"}
+    actions: dict[str, list[dict]] = {}
+    for row in rows:
+        if row["kind"] == "template_action":
+            actions.setdefault(turns(row)[1], []).append(row)
+    return refusals, actions
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_refused_requests_are_also_carried_out_when_listed(medium, split):
+    """Contrastive pairs: the same request is refused in one example and carried out, on the device it names,
+    in another of the same split, whose listing adds that device to the refusal's."""
+    refusals, actions = _refused_and_acted(medium[split]["english"])
+    paired = 0
+    for request, refusal in refusals.items():
+        refused_listing = parse_system(turns(refusal)[0])[1]
+        for action in actions.get(request, []):
+            listing = parse_system(turns(action)[0])[1]
+            (call,) = parse_reply(turns(action)[2]).calls
+            assert call["target_device"] not in refused_listing
+            name = listing[call["target_device"]][0]
+            assert name in turns(refusal)[2] and name in request
+            paired += len(set(listing) - set(refused_listing)) == 1
+    assert paired >= 0.4 * len(refusals)
+
+
+def test_refusals_usually_list_look_alikes_of_the_missing_device(medium):
+    """Near misses: the listing shares a name word or the domain with the refused device."""
+    pile = load_language(PILES, "english")
+    by_name = {device.name: device for group in pile.devices.values() for device in group}
+    refusals = [row for row in medium["train"]["english"] if row["kind"] == "refusal"]
+    near = 0
+    for row in refusals:
+        system, request, _ = turns(row)
+        missing = max((name for name in by_name if name in request), key=len)
+        listing = parse_system(system)[1]
+        near += any(
+            look_alike_score(by_name[missing], by_name[name]) for name, _ in listing.values() if name in by_name
+        )
+    assert near >= 0.6 * len(refusals)
 
 
 @pytest.mark.parametrize("language", LANGUAGES)
@@ -216,6 +288,37 @@ def test_train_and_test_are_disjoint(medium, language):
         return names
 
     assert not device_names(train) & device_names(test)
+
+
+# ------------------------------------------------------------------------------------------ held-out phrasings
+
+
+def test_near_copies_ignore_case_punctuation_placeholders_and_device_names():
+    normalise = Normaliser(["Kitchen Light", "warm white"])
+    train = [("actions.csv:2", "Turn on the {device}, please!"), ("actions.csv:3", "Make the {device} {color}")]
+    test = [
+        ("a:1", "turn ON the Kitchen Light please"),  # the same phrasing, filled in
+        ("a:2", "Make the {device} warm white."),  # a filled placeholder is a placeholder
+        ("a:3", "Turn on that {device} please"),  # a near copy (ratio >= 90)
+        ("a:4", "Let some daylight in through the {device}"),
+    ]
+    assert normalise("Dim the Kitchen Light to 40%!") == "dim the SLOT to SLOT"
+    assert [copy.test_where for copy in near_copies(train, test, normalise)] == ["a:1", "a:2", "a:3"]
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_no_test_phrasing_nearly_copies_a_train_phrasing(language):
+    copies = pile_near_copies(load_language(PILES, language))
+    assert not copies, "test phrasings that nearly copy train ones:\n" + describe(copies)
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_no_generated_test_request_nearly_copies_a_train_request(medium, language):
+    normalise = Normaliser(pile_fillers(load_language(PILES, language)))
+    train = [("train", turns(row)[1]) for row in medium["train"][language]]
+    test = [("test", turns(row)[1]) for row in medium["test"][language]]
+    copies = near_copies(train, test, normalise)
+    assert not copies, describe(copies[:20])
 
 
 # ------------------------------------------------------------------------------------------ CLI

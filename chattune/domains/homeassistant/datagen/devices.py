@@ -6,6 +6,7 @@ Everything language-independent about Home Assistant lives here; the words live 
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,6 +136,20 @@ class Device:
         for form, text in self.forms:
             values[f"{prefix}_{form}"] = text
         return values
+
+
+def name_words(name: str) -> frozenset[str]:
+    """The lowercased words of a friendly name: "Kitchen Ceiling Light" -> {kitchen, ceiling, light}."""
+    return frozenset(re.findall(r"\w+", name.casefold()))
+
+
+def look_alike_score(device: Device, other: Device) -> int:
+    """How easily a request for `device` gets pinned on `other`: the words their names share (Kitchen Light and
+    Kitchen Fan share one; Garage Ceiling Light and Kitchen Ceiling Light two), plus one for the same domain.
+    0 for the device itself."""
+    if device.entity_id == other.entity_id:
+        return 0
+    return len(name_words(device.name) & name_words(other.name)) + (device.domain == other.domain)
 
 
 @dataclass

@@ -19,6 +19,7 @@ from chattune.domains.homeassistant.datagen.devices import (
     Device,
     DeviceState,
     ServiceSpec,
+    look_alike_score,
     random_state,
     state_placeholder_values,
 )
@@ -27,6 +28,7 @@ from chattune.domains.homeassistant.datagen.piles import (
     ANY_PERSONA,
     ActionTemplate,
     LanguagePile,
+    RefusalTemplate,
     ResponseTemplate,
     slot_domains,
 )
@@ -46,7 +48,13 @@ MERGED_KIND = "merged"
 ACTION_KINDS: tuple[str, ...] = ("specific_action", "template_action", "multi_device_action")
 # Chance that a target starts in the state the request implies (a light that is off gets turned on).
 LIKELY_STATE_CHANCE = 0.8
+# Chance that a listing leads with look-alikes of the devices a request is about (same words in the name):
+# without them a model can pick "the light in the list" instead of reading which one was asked for.
+LOOK_ALIKE_CHANCE = 0.75
+MAX_LOOK_ALIKES = 3
 MAX_ATTEMPTS = 200
+
+Listing = list[tuple[Device, DeviceState]]
 
 
 class SkipExample(Exception):
@@ -152,15 +160,13 @@ class ExampleBuilder:
         return [*kinds, FAILED_CALL_KIND] if self.tool_set else kinds
 
     def build(self, kind: str) -> Example:
-        for _ in range(MAX_ATTEMPTS):
-            try:
-                return self.builders[kind]()
-            except SkipExample:
-                continue
-        raise DataGenError(
-            f"{self.pile.language}/{self.split}: could not build a {kind} example in {MAX_ATTEMPTS} tries "
-            "(check the warnings about missing responses)"
-        )
+        return _retry(self.builders[kind], f"{self.pile.language}/{self.split}: {kind} example")
+
+    def build_contrastive_pair(self) -> tuple[Example, Example]:
+        """One request twice, in the same split: carried out while its device is listed (a template_action),
+        refused in a listing without it (a refusal). Only the device's presence differs, so a model cannot
+        learn to refuse, or to act, from the wording alone."""
+        return _retry(self._contrastive_pair, f"{self.pile.language}/{self.split}: contrastive pair")
 
     # ------------------------------------------------------------ kinds
 
@@ -183,7 +189,7 @@ class ExampleBuilder:
         sentence = fill(row.response, values, row.where)
         # A request that does not name its device ("I need coffee") is only unambiguous with one such device.
         exclude = None if "{device" in row.request else (lambda d: d.type == row.device_type)
-        return self._action_example("specific_action", persona, request, sentence, [slot], exclude)
+        return self._action_example("specific_action", persona, request, sentence, [slot], exclude=exclude)
 
     def _multi_device_action(self) -> Example:
         template = self.rng.choice(self.multi)
@@ -213,6 +219,10 @@ class ExampleBuilder:
         return example
 
     def _refusal(self) -> Example:
+        return self._refused_request()[0]
+
+    def _refused_request(self) -> tuple[Example, Slot, Listing]:
+        """A refusal plus what its contrastive twin needs: the call it did not make and its listing."""
         personas = [persona for persona in self.personas if persona in self.refusals]
         if not personas:
             raise DataGenError(f"{self.pile.language}: no persona has refusals in refusals.csv")
@@ -221,12 +231,39 @@ class ExampleBuilder:
         missing = self.rng.choice(self.devices[template.service.domain])
         slot, texts = self._make_slot(missing, template.service, template.arguments, template.request)
         request = fill(template.request, {**missing.placeholder_values(), **texts}, template.where)
-        refusal = self.rng.choice(self.refusals[persona])
-        answer = fill(refusal.text, missing.placeholder_values(), refusal.where)
-        listed = self._listing([], {}, lambda d: d.entity_id == missing.entity_id)
+        listed = self._listing([], {}, lambda d: d.entity_id == missing.entity_id, near=[missing])
+        answer = self._refusal_sentence(persona, missing, [device for device, _ in listed])
         example = self._finish("refusal", persona, request, answer, listed)
         example.target, example.refused_call = missing, slot.call()
-        return example
+        return example, slot, listed
+
+    def _refusal_sentence(self, persona: str, missing: Device, listed: list[Device]) -> str:
+        """A refusal naming the missing device and, when one is listed, possibly the look-alike the user may
+        have meant ("There is no Garage Fan; the Garage Light is the closest I have")."""
+        scores = [look_alike_score(missing, device) for device in listed]
+        rows: list[RefusalTemplate] = [row for row in self.refusals[persona] if any(scores) or not row.names_near_miss]
+        row = self.rng.choice(rows)
+        values = missing.placeholder_values()
+        if row.names_near_miss:
+            values.update(listed[scores.index(max(scores))].placeholder_values("device2"))
+        return fill(row.text, values, row.where)
+
+    def _contrastive_pair(self) -> tuple[Example, Example]:
+        refusal, slot, listed = self._refused_request()
+        sentence = self.sentence(refusal.persona, [slot])
+        with_device = self._with_device(listed, slot)
+        action = self._action_example("template_action", refusal.persona, refusal.user, sentence, [slot], with_device)
+        return action, refusal
+
+    def _with_device(self, listed: Listing, slot: Slot) -> Listing:
+        """`listed` with the slot's device put in at a random place; at the size cap it takes the place of a
+        device that does not look like it, so the look-alikes that made the refusal hard stay."""
+        result = list(listed)
+        if len(result) >= self.max_devices:
+            unlike = [i for i, (device, _) in enumerate(result) if not look_alike_score(slot.device, device)]
+            del result[self.rng.choice(unlike or range(len(result)))]
+        result.insert(self.rng.randint(0, len(result)), (slot.device, self._target_state(slot)))
+        return result
 
     def _failed_call_recovery(self) -> Example:
         """A single-device action whose call fails once: half retry after naming a device that is not listed,
@@ -333,19 +370,30 @@ class ExampleBuilder:
         targets: list[Device],
         states: dict[str, DeviceState],
         exclude: Callable[[Device], bool] | None = None,
-    ) -> list[tuple[Device, DeviceState]]:
-        """Targets plus random other devices of this split, shuffled, each with a state."""
+        near: list[Device] | None = None,
+    ) -> Listing:
+        """Targets plus other devices of this split, shuffled, each with a state; usually led by look-alikes of
+        the devices the request is about (`near`, by default the targets)."""
         high = max(self.max_devices, len(targets))
         low = max(len(targets), math.ceil(self.max_devices / 2), 1)
         wanted = self.rng.randint(low, high) - len(targets)
         taken = {device.entity_id for device in targets}
         pool = [d for d in self.all_devices if d.entity_id not in taken and not (exclude and exclude(d))]
-        listed = targets + self.rng.sample(pool, min(wanted, len(pool)))
+        alike = self._look_alikes(pool, targets if near is None else near, wanted)
+        rest = [device for device in pool if device not in alike]
+        listed = targets + alike + self.rng.sample(rest, min(wanted - len(alike), len(rest)))
         self.rng.shuffle(listed)
         return [
             (device, states.get(device.entity_id) or random_state(device.domain, self.rng, self.pile.vocab))
             for device in listed
         ]
+
+    def _look_alikes(self, pool: list[Device], near: list[Device], wanted: int) -> list[Device]:
+        """Up to MAX_LOOK_ALIKES devices of `pool` whose names share words with a device of `near`."""
+        candidates = [device for device in pool if any(look_alike_score(other, device) for other in near)]
+        if not candidates or wanted < 1 or self.rng.random() >= LOOK_ALIKE_CHANCE:
+            return []
+        return self.rng.sample(candidates, self.rng.randint(1, min(len(candidates), wanted, MAX_LOOK_ALIKES)))
 
     def _action_example(
         self,
@@ -354,18 +402,19 @@ class ExampleBuilder:
         request: str,
         sentence: str,
         slots: list[Slot],
+        listed: Listing | None = None,
         exclude: Callable[[Device], bool] | None = None,
     ) -> Example:
-        states = {slot.device.entity_id: self._target_state(slot) for slot in slots}
-        listed = self._listing([slot.device for slot in slots], states, exclude)
+        """An action example; `listed` gives the listing (a contrastive twin's), otherwise one is drawn."""
+        if listed is None:
+            states = {slot.device.entity_id: self._target_state(slot) for slot in slots}
+            listed = self._listing([slot.device for slot in slots], states, exclude)
         reply = format_reply(sentence, [slot.call() for slot in slots])
         example = self._finish(kind, persona, request, reply, listed)
         example.sentence, example.slots = sentence, slots
         return example
 
-    def _finish(
-        self, kind: str, persona: str, user: str, assistant: str, listed: list[tuple[Device, DeviceState]]
-    ) -> Example:
+    def _finish(self, kind: str, persona: str, user: str, assistant: str, listed: Listing) -> Example:
         system = system_prompt(self.pile, persona, listed, self.rng, self.compact, tools=self.tool_set is not None)
         for text in (system, user, assistant):
             check_filled(text, f"{self.pile.language} {kind}")
@@ -380,6 +429,16 @@ class ExampleBuilder:
             sentence,
             listed=[device for device, _ in listed],
         )
+
+
+def _retry(build: Callable[[], Any], what: str) -> Any:
+    """Call `build` until it does not skip (a draw can miss, e.g. a persona without a needed response)."""
+    for _ in range(MAX_ATTEMPTS):
+        try:
+            return build()
+        except SkipExample:
+            continue
+    raise DataGenError(f"{what}: none built in {MAX_ATTEMPTS} tries (check the warnings about missing responses)")
 
 
 def _usable(service: str, usable: set[str] | None) -> bool:

@@ -104,6 +104,11 @@ class RefusalTemplate:
     text: str
     where: str
 
+    @property
+    def names_near_miss(self) -> bool:
+        """Whether the sentence names the listed look-alike ({device2}) besides the missing device."""
+        return "{device2" in self.text
+
 
 @dataclass
 class LanguagePile:
@@ -154,7 +159,7 @@ def load_language(piles_dir: Path, language: str) -> LanguagePile:
         specific=_load_specific(root / "specific_actions.csv", personas, types),
         status=_load_status(root / "status_questions.csv", personas),
         responses=_load_responses(root / "responses.csv", personas),
-        refusals=_load_refusals(root / "refusals.csv", personas),
+        refusals=_load_refusals(root / "refusals.csv", personas, near_miss_slot=True),
         vocab=_load_vocab(root),
         datetime=_load_datetime(root / "datetime.csv"),
         grammar=read_key_values(root / "grammar.csv", GRAMMAR_KEYS),
@@ -433,12 +438,14 @@ def _load_responses(path: Path, personas: dict[str, str]) -> tuple[ResponseTempl
     return tuple(responses)
 
 
-def _load_refusals(path: Path, personas: dict[str, str]) -> tuple[RefusalTemplate, ...]:
+def _load_refusals(path: Path, personas: dict[str, str], near_miss_slot: bool = False) -> tuple[RefusalTemplate, ...]:
+    """Refusal sentences; with `near_miss_slot` a row may also name {device2}, a listed device the user may
+    have meant (such rows are used only when the prompt lists one)."""
     _, rows = read_csv(path, ("persona", "response"))
     refusals = []
     for row in rows:
         persona = _persona(row.where, row["persona"], personas, allow_any=False)
-        _check_template(row.where, row["response"], (), [None])
+        _check_template(row.where, row["response"], (), [None, 2] if near_miss_slot else [None])
         refusals.append(RefusalTemplate(persona, row["response"], row.where))
     return tuple(refusals)
 
