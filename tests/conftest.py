@@ -24,6 +24,7 @@ CONSOLE_SCRIPTS = {
     "chattune-eval": "evaluate.py",
     "chattune-find-split": "find_split.py",
     "chattune-data": "data/generate_home_assistant_data.py",
+    "chattune-grammar": "scripts/house_grammar.py",
 }
 
 # Special tokens of the chat-template families the tests write inline (see tests/templates.py).

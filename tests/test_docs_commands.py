@@ -57,6 +57,10 @@ def parse(command: str) -> None:
         from chattune.export.gguf import build_parser
 
         build_parser().parse_args(args[1:])
+    elif script == "scripts/house_grammar.py":
+        from chattune.domains.homeassistant.grammar_cli import parse_args
+
+        parse_args(args)
     elif script.startswith("bench/") or script == "scripts/demo.py":
         import importlib.util
 

@@ -15,8 +15,8 @@ from test_crash_safety import straight_and_killed_then_resumed
 from chattune.config.flags import FlagError, TrainFlags
 from chattune.domains.homeassistant.task import HomeAssistantTask
 from chattune.training.task_metrics import (
-    best_metric_key,
     GenerationPlan,
+    best_metric_key,
     check_best_metric,
     greater_is_better,
     load_generation_sample,

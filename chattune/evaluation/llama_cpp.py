@@ -13,6 +13,7 @@ ids), so that HF and GGUF perplexities compare the same token sequences.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import sys
@@ -144,7 +145,7 @@ class LlamaCppModel:
                 self.tokenization_mismatches += 1
             continuation = continuations[index] if continuations else None
             nlls.append(self.reference_nll(hf_prompts[index], continuation) if continuation else None)
-            grammar = self._grammar(grammars[index]) if grammars and grammars[index] else None
+            grammar = grammars[index] if grammars else None
             replies.append(self._greedy_reply(prompt, max_new_tokens, grammar))
             if seconds is not None:
                 seconds.append(time.perf_counter() - started)
@@ -157,22 +158,16 @@ class LlamaCppModel:
             )
         return replies, nlls
 
-    def _grammar(self, text: str) -> Any:
-        """llama.cpp's parse of a GBNF text, kept for the prompts that share it."""
-        cache = self.__dict__.setdefault("_grammars", {})
-        if text not in cache:
-            try:
-                cache[text] = self.llama_cpp.LlamaGrammar.from_string(text, verbose=False)
-            except ValueError as error:
-                raise EvalError(f"llama.cpp cannot parse the task's grammar: {error}") from None
-        return cache[text]
-
-    def _greedy_reply(self, prompt: list[int], max_new_tokens: int, grammar: Any = None) -> str:
+    def _greedy_reply(self, prompt: list[int], max_new_tokens: int, grammar: str | None = None) -> str:
         self._check_fits(len(prompt) + max_new_tokens)
         stops = set(self.stop_ids)
         new_ids: list[int] = []
-        # temp 0 is llama.cpp's greedy sampler; repeat_penalty 1 turns the penalty off, as in HF greedy decoding.
-        for token in self.llm.generate(prompt, temp=0.0, repeat_penalty=1.0, reset=True, grammar=grammar):
+        if grammar is None:
+            # temp 0 is llama.cpp's greedy sampler; repeat_penalty 1 turns the penalty off, as in HF greedy decoding.
+            tokens = self.llm.generate(prompt, temp=0.0, repeat_penalty=1.0, reset=True)
+        else:
+            tokens = self._constrained_tokens(prompt, grammar)
+        for token in tokens:
             if token in stops:
                 break
             new_ids.append(token)
@@ -180,6 +175,20 @@ class LlamaCppModel:
                 break
         # special=False: control tokens are not printed, as the HF path decodes with skip_special_tokens.
         return self.llm.detokenize(new_ids, special=False).decode("utf-8", errors="replace").strip()
+
+    def _constrained_tokens(self, prompt: list[int], grammar: str) -> Iterator[int]:
+        """Greedy tokens under llama.cpp's GBNF sampler, evaluated one at a time from the kept prompt cache."""
+        sampler = GrammarSampler(self.llama_cpp, self.llm, grammar)
+        try:
+            kept = _common_prefix(self.llm.input_ids[: self.llm.n_tokens].tolist(), prompt)
+            self.llm.n_tokens = min(kept, len(prompt) - 1)
+            self.llm.eval(prompt[self.llm.n_tokens :])
+            while True:
+                token = sampler.choose(self.llm.scores[self.llm.n_tokens - 1])
+                yield token
+                self.llm.eval([token])
+        finally:
+            sampler.close()
 
     def reference_nll(self, prompt: Sequence[int], continuation: tuple[list[int], list[int]]) -> tuple[float, int]:
         """Summed NLL and count of the labelled continuation tokens after `prompt`, from llama.cpp's logits."""
@@ -208,6 +217,45 @@ class LlamaCppModel:
         if self.llm is not None:
             self.llm.close()
             self.llm = None
+
+
+class GrammarSampler:
+    """llama.cpp's own GBNF sampler for one reply, asked as llama.cpp's CLI and server ask it: first about the
+    greedy token alone, and about all 49k candidates only when the grammar refuses that one. The choice is the same
+    as masking every candidate first (a token the grammar allows that is the best of all is the best of the allowed);
+    the cost is one check per step instead of a whole vocabulary's (llama-cpp-python's sampler chain checks all)."""
+
+    def __init__(self, llama_cpp: Any, llm: Any, grammar: str) -> None:
+        from llama_cpp import _internals
+
+        self.lib = llama_cpp
+        self.handle = llama_cpp.llama_sampler_init_grammar(llm._model.vocab, grammar.encode("utf-8"), b"root")
+        if not self.handle:
+            raise EvalError("llama.cpp cannot parse the task's grammar (its log above names the rule)")
+        self.single = (llama_cpp.llama_token_data * 1)()
+        self.every = _internals.LlamaTokenDataArray(n_vocab=llm.n_vocab())
+
+    def choose(self, logits: Any) -> int:
+        import math
+
+        import numpy as np
+
+        token = int(np.argmax(logits))
+        self.single[0] = self.lib.llama_token_data(token, float(logits[token]), 0.0)
+        one = self.lib.llama_token_data_array(data=self.single, size=1, selected=-1, sorted=False)
+        self.lib.llama_sampler_apply(self.handle, ctypes.byref(one))
+        if not math.isfinite(self.single[0].logit):  # refused: the best token the grammar allows
+            self.every.copy_logits(np.asarray(logits, dtype=np.single))
+            self.lib.llama_sampler_apply(self.handle, ctypes.byref(self.every.candidates))
+            data = self.every.candidates_data
+            token = int(data.id[int(np.argmax(data.logit[: self.every.candidates.size]))])
+        self.lib.llama_sampler_accept(self.handle, token)
+        return token
+
+    def close(self) -> None:
+        if self.handle:
+            self.lib.llama_sampler_free(self.handle)
+            self.handle = None
 
 
 def built_with_amx(llama_cpp: Any) -> bool:
