@@ -34,8 +34,9 @@ COLUMNS = ("base", "tuned", "tuned+grammar")
 # What the demo cannot measure before training, so it assumes (and prints that it assumes):
 # train.py's start-up (imports), final save and q8_0 export, which its --time_budget does not count;
 TRAIN_OUTSIDE_BUDGET_S = 60.0
-# how much longer grammar-constrained scoring takes than plain scoring (--constrain is new; not measured yet);
-GRAMMAR_COST = 1.5
+# how much longer grammar-constrained scoring takes than plain scoring (0.87-1.0x measured in transformers on 2 AVX2
+# cores, docs/evaluation.md; kept above 1 so that an estimate errs towards finishing in time);
+GRAMMAR_COST = 1.1
 # one scoring of the test examples when the base model's was skipped: 2 AVX2 cores took 1.6-3.0 min (docs/demo.md).
 UNMEASURED_SCORING_S = 180.0
 # and the least train.py is given, even over budget: its measured warm-up steps and a few more.
@@ -93,6 +94,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lora_layers", type=int, default=10, help="with --use_lora: adapt only the last N blocks")
     parser.add_argument("--max_devices", type=int, default=4, help="devices listed per system prompt")
     parser.add_argument("--eval_examples", type=int, default=64, help="score the first N test examples (0: all 210)")
+    parser.add_argument(
+        "--hand_examples",
+        type=int,
+        default=18,
+        help="score the first N rows of the hand-written set, a stratified sample (its rows take the six kinds in "
+        "turn); 0: all 89. Its 36-device prompts cost about four times a generated row's",
+    )
     parser.add_argument("--eval_batch_size", type=int, default=32)
     parser.add_argument(
         "--curve_examples", type=int, default=16, help="test examples generated at each learning-curve evaluation"
@@ -133,8 +141,9 @@ def evaluate_command(
     # A .gguf (the base model) is scored dequantized in transformers, as train.py fine-tunes it, not in llama.cpp.
     command = ["evaluate.py", model, "--test_dataset", str(test_file), "--output_dir", str(out),
                "--gguf_runtime", "transformers", "--batch_size", str(args.eval_batch_size)]  # fmt: skip
-    if args.eval_examples and test_file.name != HANDWRITTEN.name:  # the hand-written set is scored whole
-        command += ["--max_examples", str(args.eval_examples)]
+    limit = args.hand_examples if test_file.name == HANDWRITTEN.name else args.eval_examples
+    if limit:
+        command += ["--max_examples", str(limit)]
     if args.tool_calls:
         command += ["--prompt_template_file", str(TOOLS_TEMPLATE), "--tool_call_format", "hermes"]
     if constrain:
@@ -459,7 +468,8 @@ def report(
     lines = []
     for name in sets:
         summaries = {column: read_summary(paths.results(name, column)) for column in columns}
-        examples = f"first {args.eval_examples} examples" if args.eval_examples and name == "test split" else "all"
+        limit = args.eval_examples if name == "test split" else args.hand_examples
+        examples = f"first {limit} examples" if limit else "all"
         lines += [format_table(f"{name} ({examples})", summaries, task), *verdict(summaries, task)]
         lines += [*grammar_notes(summaries.get("tuned+grammar")), ""]
     lines += [

@@ -212,7 +212,7 @@ def test_a_constrained_greedy_decode_never_names_an_unlisted_id(tiny_model_dir, 
     temptation = '```homeassistant\n{"service": "light.turn_on", "target_device": "light.garage"}'
     for strength in (0.0, 5.0, 50.0):
         processors = LogitsProcessorList(
-            [_bias_towards(temptation, test_tokenizer, strength), GrammarLogitsProcessor([compiler.matcher(grammar)])]
+            [_bias_towards(temptation, test_tokenizer, strength), GrammarLogitsProcessor([compiler.matcher(grammar)], stops)]
         )
         with torch.inference_mode():
             out = model.generate(
@@ -285,10 +285,13 @@ def test_both_runtimes_decode_the_same_under_the_grammar(tiny_model_dir, tmp_pat
     grammars = [house_grammar(house_from_text(HOUSE)).replace("root ::= text block?", "root ::= block")] * len(rows)
     prompts = generation.render_prompts(tokenizer, examples)
     texts = generation.render_prompt_texts(tokenizer, examples)
-    expected, _ = generation.generate_replies(hf_model, tokenizer, prompts, 2, 40, "cpu", grammars=grammars)
+    # Enough tokens to finish the block: llguidance only allows the canonical tokens of text the grammar forces
+    # (`{"` as one token where it is one), llama.cpp any spelling of it, so on random weights llama.cpp takes more
+    # tokens for the same text. A trained model writes the canonical tokens either way.
+    expected, _ = generation.generate_replies(hf_model, tokenizer, prompts, 2, 120, "cpu", grammars=grammars)
     gguf = inputs.load_model(inputs.inspect_model_folder(gguf_file, gguf_runtime="llama.cpp"), tokenizer, "cpu", None)
     assert isinstance(gguf, LlamaCppModel)
-    replies, _ = gguf.generate_replies(texts, prompts, 40, progress=False, grammars=grammars)
+    replies, _ = gguf.generate_replies(texts, prompts, 120, progress=False, grammars=grammars)
     gguf.close()
     assert replies == expected
-    assert all(reply.startswith("```homeassistant") for reply in replies)
+    assert all(reply.startswith("```homeassistant") and reply.endswith("```") for reply in replies)

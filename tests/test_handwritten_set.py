@@ -163,6 +163,13 @@ def test_the_set_is_big_enough_and_covers_every_domain_and_kind():
         assert sum(row["kind"] == kind for row in ROWS) >= 10, kind
 
 
+def test_every_prefix_of_whole_rounds_is_a_stratified_sample():
+    """Rows take the kinds in turn, so `evaluate.py --max_examples 6k` scores k rows of each kind (the demo does)."""
+    for rounds in range(1, 11):
+        prefix = [row["kind"] for row in ROWS[: rounds * len(KINDS)]]
+        assert all(prefix.count(kind) == rounds for kind in KINDS), rounds
+
+
 def test_system_prompts_have_the_compact_structure():
     for row in ROWS:
         system = turns(row)[0]

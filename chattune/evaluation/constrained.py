@@ -43,6 +43,7 @@ class GrammarCompiler:
         # The stop tokens are the grammar's end: a reply may stop only where the grammar accepts.
         self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=list(stop_ids))
         self.vocab_size = vocab_size
+        self.stop_ids = list(stop_ids)
         self._compiled: dict[str, str] = {}
 
     def matcher(self, grammar: str) -> Any:
@@ -66,10 +67,11 @@ class GrammarLogitsProcessor(LogitsProcessor):
     pads it from then on. One instance serves one generate() call.
     """
 
-    def __init__(self, matchers: Sequence[Any | None]) -> None:
+    def __init__(self, matchers: Sequence[Any | None], stop_ids: Sequence[int]) -> None:
         import llguidance.torch  # fill_next_token_bitmask writes a row in place; nothing here is compiled
 
         self.matchers = list(matchers)
+        self.stop_ids = list(stop_ids)
         self.torch_helpers = llguidance.torch
         self.started = False
         self.bitmask: Any = None
@@ -78,17 +80,32 @@ class GrammarLogitsProcessor(LogitsProcessor):
         helpers = self.torch_helpers
         if self.bitmask is None:
             self.bitmask = helpers.allocate_token_bitmask(len(self.matchers), scores.shape[-1])
+            self.stops_only = stop_bitmask(self.stop_ids, self.bitmask.shape[1])
         for row, matcher in enumerate(self.matchers):
             if matcher is None or matcher.is_stopped():
                 continue
             if self.started and not matcher.consume_token(int(input_ids[row, -1])):
                 raise RuntimeError(f"grammar rejected token {int(input_ids[row, -1])}: {matcher.get_error()}")
         self.started = True
-        self.bitmask.fill_(-1)  # every token allowed, for free and finished rows
+        self.bitmask.fill_(-1)  # every token allowed, for free rows
         for row, matcher in enumerate(self.matchers):
-            if matcher is not None and not matcher.is_stopped():
+            if matcher is None:
+                continue
+            if matcher.is_stopped():  # the grammar is complete: the reply may only end (generate() pads after it)
+                self.bitmask[row] = self.stops_only
+            else:
                 helpers.fill_next_token_bitmask(matcher, self.bitmask, row)
         return apply_bitmask(scores, self.bitmask)
+
+
+def stop_bitmask(stop_ids: Sequence[int], words: int) -> Any:
+    """One bitmask row that allows only the stop tokens."""
+    import torch
+
+    row = torch.zeros(words, dtype=torch.int64)
+    for token in stop_ids:
+        row[token // 32] |= 1 << (token % 32)
+    return row.to(torch.int32)  # bit 31 wraps to the sign bit, as the int32 words llguidance writes
 
 
 def apply_bitmask(scores: Any, bitmask: Any) -> Any:

@@ -149,7 +149,8 @@ def _grammar_processors(compiler: Any, grammars: Sequence[str | None]) -> Any:
 
     from chattune.evaluation.constrained import GrammarLogitsProcessor
 
-    return LogitsProcessorList([GrammarLogitsProcessor([compiler.matcher(g) if g else None for g in grammars])])
+    matchers = [compiler.matcher(g) if g else None for g in grammars]
+    return LogitsProcessorList([GrammarLogitsProcessor(matchers, compiler.stop_ids)])
 
 
 def _prefill_with_references(
