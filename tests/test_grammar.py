@@ -211,9 +211,8 @@ def test_a_constrained_greedy_decode_never_names_an_unlisted_id(tiny_model_dir, 
     ids = test_tokenizer("Turn on the garage light", return_tensors="pt")["input_ids"]
     temptation = '```homeassistant\n{"service": "light.turn_on", "target_device": "light.garage"}'
     for strength in (0.0, 5.0, 50.0):
-        processors = LogitsProcessorList(
-            [_bias_towards(temptation, test_tokenizer, strength), GrammarLogitsProcessor([compiler.matcher(grammar)], stops)]
-        )
+        bias = _bias_towards(temptation, test_tokenizer, strength)
+        processors = LogitsProcessorList([bias, GrammarLogitsProcessor([compiler.matcher(grammar)], stops)])
         with torch.inference_mode():
             out = model.generate(
                 ids, max_new_tokens=60, do_sample=False, logits_processor=processors, eos_token_id=stops
