@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from chattune.domains.homeassistant.datagen import DataGenError, GenerateConfig, PileError, generate
-from chattune.domains.homeassistant.datagen.devices import DOMAINS, SERVICE_BY_NAME, look_alike_score
+from chattune.domains.homeassistant.datagen.devices import DOMAINS, SERVICE_BY_NAME, STATE_VALUES, look_alike_score
 from chattune.domains.homeassistant.datagen.leakage import (
     Normaliser,
     describe,
@@ -25,7 +25,7 @@ from chattune.domains.homeassistant.datagen.leakage import (
     pile_near_copies,
 )
 from chattune.domains.homeassistant.datagen.piles import PILES_DIR, discover_languages, load_language
-from chattune.domains.homeassistant.datagen.templates import LEFTOVER_RE, template_regex
+from chattune.domains.homeassistant.datagen.templates import LEFTOVER_RE, placeholder_names, template_regex
 from chattune.domains.homeassistant.reply_format import parse_reply
 
 REPO = Path(__file__).resolve().parents[1]
@@ -196,6 +196,18 @@ def test_status_answers_match_listed_state(medium, language):
             _, listed = parse_system(system)
             fits = [t for t in pile.status if _status_row_fits(t, question, answer, listed, devices)]
             assert fits, f"no status phrasing explains {question!r} -> {answer!r} with the listed states"
+
+
+def test_status_answers_quote_every_attribute_in_both_splits(medium):
+    """Brightness, colour, speed, position, setpoint, humidity, title, volume, time left and item count are each
+    asked about and answered from the device line, in train and in test."""
+    pile = load_language(PILES, "english")
+    attributes = {value for values in STATE_VALUES.values() for value in values}
+    for split in ("train", "test"):
+        quoted = {name for row in pile.status if row.split == split for name in placeholder_names(row.answer)}
+        assert attributes <= quoted, split
+        answers = [turns(row)[2] for row in medium[split]["english"] if row["kind"] == "status"]
+        assert sum(bool(re.search(r"\d", answer)) for answer in answers) >= 0.3 * len(answers)
 
 
 @pytest.mark.parametrize("language", LANGUAGES)
