@@ -423,7 +423,8 @@ class ExampleBuilder:
         return picked[:count]
 
     def _look_alikes(self, pool: list[Device], near: list[Device], wanted: int) -> list[Device]:
-        """Up to MAX_LOOK_ALIKES devices of `pool` whose names share words with a device of `near`."""
+        """Up to MAX_LOOK_ALIKES devices of `pool` that look like a device of `near` (look_alike_score: a shared
+        name word or the same domain), or none (1 - LOOK_ALIKE_CHANCE of the time)."""
         candidates = [device for device in pool if any(look_alike_score(other, device) for other in near)]
         if not candidates or wanted < 1 or self.rng.random() >= LOOK_ALIKE_CHANCE:
             return []
