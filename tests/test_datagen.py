@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from chattune.domains.homeassistant.datagen import DataGenError, GenerateConfig, PileError, generate
-from chattune.domains.homeassistant.datagen.devices import DOMAINS, SERVICE_BY_NAME, look_alike_score
+from chattune.domains.homeassistant.datagen.devices import DOMAINS, SERVICE_BY_NAME, STATE_VALUES, look_alike_score
 from chattune.domains.homeassistant.datagen.leakage import (
     Normaliser,
     describe,
@@ -25,7 +25,7 @@ from chattune.domains.homeassistant.datagen.leakage import (
     pile_near_copies,
 )
 from chattune.domains.homeassistant.datagen.piles import PILES_DIR, discover_languages, load_language
-from chattune.domains.homeassistant.datagen.templates import LEFTOVER_RE, template_regex
+from chattune.domains.homeassistant.datagen.templates import LEFTOVER_RE, placeholder_names, template_regex
 from chattune.domains.homeassistant.reply_format import parse_reply
 
 REPO = Path(__file__).resolve().parents[1]
@@ -198,6 +198,18 @@ def test_status_answers_match_listed_state(medium, language):
             assert fits, f"no status phrasing explains {question!r} -> {answer!r} with the listed states"
 
 
+def test_status_answers_quote_every_attribute_in_both_splits(medium):
+    """Brightness, colour, speed, position, setpoint, humidity, title, volume, time left and item count are each
+    asked about and answered from the device line, in train and in test."""
+    pile = load_language(PILES, "english")
+    attributes = {value for values in STATE_VALUES.values() for value in values}
+    for split in ("train", "test"):
+        quoted = {name for row in pile.status if row.split == split for name in placeholder_names(row.answer)}
+        assert attributes <= quoted, split
+        answers = [turns(row)[2] for row in medium[split]["english"] if row["kind"] == "status"]
+        assert sum(bool(re.search(r"\d", answer)) for answer in answers) >= 0.3 * len(answers)
+
+
 @pytest.mark.parametrize("language", LANGUAGES)
 def test_refusals_name_a_device_that_is_not_listed(medium, language):
     """Every domain and persona is refused; the refused name is never listed; a named look-alike always is."""
@@ -321,6 +333,48 @@ def test_no_generated_test_request_nearly_copies_a_train_request(medium, languag
     assert not copies, describe(copies[:20])
 
 
+# ------------------------------------------------------------------------------------------ houses
+
+
+def test_rooms_compose_regular_and_irregular_ids_across_domains():
+    pile = load_language(PILES, "english")
+    den = {device.entity_id: device.name for group in pile.devices.values() for device in group if device.room == "den"}
+    assert den["light.den"] == "Den Light" and den["light.snug_ceiling"] == "Den Ceiling Light"
+    assert {"fan.den", "media_player.den", "climate.den"} <= set(den)
+    # a device pile's device is in the room its name starts with, and stands in for a composed one of that name
+    living_room = [device for device in pile.devices["light"] if device.name == "Living Room Lamp"]
+    assert [(device.entity_id, device.room) for device in living_room] == [("light.living_room_lamp", "living_room")]
+    for language in LANGUAGES:  # rooms are optional: a language without rooms.csv has only its device piles
+        assert load_language(PILES, language).devices
+
+
+def test_houses_mix_small_and_large_and_put_one_room_in_several_domains(tmp_path):
+    generate(small_config(tmp_path, max_devices=32, train_count=600))
+    pile = load_language(PILES, "english")
+    room_of = {device.entity_id: device.room for group in pile.devices.values() for device in group}
+    rows = read_jsonl(tmp_path / "out" / "home_assistant_train.jsonl")
+    sizes, mixed_rooms, targets_with_room_mates, actions = [], 0, 0, 0
+    for row in rows:
+        system, _, assistant = turns(row)
+        listed = parse_system(system)[1]
+        sizes.append(len(listed))
+        domains_by_room: dict[str, set[str]] = {}
+        for entity_id in listed:
+            domains_by_room.setdefault(room_of[entity_id], set()).add(entity_id.split(".")[0])
+        mixed_rooms += any(len(domains) >= 3 for room, domains in domains_by_room.items() if room)
+        if row["kind"] == "template_action":
+            target = parse_reply(assistant).calls[0]["target_device"]
+            actions += 1
+            targets_with_room_mates += any(
+                room_of[other] == room_of[target] != "" and other.split(".")[0] != target.split(".")[0]
+                for other in listed
+            )
+    assert max(sizes) == 32 and sum(size <= 6 for size in sizes) >= 0.2 * len(rows)
+    assert sum(size >= 20 for size in sizes) >= 0.4 * len(rows)
+    assert mixed_rooms >= 0.4 * len(rows)  # light.den, fan.den, media_player.den in one prompt
+    assert targets_with_room_mates >= 0.4 * actions  # the target's id must be told from its room-mates'
+
+
 # ------------------------------------------------------------------------------------------ CLI
 
 
@@ -399,6 +453,9 @@ def test_malformed_pile_row_names_file_and_line(tmp_path):
         ("responses.csv", "captain,light.turn_on,,aye", "unknown persona"),
         ("status_questions.csv", "light,dim,*,Is it dim?,It is.,train", "state of light must be"),
         ("colors.csv", "ultraviolet,400,0,0", "0-255"),
+        ("rooms.csv", "Wine Cellar,Wine Cellar,cellar,train", "slugs"),
+        ("room_devices.csv", "light,light,light.{floor},{room_name} Light", "not allowed here"),
+        ("room_devices.csv", "light,light,switch.{room},{room_name} Switch", "entity_id must look like light."),
     ],
 )
 def test_bad_pile_values_name_file_and_line(tmp_path, file_name, bad_row, message):
@@ -437,12 +494,17 @@ def test_persona_without_responses_is_warned_once_and_skipped(tmp_path):
 
 def _add_form_column(piles: Path, form: str) -> None:
     """Give every device a grammatical form: its name upper-cased after "THE " (easy to spot)."""
-    for path in sorted((piles / "english").glob("devices_*.csv")):
-        lines, header_seen = [], False
+    paths = sorted((piles / "english").glob("devices_*.csv")) + [piles / "english" / "room_devices.csv"]
+    for path in paths:
+        lines, name_column = [], None
         for line in path.read_text(encoding="utf-8").splitlines():
             if line.strip() and not line.startswith("#"):
-                value = form if not header_seen else "THE " + next(csv.reader([line]))[1].upper()
-                line, header_seen = f"{line},{value}", True
+                cells = next(csv.reader([line]))
+                if name_column is None:
+                    name_column, value = cells.index("friendly_name"), form
+                else:
+                    value = "THE " + cells[name_column].upper().replace("{ROOM_NAME}", "{room_name}")
+                line = f"{line},{value}"
             lines.append(line)
         path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
@@ -469,7 +531,8 @@ def test_grammatical_form_columns_fill_form_placeholders(tmp_path):
         system, user, assistant = turns(row)
         target = parse_reply(assistant).calls[0]["target_device"]
         name = parse_system(system)[1][target][0]
-        assert f"THE {name.upper()}" in user  # the form in the request, the plain name in the list
+        # the form in the request (a room device's form upper-cases all but the room), the plain name in the list
+        assert re.search(f"THE (?i:{re.escape(name)})", user), (user, name)
 
 
 def test_form_placeholder_without_form_column_is_an_error(tmp_path):

@@ -22,6 +22,10 @@ from chattune.domains.homeassistant.datagen.writers import FORMATS
 def build_parser(default_output_dir: Path) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Generate Home Assistant chat datasets from the phrase piles shipped with chattune.",
+        epilog="Houses: a language's piles may add rooms.csv (room,name,alias,split) and room_devices.csv "
+        "(domain,type,entity_id,friendly_name with {room}, {alias}, {room_name}), which compose every room's "
+        "devices across domains with regular ids (light.den) and irregular ones (light.snug_ceiling); a test "
+        "room's devices are test devices. data/README.md documents every pile file.",
     )
     parser.add_argument("--train", action="store_true", help="write home_assistant_train.jsonl")
     parser.add_argument("--test", action="store_true", help="write home_assistant_test.jsonl (held-out piles)")
@@ -90,7 +94,9 @@ def build_parser(default_output_dir: Path) -> argparse.ArgumentParser:
         "--max_devices",
         type=int,
         default=DEFAULT_MAX_DEVICES,
-        help=f"most devices listed per system prompt (default {DEFAULT_MAX_DEVICES})",
+        help=f"most devices listed per system prompt (default {DEFAULT_MAX_DEVICES}): 30%% of the prompts list a small "
+        "house (up to 6 devices), the rest between half the cap and the cap, filled a room at a time; 32 gives "
+        "houses of real size",
     )
     parser.add_argument(
         "--compact_prompt",

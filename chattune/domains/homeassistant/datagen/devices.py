@@ -5,6 +5,7 @@ Everything language-independent about Home Assistant lives here; the words live 
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 from dataclasses import dataclass, field
@@ -118,13 +119,15 @@ LIKELY_BEFORE: dict[str, str] = {
 
 @dataclass(frozen=True)
 class Device:
-    """A device from a devices_<domain>.csv row; `forms` holds optional grammatical forms of the name."""
+    """A device from a devices_<domain>.csv row or composed from rooms.csv and room_devices.csv; `forms` holds
+    optional grammatical forms of the name, `room` the rooms.csv slug of the room it is in ("" when unknown)."""
 
     entity_id: str
     name: str
     type: str
     split: str
     forms: tuple[tuple[str, str], ...] = ()
+    room: str = ""
 
     @property
     def domain(self) -> str:
@@ -138,6 +141,7 @@ class Device:
         return values
 
 
+@functools.cache
 def name_words(name: str) -> frozenset[str]:
     """The lowercased words of a friendly name: "Kitchen Ceiling Light" -> {kitchen, ceiling, light}."""
     return frozenset(re.findall(r"\w+", name.casefold()))

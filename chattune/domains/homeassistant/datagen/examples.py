@@ -52,6 +52,13 @@ LIKELY_STATE_CHANCE = 0.8
 # without them a model can pick "the light in the list" instead of reading which one was asked for.
 LOOK_ALIKE_CHANCE = 0.75
 MAX_LOOK_ALIKES = 3
+# House sizes: this share of prompts lists a small house (up to SMALL_HOUSE_MAX devices), the rest between half
+# the --max_devices cap and the cap. Real installs range from a few devices to dozens.
+SMALL_HOUSE_SHARE = 0.3
+SMALL_HOUSE_MAX = 6
+# A house is filled a room at a time; each room keeps this share of its devices, so that rooms differ in what they
+# have (a garage with a light but no fan) and the same room shows up across domains (light.den, fan.den).
+ROOM_DEVICE_KEEP = 0.6
 MAX_ATTEMPTS = 200
 
 Listing = list[tuple[Device, DeviceState]]
@@ -374,22 +381,50 @@ class ExampleBuilder:
     ) -> Listing:
         """Targets plus other devices of this split, shuffled, each with a state; usually led by look-alikes of
         the devices the request is about (`near`, by default the targets)."""
-        high = max(self.max_devices, len(targets))
-        low = max(len(targets), math.ceil(self.max_devices / 2), 1)
-        wanted = self.rng.randint(low, high) - len(targets)
+        wanted = self._house_size(len(targets)) - len(targets)
         taken = {device.entity_id for device in targets}
         pool = [d for d in self.all_devices if d.entity_id not in taken and not (exclude and exclude(d))]
-        alike = self._look_alikes(pool, targets if near is None else near, wanted)
-        rest = [device for device in pool if device not in alike]
-        listed = targets + alike + self.rng.sample(rest, min(wanted - len(alike), len(rest)))
+        near = targets if near is None else near
+        alike = self._look_alikes(pool, near, wanted)
+        alike_ids = {device.entity_id for device in alike}
+        rest = [device for device in pool if device.entity_id not in alike_ids]
+        listed = targets + alike + self._by_rooms(rest, near + alike, wanted - len(alike))
         self.rng.shuffle(listed)
         return [
             (device, states.get(device.entity_id) or random_state(device.domain, self.rng, self.pile.vocab))
             for device in listed
         ]
 
+    def _house_size(self, targets: int) -> int:
+        """How many devices a prompt lists: a small house or a large one (see SMALL_HOUSE_SHARE), never fewer
+        than the targets."""
+        high = max(self.max_devices, targets)
+        if self.rng.random() < SMALL_HOUSE_SHARE:
+            return self.rng.randint(max(targets, 1), max(targets, min(high, SMALL_HOUSE_MAX)))
+        return self.rng.randint(max(targets, math.ceil(high / 2), 1), high)
+
+    def _by_rooms(self, pool: list[Device], chosen: list[Device], count: int) -> list[Device]:
+        """`count` devices of `pool`, a room at a time: the rooms of `chosen` first (where the request is about),
+        then others in random order (a device without a room is a room of its own), each keeping ROOM_DEVICE_KEEP
+        of its devices."""
+        groups = _group(pool, lambda device: device.room or device.entity_id)
+        first = list(dict.fromkeys(device.room for device in chosen if device.room in groups))
+        others = [key for key in groups if key not in first]
+        self.rng.shuffle(others)
+        picked: list[Device] = []
+        for key in first + others:
+            if len(picked) >= count:
+                break
+            picked.extend(device for device in groups[key] if self.rng.random() < ROOM_DEVICE_KEEP)
+        if len(picked) < count:  # too few kept: top up from what the rooms left out
+            picked_ids = {device.entity_id for device in picked}
+            left = [device for device in pool if device.entity_id not in picked_ids]
+            picked.extend(self.rng.sample(left, min(count - len(picked), len(left))))
+        return picked[:count]
+
     def _look_alikes(self, pool: list[Device], near: list[Device], wanted: int) -> list[Device]:
-        """Up to MAX_LOOK_ALIKES devices of `pool` whose names share words with a device of `near`."""
+        """Up to MAX_LOOK_ALIKES devices of `pool` that look like a device of `near` (look_alike_score: a shared
+        name word or the same domain), or none (1 - LOOK_ALIKE_CHANCE of the time)."""
         candidates = [device for device in pool if any(look_alike_score(other, device) for other in near)]
         if not candidates or wanted < 1 or self.rng.random() >= LOOK_ALIKE_CHANCE:
             return []

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from chattune.domains.homeassistant.datagen.devices import (
     ValueVocab,
 )
 from chattune.domains.homeassistant.datagen.errors import PileError
-from chattune.domains.homeassistant.datagen.templates import PLACEHOLDER_RE, parse_placeholder
+from chattune.domains.homeassistant.datagen.templates import PLACEHOLDER_RE, fill, parse_placeholder
 from chattune.domains.homeassistant.datagen.values import (
     ARG_OF_PLACEHOLDER,
     PLACEHOLDER_OF_ARG,
@@ -47,6 +47,23 @@ DATETIME_KEYS = (
     "date_line",
 )
 GRAMMAR_KEYS = ("and", "list_separator", "sentence_end")
+# Optional: rooms, and the devices every room may have, composed into devices of every domain (see
+# data/README.md). A language without them has only the devices_*.csv devices.
+ROOMS_FILE = "rooms.csv"
+ROOM_DEVICES_FILE = "room_devices.csv"
+ROOM_DEVICE_COLUMNS = ("domain", "type", "entity_id", "friendly_name")
+ROOM_ID_PLACEHOLDERS = ("room", "alias")
+ROOM_NAME_PLACEHOLDERS = ("room_name",)
+
+
+@dataclass(frozen=True)
+class Room:
+    """A rooms.csv row: `slug` and `alias` go into entity ids (regular and irregular ones), `name` into names."""
+
+    slug: str
+    name: str
+    alias: str
+    split: str
 
 
 @dataclass(frozen=True)
@@ -147,6 +164,8 @@ def load_language(piles_dir: Path, language: str) -> LanguagePile:
     root = piles_dir / language
     personas = _load_personas(root / "system_prompts.csv")
     devices = {domain: _load_devices(root / f"devices_{domain}.csv", domain) for domain in DOMAINS}
+    rooms = _load_rooms(root)
+    devices = _with_room_devices(devices, rooms, _load_room_devices(root, rooms))
     _check_device_files(root, devices)
     types = {device.type for domain_devices in devices.values() for device in domain_devices}
     pile = LanguagePile(
@@ -292,6 +311,74 @@ def _check_device_files(root: Path, devices: dict[str, tuple[Device, ...]]) -> N
                 if key in seen:
                     raise PileError(f"{root}: {key!r} is used by two devices ({seen[key]} and {device.entity_id})")
                 seen[key] = device.entity_id
+
+
+def _load_rooms(root: Path) -> tuple[Room, ...]:
+    if not (root / ROOMS_FILE).exists():
+        if (root / ROOM_DEVICES_FILE).exists():
+            raise PileError(f"{root / ROOM_DEVICES_FILE}: needs {ROOMS_FILE} beside it (the rooms to compose)")
+        return ()
+    _, rows = read_csv(root / ROOMS_FILE, ("room", "name", "alias", "split"))
+    rooms = []
+    for row in rows:
+        if not SLUG_RE.match(row["room"]) or not SLUG_RE.match(row["alias"]):
+            raise PileError(f"{row.where}: room and alias must be lower_case ascii slugs (they go into entity ids)")
+        if "{" in row["name"] or "}" in row["name"]:
+            raise PileError(f"{row.where}: a room name may not contain braces")
+        rooms.append(Room(row["room"], row["name"], row["alias"], row["split"]))
+    _require_splits(root / ROOMS_FILE, "file", {ROOMS_FILE: {room.split for room in rooms}}, [ROOMS_FILE])
+    return tuple(rooms)
+
+
+def _load_room_devices(root: Path, rooms: tuple[Room, ...]) -> list[Device]:
+    """Every room's devices: one per (room, room_devices.csv row), in file order, in the room's split."""
+    if not rooms:
+        return []
+    header, rows = read_csv(root / ROOM_DEVICES_FILE, ROOM_DEVICE_COLUMNS, extra_columns=True)
+    form_columns = [column for column in header if column not in ROOM_DEVICE_COLUMNS]
+    devices = []
+    for row in rows:
+        if row["domain"] not in DOMAINS:
+            raise PileError(f"{row.where}: unknown domain {row['domain']!r} (known: {', '.join(DOMAINS)})")
+        _check_template(row.where, row["entity_id"], ROOM_ID_PLACEHOLDERS, ())
+        for column in ("friendly_name", *form_columns):
+            _check_template(row.where, row[column], ROOM_NAME_PLACEHOLDERS, ())
+        devices.extend(_room_device(row, room, form_columns) for room in rooms)
+    return devices
+
+
+def _room_device(row: Row, room: Room, form_columns: list[str]) -> Device:
+    values = {"room": room.slug, "alias": room.alias, "room_name": room.name}
+    texts = {column: fill(row[column], values, row.where) for column in ("entity_id", "friendly_name", *form_columns)}
+    composed = Row(row.where, {**texts, "type": row["type"], "split": room.split})
+    return replace(_device(composed, row["domain"], form_columns), room=room.slug)
+
+
+def _with_room_devices(
+    devices: dict[str, tuple[Device, ...]], rooms: tuple[Room, ...], composed: list[Device]
+) -> dict[str, tuple[Device, ...]]:
+    """The device piles' devices, each given the room its name starts with, followed by the composed ones."""
+    by_length = sorted(rooms, key=lambda room: -len(room.name))
+
+    def room_of(device: Device) -> str:
+        name = device.name.casefold()
+        return next((room.slug for room in by_length if name.startswith(room.name.casefold() + " ")), "")
+
+    # A composed device whose id or name a device pile already has is left out: that device is the room's.
+    taken = set().union(*(_identity(device) for group in devices.values() for device in group))
+    kept = [device for device in composed if not _identity(device) & taken]
+    return {
+        domain: tuple(
+            [replace(device, room=room_of(device)) for device in domain_devices]
+            + [device for device in kept if device.domain == domain]
+        )
+        for domain, domain_devices in devices.items()
+    }
+
+
+def _identity(device: Device) -> set[str]:
+    """What must be unique to a device within a language: its entity_id and its name, case-insensitively."""
+    return {device.entity_id, device.name.casefold()}
 
 
 def _load_actions(path: Path) -> tuple[ActionTemplate, ...]:
@@ -503,7 +590,8 @@ def _check_forms(pile: LanguagePile) -> None:
             if form not in dict(device.forms):
                 raise PileError(
                     f"{where}: uses {{device_{form}}} but device {device.entity_id} has no '{form}' value "
-                    f"(add a '{form}' column to every devices_*.csv file and fill it for every row)"
+                    f"(add a '{form}' column to every devices_*.csv file, and room_devices.csv if there is one, "
+                    "and fill it for every row)"
                 )
 
 
