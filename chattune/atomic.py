@@ -23,6 +23,7 @@ import re
 import secrets
 import shutil
 import stat
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -99,6 +100,22 @@ def atomic_path(target: str | os.PathLike, folder: bool = False, keep_existing: 
             shutil.rmtree(staging, ignore_errors=True)
         else:
             staging.unlink(missing_ok=True)
+
+
+def creation_problem(folder: str | os.PathLike) -> str | None:
+    """Why no new file can be created in `folder` (or, when it does not exist yet, in the nearest folder above it,
+    where atomic_path would make it), or None. Tried with a temporary file, removed at once: the permission bits
+    alone miss read-only mounts and ACLs."""
+    folder = Path(folder).absolute()
+    existing = next(path for path in [folder, *folder.parents] if path.exists())
+    if not existing.is_dir():
+        return f"{existing} is a file"
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        return error.strerror or str(error)
+    return None
 
 
 def current_umask() -> int:

@@ -329,7 +329,7 @@ def test_every_output_file_follows_the_umask(tiny_model_dir, data, tmp_path, uma
     assert exported.returncode == 0, exported.stderr[-3000:]
 
     written = {path.name for path in tmp_path.rglob("*")}
-    assert {"model.safetensors", "run-q8_0.gguf", f"run-{outtype}.gguf", "Modelfile"} <= written
+    assert {"model.safetensors", "run-q8_0.gguf", "run-q8_0.Modelfile", f"run-{outtype}.Modelfile"} <= written
     assert "checkpoint-2" in written and ("adapter_model.safetensors" in written) == bool(flags)
     assert modes_against_umask(tmp_path / "out", umask) == {}
     assert modes_against_umask(tmp_path / "export", umask) == {}
