@@ -6,7 +6,10 @@ Model folders (chattune.export.save), GGUF files (chattune.export.gguf), convert
 Checkpoints have their own staging (chattune.training.safety): every process writes into them first.
 
 What is written follows the umask, like any file the user creates: the temporary folder is made with `mkdir`
-(not `mkdtemp`, whose 0700 would stay on the renamed folder). A write that runs out of disk (or into a file size
+(not `mkdtemp`, whose 0700 would stay on the renamed folder), and before the rename every file in it gets the mode
+a plain `open` would have given it (`follow_umask`): safetensors (0.8) writes through a private temporary file of
+its own (Rust's `tempfile`, mode 0600) and renames that, so `model.safetensors` would otherwise be 0600 among
+0644 files. A write that runs out of disk (or into a file size
 limit) becomes a `DiskFullError` naming the target, instead of the library's own words (torch says
 "unexpected pos N vs M").
 """
@@ -19,6 +22,8 @@ import os
 import re
 import secrets
 import shutil
+import stat
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -74,6 +79,8 @@ def atomic_path(target: str | os.PathLike, folder: bool = False, keep_existing: 
                 raise
             kept = f"the previous {target} is intact" if target.exists() else f"{target} was not created"
             raise DiskFullError(f"disk full while writing {target} ({reason}); {kept}") from error
+        if os.path.lexists(staging):
+            follow_umask(staging)
         if keep_existing:
             try:
                 if not target.exists():
@@ -93,6 +100,47 @@ def atomic_path(target: str | os.PathLike, folder: bool = False, keep_existing: 
             shutil.rmtree(staging, ignore_errors=True)
         else:
             staging.unlink(missing_ok=True)
+
+
+def creation_problem(folder: str | os.PathLike) -> str | None:
+    """Why no new file can be created in `folder` (or, when it does not exist yet, in the nearest folder above it,
+    where atomic_path would make it), or None. Tried with a temporary file, removed at once: the permission bits
+    alone miss read-only mounts and ACLs."""
+    folder = Path(folder).absolute()
+    existing = next(path for path in [folder, *folder.parents] if path.exists())
+    if not existing.is_dir():
+        return f"{existing} is a file"
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        return error.strerror or str(error)
+    return None
+
+
+def current_umask() -> int:
+    """The process's umask. Linux shows it in /proc/self/status; elsewhere it is read by setting it and back."""
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        status = Path("/proc/self/status").read_text().splitlines()
+        return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return umask
+
+
+def follow_umask(path: str | os.PathLike) -> None:
+    """Give `path` (a file, or a folder and everything in it) the mode that `open`/`mkdir` would have given it
+    under the umask: what a library wrote through a private temporary file (mode 0600) becomes readable as the
+    user's other files are. Executable files keep their execute bits (as far as the umask allows)."""
+    path = Path(path)
+    umask = current_umask()
+    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        mode = item.lstat().st_mode
+        if stat.S_ISLNK(mode):
+            continue
+        full = 0o777 if stat.S_ISDIR(mode) or mode & 0o111 else 0o666
+        if stat.S_IMODE(mode) != full & ~umask:
+            os.chmod(item, full & ~umask)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

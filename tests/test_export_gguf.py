@@ -3,10 +3,18 @@ GGUF loader (which undoes llama.cpp's conventions) and compared with the origina
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import gguf
 import numpy as np
+import psutil
 import pytest
 import torch
 
@@ -19,7 +27,7 @@ from chattune.export.gguf import (
     main,
 )
 from chattune.export.gguf_vocab import TokenizerKind
-from conftest import load_llama, make_tiny_model, shared_tokenizer_path, tiny_config
+from conftest import REPO, load_llama, make_tiny_model, shared_tokenizer_path, tiny_config
 
 # The Qwen2 fixture's tokenizer has this as an added token that is not special (a USER_DEFINED token in GGUF).
 USER_TOKEN = "<tool_call>"
@@ -274,3 +282,146 @@ def test_llama3_rope_factors_match_transformers():
     scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
     plain = 1.0 / 500000.0 ** (torch.arange(0, 64, 2).float() / 64)
     np.testing.assert_allclose(_llama3_rope_factors(rope, 64, 131072), (plain / scaled).numpy(), rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# An export never destroys: what it must not write is refused before any tensor is converted
+
+
+def files_state(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under `folder`: its bytes and modification time. Equal before and after: nothing was changed."""
+    return {
+        str(path.relative_to(folder)): (path.read_bytes(), path.stat().st_mtime_ns)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+def _existing_file(model_dir: Path, tmp_path: Path) -> tuple[list[str], str]:
+    out = tmp_path / "export" / "home-q8_0.gguf"
+    out.parent.mkdir()
+    out.write_bytes(b"GGUF shipped yesterday")
+    return ["--out", str(out)], f"{out}: exists; pass --overwrite to replace it, or choose another --out"
+
+
+def _existing_modelfile(model_dir: Path, tmp_path: Path) -> tuple[list[str], str]:
+    out = tmp_path / "export" / "home-q8_0.gguf"
+    out.parent.mkdir()
+    (out.parent / "home-q8_0.Modelfile").write_text("FROM ./home-q8_0.gguf\n# TEMPLATE written by hand\n")
+    modelfile = out.parent / "home-q8_0.Modelfile"
+    return ["--out", str(out)], f"{modelfile}: exists; pass --overwrite to replace it, or choose another --out"
+
+
+def _model_weights(model_dir: Path, tmp_path: Path) -> tuple[list[str], str]:
+    return _in_model_folder(model_dir, model_dir / "model.safetensors")
+
+
+def _model_weights_through_a_linked_folder(model_dir: Path, tmp_path: Path) -> tuple[list[str], str]:
+    link = tmp_path / "linked"
+    link.symlink_to(model_dir)
+    return _in_model_folder(model_dir, link / "model.safetensors")
+
+
+def _in_model_folder(model_dir: Path, out: Path) -> tuple[list[str], str]:
+    message = (
+        f"{out}: is in the model folder {model_dir} and is not a .gguf file: an export never writes over the "
+        "model's own files (weights, config, tokenizer); choose another --out"
+    )
+    return ["--out", str(out), "--overwrite"], message
+
+
+def _a_folder(model_dir: Path, tmp_path: Path) -> tuple[list[str], str]:
+    out = tmp_path / "exports"
+    out.mkdir()
+    return ["--out", str(out)], f"{out}: is a folder; --out names the .gguf file to write"
+
+
+def _under_a_file(model_dir: Path, tmp_path: Path) -> tuple[list[str], str]:
+    blocker = tmp_path / "exports"
+    blocker.write_text("a file where a folder should be")
+    out = blocker / "m.gguf"
+    return ["--out", str(out)], f"{out}: cannot be written ({blocker} is a file); choose another --out"
+
+
+def _read_only_folder(model_dir: Path, tmp_path: Path) -> tuple[list[str], str]:
+    if os.geteuid() == 0:
+        pytest.skip("root writes into a read-only folder")
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    out = folder / "m.gguf"
+    return ["--out", str(out)], f"{out}: cannot be written (Permission denied); choose another --out"
+
+
+REFUSED = {
+    "existing-file": _existing_file,
+    "existing-modelfile": _existing_modelfile,
+    "model-weights": _model_weights,
+    "model-weights-through-a-linked-folder": _model_weights_through_a_linked_folder,
+    "a-folder": _a_folder,
+    "under-a-file": _under_a_file,
+    "read-only-folder": _read_only_folder,
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_an_export_that_would_destroy_is_refused_before_any_tensor(llama_dir, tmp_path, monkeypatch, capsys, case):
+    from chattune.export import gguf as module
+
+    model_dir = Path(shutil.copytree(llama_dir, tmp_path / "home"))
+    extra, message = REFUSED[case](model_dir, tmp_path)
+    before = files_state(tmp_path)
+    monkeypatch.setattr(module, "_write_tensors", lambda *args: pytest.fail("a tensor was converted"))
+    status = main([str(model_dir), "--outtype", "q8_0", *extra])
+    assert status == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {message}"
+    assert files_state(tmp_path) == before
+
+
+def test_overwrite_replaces_the_file_and_its_modelfile(llama_dir, tmp_path, capsys):
+    extra, _ = _existing_file(llama_dir, tmp_path)
+    out = Path(extra[1])
+    (out.parent / "home-q8_0.Modelfile").write_text("FROM ./home-q8_0.gguf\n")
+    assert main([str(llama_dir), "--outtype", "q8_0", *extra, "--overwrite"]) == 0
+    assert out.read_bytes().startswith(b"GGUF") and out.read_bytes() != b"GGUF shipped yesterday"
+    assert "TEMPLATE" in (out.parent / "home-q8_0.Modelfile").read_text()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["home-q8_0.Modelfile", "home-q8_0.gguf"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda sig: sig.name)
+def test_a_signal_while_llama_cpp_quantizes_stops_it(llama_dir, tmp_path, sig):
+    """Sent once llama.cpp's quantizer runs (in its child process): the export stops, its f16 intermediate and its
+    partial file are removed, and the line says so. (In the parent, a signal during llama_model_quantize used to be
+    swallowed by ctypes in llama.cpp's log callback, and the export finished with status 0.)"""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    model_dir = Path(shutil.copytree(llama_dir, tmp_path / "home"))
+    out = tmp_path / "export" / "home-q4_0.gguf"
+    before = files_state(model_dir)
+    command = [sys.executable, "-m", "chattune.export.gguf", str(model_dir), "--outtype", "q4_0", "--out", str(out)]
+    export = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    quantizer = _wait_for_quantizer(export)
+    export.send_signal(sig)
+    _, err = export.communicate(timeout=60)
+
+    assert export.returncode == 128 + sig, err[-3000:]
+    assert err.strip().splitlines()[-1] == (
+        f"{sig.name}: interrupted while exporting {model_dir} to {out}; {out} was not written (nothing of it is left, "
+        f"no f16 intermediate is left); {model_dir} is untouched"
+    )
+    assert not quantizer.is_running() or quantizer.status() == psutil.STATUS_ZOMBIE
+    assert list(out.parent.iterdir()) == [], "a file of the export was left behind"
+    assert files_state(model_dir) == before
+
+
+def _wait_for_quantizer(export: subprocess.Popen) -> psutil.Process:
+    """The child process running llama.cpp's quantizer, once it has started."""
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        assert export.poll() is None, export.communicate()[1][-3000:]
+        for child in psutil.Process(export.pid).children():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if any("llama_model_quantize" in part for part in child.cmdline()):
+                    return child
+        time.sleep(0.01)
+    raise AssertionError("llama.cpp's quantizer never started")

@@ -5,6 +5,7 @@ output was changed (or, for SIGKILL, that resuming gives bit-identical weights).
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -272,12 +273,66 @@ def test_atomic_outputs_follow_the_umask(tmp_path, umask, folder_mode, file_mode
     try:
         with atomic_path(tmp_path / "models" / "run", folder=True) as staging:
             (staging / "config.json").write_text("{}")
+            # safetensors writes through a temporary file of its own (mode 0600) and renames it: the cause of
+            # a 0600 model.safetensors among 0644 files (safetensors 0.8)
+            save_file({"weight": torch.ones(2)}, staging / "model.safetensors")
         write_text_atomic(tmp_path / "eval_results.json", "{}")
     finally:
         os.umask(previous)
     assert (tmp_path / "models" / "run").stat().st_mode & 0o777 == folder_mode
     assert (tmp_path / "models" / "run" / "config.json").stat().st_mode & 0o777 == file_mode
+    assert (tmp_path / "models" / "run" / "model.safetensors").stat().st_mode & 0o777 == file_mode
     assert (tmp_path / "eval_results.json").stat().st_mode & 0o777 == file_mode
+
+
+def modes_against_umask(root: Path, umask: int) -> dict[str, str]:
+    """Every file and folder under `root` whose mode is not what `open`/`mkdir` give under `umask`."""
+    wrong = {}
+    for path in sorted(root.rglob("*")):
+        expected = (0o777 if path.is_dir() else 0o666) & ~umask
+        if path.stat().st_mode & 0o777 != expected:
+            wrong[str(path.relative_to(root))] = f"{path.stat().st_mode & 0o777:o}, not {expected:o}"
+    return wrong
+
+
+def run_under_umask(umask: int, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        preexec_fn=lambda: os.umask(umask),  # the child alone: pytest's own files keep the umask they had
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "umask,flags",
+    [(0o022, []), (0o027, ["--use_lora", "--lora_merge"])],
+    ids=["022-full", "027-lora-merged"],
+)
+def test_every_output_file_follows_the_umask(tiny_model_dir, data, tmp_path, umask, flags):
+    """A run's model folders, adapter, checkpoints, GGUF file and Modelfile, then a GGUF export of the model
+    (a llama.cpp type when llama-cpp-python is there): every file 0o666 & ~umask, every folder 0o777 & ~umask."""
+    argv = train_argv(
+        tiny_model_dir, data, tmp_path / "out", *flags, "--export_gguf", "q8_0", max_steps=2, save_steps=1
+    )
+    trained = run_under_umask(umask, str(REPO / "train.py"), *argv)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    outtype = "q4_0" if importlib.util.find_spec("llama_cpp") else "f16"
+    model_dir, gguf_file = tmp_path / "out" / "models" / "run", tmp_path / "export" / f"run-{outtype}.gguf"
+    exported = run_under_umask(
+        umask, "-m", "chattune.export.gguf", str(model_dir), "--outtype", outtype, "--out", str(gguf_file)
+    )
+    assert exported.returncode == 0, exported.stderr[-3000:]
+
+    written = {path.name for path in tmp_path.rglob("*")}
+    assert {"model.safetensors", "run-q8_0.gguf", "run-q8_0.Modelfile", f"run-{outtype}.Modelfile"} <= written
+    assert "checkpoint-2" in written and ("adapter_model.safetensors" in written) == bool(flags)
+    assert modes_against_umask(tmp_path / "out", umask) == {}
+    assert modes_against_umask(tmp_path / "export", umask) == {}
 
 
 def test_an_adapter_records_its_base_as_an_absolute_path(tiny_model_dir, data, tmp_path, monkeypatch):

@@ -21,9 +21,9 @@ import pytest
 from chattune.atomic import DiskFullError
 from chattune.data.chatml import CHATML_TEMPLATE
 from chattune.export.ollama import (
-    MODELFILE_NAME,
     constant_system_prompt,
     families,
+    modelfile_path,
     write_modelfile,
 )
 from conftest import TRAIN, chat_rows, make_tiny_model, run_script, shared_tokenizer_path, train_argv, write_jsonl
@@ -154,8 +154,9 @@ def written(tmp_path: Path, tokenizer, system: str | None = None) -> tuple[str, 
     gguf = tmp_path / "model-f16.gguf"
     gguf.write_bytes(b"GGUF")
     path = write_modelfile(gguf, tokenizer, system)
-    assert path == tmp_path / MODELFILE_NAME
+    assert path == tmp_path / "model-f16.Modelfile" == modelfile_path(gguf)
     text = path.read_text(encoding="utf-8")
+    assert text.startswith("# Written by chattune: ollama create NAME -f model-f16.Modelfile (")
     return text, parse_modelfile(text)
 
 
@@ -279,8 +280,8 @@ def test_write_is_atomic(test_tokenizer_dir, tmp_path, monkeypatch):
     tokenizer = _tokenizer(test_tokenizer_dir, CHATML_TEMPLATE)
     written(tmp_path, tokenizer)
     written(tmp_path, tokenizer, SYSTEM)  # replaces the first one
-    assert sorted(p.name for p in tmp_path.iterdir()) == [MODELFILE_NAME, "model-f16.gguf"]
-    before = (tmp_path / MODELFILE_NAME).read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model-f16.Modelfile", "model-f16.gguf"]
+    before = (tmp_path / "model-f16.Modelfile").read_text()
 
     def full_disk(path, *args, **kwargs):
         handle = open(path, *args, **kwargs)
@@ -297,8 +298,8 @@ def test_write_is_atomic(test_tokenizer_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(chattune.atomic, "open", full_disk, raising=False)
     with pytest.raises(DiskFullError, match="Modelfile"):
         write_modelfile(tmp_path / "model-f16.gguf", tokenizer, None)
-    assert (tmp_path / MODELFILE_NAME).read_text() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == [MODELFILE_NAME, "model-f16.gguf"]
+    assert (tmp_path / "model-f16.Modelfile").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model-f16.Modelfile", "model-f16.gguf"]
 
 
 def test_gguf_command_writes_the_modelfile(test_tokenizer_dir, tmp_path, capsys):
@@ -308,10 +309,25 @@ def test_gguf_command_writes_the_modelfile(test_tokenizer_dir, tmp_path, capsys)
     out = tmp_path / "export" / "tiny.gguf"
     assert main([str(model_dir), "--outtype", "f32", "--out", str(out), "--system_prompt", SYSTEM]) == 0
     assert capsys.readouterr().out.strip() == str(out)
-    modelfile = parse_modelfile((out.parent / MODELFILE_NAME).read_text())
+    modelfile = parse_modelfile((out.parent / "tiny.Modelfile").read_text())
     assert modelfile["from"] == ["./tiny.gguf"] and modelfile["system"] == SYSTEM
     assert modelfile["template"] is not None
-    assert sorted(p.name for p in out.parent.iterdir()) == [MODELFILE_NAME, "tiny.gguf"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["tiny.Modelfile", "tiny.gguf"]
+
+
+def test_each_gguf_file_gets_its_own_modelfile(test_tokenizer_dir, tmp_path, capsys):
+    """A second type exported into the folder leaves the first file's Modelfile as it was (perhaps edited)."""
+    from chattune.export.gguf import main
+
+    model_dir = make_tiny_model(test_tokenizer_dir, tmp_path / "home-demo")
+    assert main([str(model_dir), "--outtype", "f32"]) == 0
+    first = model_dir / "home-demo-f32.Modelfile"
+    first.write_text(first.read_text() + "# edited by hand\n")
+    assert main([str(model_dir), "--outtype", "q8_0"]) == 0
+    assert first.read_text().endswith("# edited by hand\n")
+    second = parse_modelfile((model_dir / "home-demo-q8_0.Modelfile").read_text())
+    assert second["from"] == ["./home-demo-q8_0.gguf"]
+    assert not (model_dir / "Modelfile").exists()
 
 
 def test_train_export_gguf_writes_the_modelfile(tiny_model_dir, tmp_path):
@@ -324,8 +340,9 @@ def test_train_export_gguf_writes_the_modelfile(tiny_model_dir, tmp_path):
     result = run_script(TRAIN, *argv)
     assert result.returncode == 0, result.stderr[-3000:]
     folder = tmp_path / "models" / "run"
-    assert f"saved: {folder / MODELFILE_NAME}" in result.stdout and f"saved: {folder / 'run-f16.gguf'}" in result.stdout
-    modelfile = parse_modelfile((folder / MODELFILE_NAME).read_text())
+    modelfile_file = folder / "run-f16.Modelfile"
+    assert f"saved: {modelfile_file}" in result.stdout and f"saved: {folder / 'run-f16.gguf'}" in result.stdout
+    modelfile = parse_modelfile(modelfile_file.read_text())
     assert modelfile["from"] == ["./run-f16.gguf"] and modelfile["system"] == SYSTEM
     tokenizer = AutoTokenizer.from_pretrained(folder)
     for conversation in CONVERSATIONS:
@@ -350,7 +367,7 @@ def test_ollama_creates_a_model_from_the_modelfile(test_tokenizer_dir, tmp_path)
 
     model_dir = make_tiny_model(test_tokenizer_dir, tmp_path / "model")
     assert main([str(model_dir), "--outtype", "f32", "--out", str(tmp_path / "x" / "tiny.gguf")]) == 0
-    command = ["ollama", "create", "chattune-test-modelfile", "-f", str(tmp_path / "x" / MODELFILE_NAME)]
+    command = ["ollama", "create", "chattune-test-modelfile", "-f", str(tmp_path / "x" / "tiny.Modelfile")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     subprocess.run(["ollama", "rm", "chattune-test-modelfile"], capture_output=True, timeout=120)

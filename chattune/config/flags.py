@@ -241,7 +241,8 @@ class TrainFlags:
     export_gguf: str | None = _flag(
         None,
         "Also write a GGUF file of the final model for llama.cpp/Ollama (models/<run_name>/<run_name>-<type>.gguf) "
-        "and an Ollama Modelfile beside it: f16, q8_0, f32, or a k-quant such as q4_k_m, q5_k_m or q6_k made by "
+        "and an Ollama Modelfile beside it (<run_name>-<type>.Modelfile): f16, q8_0, f32, or a k-quant such as "
+        "q4_k_m, q5_k_m or q6_k made by "
         "llama.cpp's quantizer (needs llama-cpp-python; all types in docs/export.md).",
     )
 

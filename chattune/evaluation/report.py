@@ -4,16 +4,14 @@ several models, the comparison table (one row per model) and its eval_table.json
 from __future__ import annotations
 
 import csv
-import errno
 import io
 import json
-import tempfile
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from chattune.atomic import write_text_atomic
+from chattune.atomic import creation_problem, write_text_atomic
 from chattune.domains.task import Score, Task
 from chattune.evaluation.inputs import EvalError, Example
 
@@ -37,16 +35,9 @@ def check_writable(folder: Path, fix: str) -> None:
 
     The folder (or, when it does not exist yet, the nearest folder above it) must take a new file; `fix` says how
     to choose another."""
-    existing = next(p for p in [folder, *folder.parents] if p.exists())
-    try:
-        if not existing.is_dir():
-            raise NotADirectoryError(errno.ENOTDIR, f"{existing} is a file")
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as error:
-        raise EvalError(
-            f"{folder}: cannot write the results there ({error.strerror or error}); {fix} to write them elsewhere"
-        ) from None
+    problem = creation_problem(folder)
+    if problem:
+        raise EvalError(f"{folder}: cannot write the results there ({problem}); {fix} to write them elsewhere")
 
 
 def write_outputs(folder: Path, summary: dict, settings: dict, failures: list) -> tuple[Path, Path]:

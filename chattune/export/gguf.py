@@ -1,9 +1,13 @@
 """Export a Hugging Face model folder to a single GGUF file for llama.cpp, Ollama and friends.
 
     python3 -m chattune.export.gguf MODEL_DIR --outtype f16|q8_0|f32|q4_k_m|q5_k_m|q6_k|... [--out FILE]
-                                    [--system_prompt TEXT]
+                                    [--overwrite] [--system_prompt TEXT]
 
-An Ollama `Modelfile` is written beside the file (chattune.export.ollama).
+An Ollama Modelfile is written beside the file, named after it (chattune.export.ollama).
+
+An export never destroys (`check_targets`, before any tensor is converted): an existing file is replaced only with
+--overwrite, a file of the model folder itself (its weights, config or tokenizer) never, and a target that cannot
+be written (a folder, a folder without write permission) is refused rather than found out after the work.
 
 Supported architectures (SUPPORTED_ARCHITECTURES): Llama and Mistral (llama.cpp's `llama`), Qwen2 (`qwen2`),
 Phi-3 (`phi3`), Gemma 2 and Gemma 3 text models (`gemma2`, `gemma3`), Phi-2 (`phi2`) and StableLM (`stablelm`).
@@ -29,7 +33,7 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,8 +41,8 @@ from typing import Any
 import gguf
 import numpy as np
 
-from chattune.atomic import atomic_path
-from chattune.cli import entry_point
+from chattune.atomic import atomic_path, creation_problem
+from chattune.cli import entry_point, report_progress
 from chattune.errors import ChattuneError
 from chattune.export.gguf_vocab import (
     TokenizerKind,
@@ -48,7 +52,7 @@ from chattune.export.gguf_vocab import (
     tokenizer_kind,
     write_vocab,
 )
-from chattune.export.ollama import write_modelfile
+from chattune.export.ollama import MODELFILE_SUFFIX, modelfile_path, write_modelfile
 from chattune.export.quantize import LLAMA_QUANT_TYPES, quantize_gguf, require_quantizer
 
 __all__ = [
@@ -56,6 +60,7 @@ __all__ = [
     "SUPPORTED_ARCHITECTURES",
     "UnsupportedModelError",
     "check_exportable",
+    "check_targets",
     "export_gguf",
     "main",
 ]
@@ -548,24 +553,68 @@ def _write_tensors(
     return int(n_vocab)
 
 
-def export_gguf(model_dir: str | Path, outtype: str = "f16", out: str | Path | None = None) -> Path:
+# What an export writes: the GGUF file and its Ollama Modelfile. Nothing else is written into a model folder.
+EXPORT_SUFFIXES = (".gguf", MODELFILE_SUFFIX)
+
+
+class ExportTargetError(ChattuneError):
+    """An export target that must not, or cannot, be written; refused before any tensor is converted."""
+
+
+def check_targets(model_dir: str | Path, targets: Sequence[str | Path], overwrite: bool = False) -> None:
+    """Refuse, before any work, the files an export must not write: an existing file without `overwrite`, a file
+    of the model folder itself whatever `overwrite` says, a folder, or a place where no file can be created."""
+    model_dir = Path(model_dir).resolve()
+    for target in map(Path, targets):
+        problem = _target_problem(model_dir, target, overwrite)
+        if problem:
+            raise ExportTargetError(f"{target}: {problem}")
+
+
+def _target_problem(model_dir: Path, target: Path, overwrite: bool) -> str | None:
+    if target.is_dir():
+        return "is a folder; --out names the .gguf file to write"
+    if _in_model_folder(model_dir, target):
+        return (
+            f"is in the model folder {model_dir} and is not a .gguf file: an export never writes over the model's "
+            "own files (weights, config, tokenizer); choose another --out"
+        )
+    if target.exists() and not overwrite:
+        return "exists; pass --overwrite to replace it, or choose another --out"
+    problem = creation_problem(target.parent)
+    return f"cannot be written ({problem}); choose another --out" if problem else None
+
+
+def _in_model_folder(model_dir: Path, target: Path) -> bool:
+    """Whether `target` names a file of the model folder other than an export (a .gguf file or its Modelfile),
+    also through a linked folder. Names that do not exist yet count too: a `model.safetensors` beside sharded
+    weights would be loaded in their place. (A link to a weight file elsewhere is safe: the rename replaces the
+    link, not the file.)"""
+    return target.suffix not in EXPORT_SUFFIXES and target.resolve().parent == model_dir
+
+
+def export_gguf(
+    model_dir: str | Path, outtype: str = "f16", out: str | Path | None = None, overwrite: bool = False
+) -> Path:
     """Write `model_dir` (a Hugging Face model folder) as one GGUF file and return its path.
 
     `outtype` is the storage of the weight matrices: "f16", "q8_0" or "f32" (norms and biases are always F32),
     or one of llama.cpp's types (LLAMA_QUANT_TYPES: "q4_k_m", "q5_k_m", "q6_k", ...), made from an f16 file by
-    llama.cpp's quantizer. `out` defaults to `MODEL_DIR/<folder-name>-<outtype>.gguf`.
+    llama.cpp's quantizer. `out` defaults to `MODEL_DIR/<folder-name>-<outtype>.gguf`; an existing file there is
+    replaced only with `overwrite` (see check_targets, which runs first).
     """
+    if outtype not in ALL_OUTTYPES:
+        raise ValueError(f"unknown outtype {outtype!r}: choose one of {', '.join(ALL_OUTTYPES)}")
+    out = Path(out) if out is not None else default_output_path(model_dir, outtype)
+    check_targets(model_dir, [out], overwrite)
     if outtype in LLAMA_QUANT_TYPES:
         return _export_quantized(model_dir, outtype, out)
-    if outtype not in OUTTYPES:
-        raise ValueError(f"unknown outtype {outtype!r}: choose one of {', '.join(ALL_OUTTYPES)}")
     return _write_gguf(model_dir, outtype, out)
 
 
-def _export_quantized(model_dir: str | Path, outtype: str, out: str | Path | None) -> Path:
+def _export_quantized(model_dir: str | Path, outtype: str, out: Path) -> Path:
     """f16 into a hidden file beside `out`, then llama.cpp's quantizer; the f16 file is removed either way."""
     require_quantizer(outtype)  # before the f16 file is written
-    out = Path(out) if out is not None else default_output_path(model_dir, outtype)
     f16 = out.with_name(f".{out.stem}.f16-{os.getpid()}.gguf")
     try:
         _write_gguf(model_dir, "f16", f16)
@@ -576,8 +625,7 @@ def _export_quantized(model_dir: str | Path, outtype: str, out: str | Path | Non
     return out
 
 
-def _write_gguf(model_dir: str | Path, outtype: str, out: str | Path | None) -> Path:
-
+def _write_gguf(model_dir: str | Path, outtype: str, out: Path) -> Path:
     model_dir = Path(model_dir).resolve()
     if (model_dir / "adapter_config.json").is_file() and not (model_dir / "config.json").is_file():
         raise UnsupportedModelError(
@@ -589,7 +637,6 @@ def _write_gguf(model_dir: str | Path, outtype: str, out: str | Path | None) -> 
     config, arch = _load_config(model_dir)
     tokenizer, kind = _load_tokenizer(model_dir)  # before any weight is read: an unsupported tokenizer fails fast
     qtype, file_type = OUTTYPES[outtype]
-    out = Path(out) if out is not None else default_output_path(model_dir, outtype)
 
     with atomic_path(out) as staging:
         writer = gguf.GGUFWriter(staging, gguf.MODEL_ARCH_NAMES[arch.gguf_arch])
@@ -618,7 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python3 -m chattune.export.gguf",
         description="Export a Hugging Face model folder to GGUF (architectures: see docs/export.md), with an Ollama "
-        "Modelfile beside the file.",
+        "Modelfile beside the file, named after it (NAME.gguf, NAME.Modelfile).",
         epilog="f32, f16 and q8_0 are written by chattune; the other types by llama.cpp's quantizer from the f16 "
         "file, which needs llama-cpp-python (docs/export.md).",
     )
@@ -632,6 +679,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", type=Path, default=None, help="output file (default: MODEL_DIR/<name>-<outtype>.gguf)")
     parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing output file and its Modelfile (never a file of the model folder itself)",
+    )
+    parser.add_argument(
         "--system_prompt",
         default=None,
         help="SYSTEM of the Ollama Modelfile written beside the file (default: the chat template's own, if any)",
@@ -643,13 +695,25 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    out = args.out or default_output_path(args.model_dir, args.outtype)
+    modelfile = modelfile_path(out)
+    check_targets(args.model_dir, [out, modelfile], args.overwrite)  # the Modelfile too: it may be edited by hand
+    report_progress(f"exporting {args.model_dir} to {out}", _nothing_kept(args.model_dir, out, args.outtype))
     try:
-        path = export_gguf(args.model_dir, args.outtype, args.out)
+        path = export_gguf(args.model_dir, args.outtype, out, overwrite=args.overwrite)
     except FileNotFoundError as error:
         raise ChattuneError(str(error)) from None
+    report_progress(f"writing {modelfile}", f"wrote {path}; {modelfile} was not written")
     write_modelfile(path, _load_tokenizer(Path(args.model_dir))[0], args.system_prompt)
     print(path)
     return 0
+
+
+def _nothing_kept(model_dir: Path, out: Path, outtype: str) -> str:
+    """What an interrupted export leaves: atomic_path and _export_quantized remove their files on the way out."""
+    kept = "the previous file is intact" if out.exists() else "nothing of it is left"
+    intermediate = ", no f16 intermediate is left" if outtype in LLAMA_QUANT_TYPES else ""
+    return f"{out} was not written ({kept}{intermediate}); {model_dir} is untouched"
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""An Ollama `Modelfile` beside an exported GGUF file, so that `ollama create NAME -f Modelfile` needs no editing.
+"""An Ollama Modelfile beside each exported GGUF file (`NAME.Modelfile` for `NAME.gguf`), so that
+`ollama create NAME -f NAME.Modelfile` needs no editing. One per GGUF file: exporting a second type into a folder
+leaves the first file's Modelfile (perhaps edited by hand) as it is.
 
 Ollama does not run the Jinja chat template stored in the GGUF file: it formats prompts with a template of its own,
 written in Go's template language. The Modelfile therefore carries a Go template for the model's chat format, the
@@ -28,7 +30,7 @@ from chattune.atomic import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
-MODELFILE_NAME = "Modelfile"
+MODELFILE_SUFFIX = ".Modelfile"
 DOCS = 'docs/export.md, section "Ollama"'
 
 # Contents without surrounding spaces or newlines: templates that `| trim` a message render them unchanged.
@@ -319,7 +321,8 @@ def modelfile_text(gguf_name: str, tokenizer: Any, system_prompt: str | None) ->
     if family is None:
         logger.warning("Modelfile without TEMPLATE: %s; write it by hand (%s)", why_unknown, DOCS)
     default = default_system_prompt(tokenizer, family) if family is not None and not system_prompt else None
-    lines = [f"# Written by chattune: ollama create NAME -f {MODELFILE_NAME} ({DOCS}).", f"FROM ./{gguf_name}", ""]
+    modelfile = modelfile_path(Path(gguf_name)).name
+    lines = [f"# Written by chattune: ollama create NAME -f {modelfile} ({DOCS}).", f"FROM ./{gguf_name}", ""]
     lines += [*_template_lines(family, why_unknown), ""]
     lines += [f"PARAMETER stop {_quoted(token)}" for token in stop_tokens(tokenizer)]
     # evaluate.py scores greedy replies, and temperature 0 is greedy decoding in Ollama: the model answers the
@@ -329,14 +332,21 @@ def modelfile_text(gguf_name: str, tokenizer: Any, system_prompt: str | None) ->
     return "\n".join(lines) + "\n"
 
 
+def modelfile_path(gguf_path: str | Path) -> Path:
+    """The Modelfile of a GGUF file: beside it, named after it (`home-q8_0.gguf` -> `home-q8_0.Modelfile`)."""
+    gguf_path = Path(gguf_path)
+    return gguf_path.with_name(gguf_path.name.removesuffix(".gguf") + MODELFILE_SUFFIX)
+
+
 def write_modelfile(gguf_path: Path, tokenizer: Any, system_prompt: str | None = None) -> Path:
-    """Write `Modelfile` beside `gguf_path` (atomically, replacing one that is there) and return its path.
+    """Write the Modelfile of `gguf_path` beside it (`modelfile_path`; atomically, replacing one that is there)
+    and return its path.
 
     `system_prompt` becomes SYSTEM (see constant_system_prompt); without one, a default system prompt the chat
     template inserts by itself is used.
     """
     gguf_path = Path(gguf_path)
-    path = gguf_path.with_name(MODELFILE_NAME)
+    path = modelfile_path(gguf_path)
     write_text_atomic(path, modelfile_text(gguf_path.name, tokenizer, system_prompt))
     logger.info("wrote %s", path)
     return path

@@ -110,7 +110,9 @@ def write_outputs(
         from chattune.export.gguf import export_gguf
 
         saving(f"exporting {flags.model_dir} to GGUF", outputs, checkpoint)
-        outputs.append(export_gguf(flags.model_dir, outtype=flags.export_gguf))
+        # Into the model folder just written whole (save_model replaces it): it holds no earlier GGUF file or
+        # Modelfile, so there is nothing to overwrite, and the exporter's refusal to replace a file stays on.
+        outputs.append(export_gguf(flags.model_dir, outtype=flags.export_gguf, overwrite=False))
         saving(f"writing an Ollama Modelfile beside {outputs[-1]}", outputs, checkpoint)
         outputs.append(write_ollama_modelfile(flags, outputs[-1]))
 

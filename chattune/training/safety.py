@@ -1,7 +1,8 @@
 """Crash safety: atomic checkpoints and a clean stop on Ctrl-C / SIGTERM.
 
 * Checkpoints are written into a staging folder and renamed into place once every process has finished
-  writing, so `checkpoint-N` either is complete or does not exist.
+  writing, so `checkpoint-N` either is complete or does not exist. Their files follow the umask, as the other
+  outputs do (chattune.atomic.follow_umask).
 * While the trainer trains, the first SIGINT/SIGTERM asks it to save a checkpoint at the end of the current step
   and stop; the run then exits non-zero and says how to resume. A second signal exits at once. Before and after
   training, chattune.cli's handlers are in place: a signal stops the command at once with a line that says what
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from chattune.atomic import DiskFullError, disk_full_reason
+from chattune.atomic import DiskFullError, disk_full_reason, follow_umask
 from chattune.cli import raise_if_signalled
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ class AtomicCheckpointMixin:
             target = run_dir / name
             if target.exists():
                 shutil.rmtree(target)
+            follow_umask(staging_root / name)  # safetensors leaves its weights 0600 (see chattune.atomic)
             os.replace(staging_root / name, target)
             # TRL's trainers also write a model card into what they take for the run folder: the staging root
             shutil.rmtree(staging_root, ignore_errors=True)
