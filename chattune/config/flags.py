@@ -540,6 +540,16 @@ def _check_evaluation_flags(flags: TrainFlags) -> None:
         )
 
 
+def unused_evaluation_flags(flags: TrainFlags) -> list[str]:
+    """--eval_steps and --eval_fraction given without --test_dataset, where no evaluation runs: they are warned
+    about, not refused, because home-llm's published commands (StableLM Zephyr 3B and its DPO runs, TinyLlama's
+    DPO run) pass --eval_steps without a test set, and those commands run unchanged."""
+    if flags.test_dataset:
+        return []
+    given = {"--eval_steps": flags.eval_steps is not None, "--eval_fraction": flags.eval_fraction != 1.0}
+    return [name for name, value in given.items() if value]
+
+
 def _parse_ids(flag: str, text: str | None) -> list[int] | None:
     if not text:
         return None
