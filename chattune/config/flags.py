@@ -2,6 +2,8 @@
 
 The dataclass is the single source of truth: `--help`, YAML recipes (`--config`) and the docs' flag
 reference are all generated from it. Flag names follow home-llm's train.py so its commands run unchanged.
+Reading and checking the flags imports neither torch nor transformers (chattune.config.dataclass_parser,
+chattune.config.transformers_names): train.py reads them first, so `--help` and a refusal take a fraction of a second.
 """
 
 from __future__ import annotations
