@@ -1,4 +1,9 @@
-"""train.py and `chattune-train`: pick the memory allocator first, before torch is imported (chattune.allocator)."""
+"""train.py and `chattune-train`: read the flags, pick the memory allocator, then train.
+
+The flags are read first, with the standard library only (chattune.config.flags), so `--help` and a refused flag
+answer in a fraction of a second, before the allocator restart (chattune.allocator) and before torch is imported.
+The restarted process reads them again: milliseconds.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,10 @@ from chattune.cli import entry_point  # standard library only: safe before the r
 @entry_point
 def main() -> int:
     from chattune.allocator import use_scalable_allocator
+    from chattune.config.flags import parse_flags
 
+    flags = parse_flags()  # --help and refused flags end here
     use_scalable_allocator()  # returns unless this process must restart with another malloc
-    from chattune.training.run import main as train
+    from chattune.training.run import start
 
-    return train.__wrapped__()  # this function carries entry_point's handling already
+    return start(flags)

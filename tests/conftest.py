@@ -25,6 +25,7 @@ CONSOLE_SCRIPTS = {
     "chattune-find-split": "find_split.py",
     "chattune-data": "data/generate_home_assistant_data.py",
     "chattune-grammar": "scripts/house_grammar.py",
+    "chattune-export": "scripts/export_gguf.py",
 }
 
 # Special tokens of the chat-template families the tests write inline (see tests/templates.py).

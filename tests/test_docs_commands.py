@@ -53,10 +53,10 @@ def parse(command: str) -> None:
         from chattune.data.find_split_cli import parse_args
 
         parse_args(args)
-    elif script == "-m" and args[0] == "chattune.export.gguf":
+    elif script == "scripts/export_gguf.py" or (script == "-m" and args[0] == "chattune.export.gguf"):
         from chattune.export.gguf import build_parser
 
-        build_parser().parse_args(args[1:])
+        build_parser().parse_args(args if script.endswith(".py") else args[1:])
     elif script == "scripts/house_grammar.py":
         from chattune.domains.homeassistant.grammar_cli import parse_args
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chattune.config.flags import FlagError, TrainFlags, flag_names, parse_flags
+from chattune.config.flags import FlagError, TrainFlags, flag_names, parse_flags, unused_evaluation_flags
 from chattune.training.modeling import weight_dtype
 
 REQUIRED = ["--run_name", "r", "--base_model", "m", "--train_dataset", "d.jsonl"]
@@ -182,3 +182,23 @@ def test_time_budget_and_fractional_evaluations_are_checked(extra, message, caps
 def test_evaluations_as_a_fraction_of_the_run():
     flags = parse_flags([*REQUIRED, "--test_dataset", "t.jsonl", "--eval_steps", "0.25", "--time_budget", "600"])
     assert flags.eval_steps == 0.25 and flags.time_budget == 600
+
+
+@pytest.mark.parametrize(
+    "extra, unused",
+    [
+        (["--eval_steps", "100"], ["--eval_steps"]),  # as home-llm's StableLM Zephyr commands pass it
+        (["--eval_steps", "100", "--eval_fraction", "0.1"], ["--eval_steps", "--eval_fraction"]),
+        (["--eval_steps", "100", "--test_dataset", "t.jsonl"], []),
+    ],
+    ids=["eval-steps", "both", "with-test-set"],
+)
+def test_evaluation_flags_without_a_test_set_are_a_warning_not_a_refusal(extra, unused, caplog):
+    from chattune.training.task_metrics import plan_evaluations
+
+    flags = parse_flags([*REQUIRED, *extra])
+    assert unused_evaluation_flags(flags) == unused
+    with caplog.at_level("WARNING"):
+        plan_evaluations(flags)
+    warned = [record.getMessage() for record in caplog.records if "without --test_dataset" in record.getMessage()]
+    assert warned == ([f"{' and '.join(unused)}: no evaluation runs without --test_dataset; ignored"] if unused else [])

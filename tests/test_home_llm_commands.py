@@ -32,6 +32,12 @@ LLAMA3 = """--run_name llamahome-8b-rev1 --base_model {model} --bf16
     --lora_modules up_proj,down_proj,q_proj,v_proj,o_proj --prefix-ids 128006,78191,128007,271
     --suffix-ids 128009,128006,78191,128007,271"""
 
+# StableLM Zephyr 3B rev10, run under `accelerate launch --config_file fsdp_config.yaml` in home-llm's guide
+STABLELM = """--run_name stablehome-3b-rev10 --base_model {model} --bf16
+    --train_dataset data/home_assistant_train.jsonl --learning_rate 1e-5 --batch_size 64 --epochs 1
+    --micro_batch_size 2 --gradient_checkpointing --group_by_length --ctx_size 2048
+    --save_steps 50 --save_total_limit 10 --eval_steps 100 --logging_steps 2"""
+
 
 @pytest.fixture
 def workdir(tmp_path):
@@ -59,6 +65,13 @@ def run_command(template: str, model, workdir) -> str:
 def test_phi3_full_fine_tune_command(tiny_model_dir, workdir):
     run_command(PHI3, tiny_model_dir, workdir)
     assert (workdir / "out" / "models" / "home-phi3-mini-rev1" / "model.safetensors").is_file()
+
+
+def test_stablelm_command_passes_eval_steps_without_a_test_set(tiny_model_dir, workdir):
+    """No evaluation runs without --test_dataset: --eval_steps is one warning line, and the command trains."""
+    log = run_command(STABLELM, tiny_model_dir, workdir)
+    assert "--eval_steps: no evaluation runs without --test_dataset; ignored" in log
+    assert (workdir / "out" / "models" / "stablehome-3b-rev10" / "model.safetensors").is_file()
 
 
 def test_phi2_lora_command_on_a_base_model_without_template(test_tokenizer_dir, workdir):

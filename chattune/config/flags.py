@@ -2,15 +2,28 @@
 
 The dataclass is the single source of truth: `--help`, YAML recipes (`--config`) and the docs' flag
 reference are all generated from it. Flag names follow home-llm's train.py so its commands run unchanged.
+Reading and checking the flags imports neither torch nor transformers (chattune.config.dataclass_parser,
+chattune.config.transformers_names): train.py reads them first, so `--help` and a refusal take a fraction of a second.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from chattune.config.dataclass_parser import dataclass_parser, list_fields
+from chattune.config.transformers_names import (
+    ATTENTION_KERNELS,
+    OPTIMIZERS,
+    SCHEDULES,
+    installed_attention_kernels,
+    installed_optimizers,
+    installed_schedules,
+    unknown_name,
+)
 from chattune.errors import ChattuneError
 
 METHODS = ("sft", "dpo", "simpo", "orpo", "kto")
@@ -289,12 +302,11 @@ class TrainFlags:
             raise FlagError("--eval_fraction must be in (0, 1]")
         _check_evaluation_flags(self)
         if self.export_gguf:
-            from chattune.export.gguf import ALL_OUTTYPES
-            from chattune.export.quantize import LLAMA_QUANT_TYPES, require_quantizer
+            from chattune.export.outtypes import ALL_OUTTYPES, LLAMA_QUANT_NAMES, require_quantizer
 
             if self.export_gguf not in ALL_OUTTYPES:
                 raise FlagError(f"--export_gguf must be one of {', '.join(ALL_OUTTYPES)}, not {self.export_gguf!r}")
-            if self.export_gguf in LLAMA_QUANT_TYPES:
+            if self.export_gguf in LLAMA_QUANT_NAMES:
                 require_quantizer(self.export_gguf)  # a missing llama-cpp-python fails before the training
         if self.export_gguf and self.use_lora and not self.lora_merge:
             raise FlagError("--export_gguf needs a full model: add --lora_merge to export the merged model")
@@ -386,18 +398,16 @@ def check_values(flags: TrainFlags) -> None:
         raise FlagError(f"--learning_rate must not be negative, not {flags.learning_rate:g}")
     if flags.use_lora and flags.lora_rank < 1:
         raise FlagError(f"--lora_rank must be at least 1, not {flags.lora_rank}")
-    from transformers.trainer_utils import SchedulerType
-
-    schedules = [schedule.value for schedule in SchedulerType]
-    if flags.learning_rate_schedule not in schedules:
+    schedules = unknown_name(flags.learning_rate_schedule, SCHEDULES, installed_schedules)
+    if schedules is not None:
         raise FlagError(
             f"--learning_rate_schedule {flags.learning_rate_schedule!r} is not one of transformers' schedules: "
             f"{', '.join(schedules)}"
         )
     # a kernel from the Hub (the `kernels` package) is named owner/repo; transformers checks it when loading
     if flags.attn_implementation is not None and "/" not in flags.attn_implementation:
-        kernels = attention_kernels()
-        if flags.attn_implementation not in kernels:
+        kernels = unknown_name(flags.attn_implementation, ATTENTION_KERNELS, installed_attention_kernels)
+        if kernels is not None:
             raise FlagError(
                 f"--attn_implementation {flags.attn_implementation!r} is not an attention kernel; choose one of "
                 f"{', '.join(kernels)}"
@@ -405,14 +415,6 @@ def check_values(flags: TrainFlags) -> None:
 
 
 _SEPARATORS = ("/", "\\", os.sep, os.altsep)
-
-
-def attention_kernels() -> list[str]:
-    """The attention kernels the installed transformers knows by name (whether each can run here is checked when
-    the model loads: flash-attention needs its package and a GPU)."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    return ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
 
 
 def _resolve_method(flags: TrainFlags) -> str:
@@ -460,10 +462,8 @@ def _check_precision(flags: TrainFlags) -> None:
 def _check_optimizer_and_schedule(flags: TrainFlags) -> None:
     """Names and numbers only; whether the optimizer's package is installed is checked by the run, before any work."""
     if flags.optimizer is not None:
-        from transformers.training_args import OptimizerNames
-
-        names = [name.value for name in OptimizerNames]
-        if flags.optimizer not in names:
+        names = unknown_name(flags.optimizer, OPTIMIZERS, installed_optimizers)
+        if names is not None:
             import difflib
 
             close = difflib.get_close_matches(flags.optimizer, names, n=1)
@@ -543,6 +543,16 @@ def _check_evaluation_flags(flags: TrainFlags) -> None:
         )
 
 
+def unused_evaluation_flags(flags: TrainFlags) -> list[str]:
+    """--eval_steps and --eval_fraction given without --test_dataset, where no evaluation runs: they are warned
+    about, not refused, because home-llm's published commands (StableLM Zephyr 3B and its DPO runs, TinyLlama's
+    DPO run) pass --eval_steps without a test set, and those commands run unchanged."""
+    if flags.test_dataset:
+        return []
+    given = {"--eval_steps": flags.eval_steps is not None, "--eval_fraction": flags.eval_fraction != 1.0}
+    return [name for name, value in given.items() if value]
+
+
 def _parse_ids(flag: str, text: str | None) -> list[int] | None:
     if not text:
         return None
@@ -565,26 +575,28 @@ def parse_flags(argv: list[str] | None = None) -> TrainFlags:
     Recipe values become command-line tokens placed before the real ones, so argparse checks their types
     and a flag given on the command line overrides the recipe. Unknown flags and keys are errors.
     """
-    from transformers import HfArgumentParser
-
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(
+    parser = build_parser()
+    try:
+        namespace, unknown = parser.parse_known_args(_expand_config(argv))
+        if unknown:
+            parser.error(f"unknown flag {unknown[0]!r}{_suggest(unknown[0].lstrip('-').split('=')[0])}")
+        del namespace.config  # already expanded into the flags it holds
+        return TrainFlags(**vars(namespace))
+    except FlagError as error:
+        parser.error(str(error))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """train.py's parser: a flag per field of TrainFlags, and --config."""
+    parser = dataclass_parser(
         TrainFlags,
         prog="train.py",
         description=__doc__.split("\n\n")[0],
         epilog="Environment: " + " ".join(ENVIRONMENT),
     )
     parser.add_argument("--config", help="A YAML recipe of flags (see recipes/); command-line flags override it.")
-    try:
-        argv = _expand_config(argv)
-        flags, namespace, unknown = parser.parse_args_into_dataclasses(
-            args=argv, return_remaining_strings=True, look_for_args_file=False
-        )
-    except FlagError as error:
-        parser.error(str(error))
-    if unknown:
-        parser.error(f"unknown flag {unknown[0]!r}{_suggest(unknown[0].lstrip('-').split('=')[0])}")
-    return flags
+    return parser
 
 
 def _expand_config(argv: list[str]) -> list[str]:
@@ -626,7 +638,7 @@ def load_recipe(path: str | os.PathLike) -> dict:
 
 def config_to_argv(recipe: dict, source: str = "recipe") -> list[str]:
     known = set(flag_names())
-    several = {f.name for f in fields(TrainFlags) if str(f.type).startswith("list[")}  # flags of nargs="+"
+    several = list_fields(TrainFlags)  # flags of nargs="+"
     argv = []
     for key, value in recipe.items():
         if key not in known:

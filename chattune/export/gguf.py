@@ -53,6 +53,7 @@ from chattune.export.gguf_vocab import (
     write_vocab,
 )
 from chattune.export.ollama import MODELFILE_SUFFIX, modelfile_path, write_modelfile
+from chattune.export.outtypes import ALL_OUTTYPES
 from chattune.export.quantize import LLAMA_QUANT_TYPES, quantize_gguf, require_quantizer
 
 __all__ = [
@@ -234,15 +235,13 @@ SUPPORTED_ARCHITECTURES: dict[str, _Arch] = {
     ),
 }
 
-# outtype -> (storage type of 2-D weight matrices, general.file_type). 1-D tensors (norms, biases) stay F32.
+# outtype (chattune.export.outtypes.WRITTEN_OUTTYPES) -> (storage type of 2-D weight matrices, general.file_type).
+# 1-D tensors (norms, biases) stay F32.
 OUTTYPES: dict[str, tuple[gguf.GGMLQuantizationType, gguf.LlamaFileType]] = {
     "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
     "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
     "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
 }
-
-# Every --outtype: the ones written here, then those llama.cpp's quantizer makes from the f16 file.
-ALL_OUTTYPES: tuple[str, ...] = (*OUTTYPES, *LLAMA_QUANT_TYPES)
 
 # Checkpoint entries that are buffers, not weights: nothing in GGUF corresponds to them.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)

@@ -25,55 +25,15 @@ from pathlib import Path
 import gguf
 
 from chattune.atomic import DiskFullError, atomic_path
-from chattune.errors import ChattuneError
+from chattune.export.outtypes import LLAMA_QUANT_NAMES, QuantizeError, require_quantizer
+
+__all__ = ["LLAMA_QUANT_TYPES", "QuantizeError", "describe_tensor_types", "quantize_gguf", "require_quantizer"]
 
 logger = logging.getLogger(__name__)
 
-# The types llama-quantize makes without an importance matrix, by the name its users know them by. The values
-# are llama.cpp's `llama_ftype`, which the gguf package mirrors as LlamaFileType. The IQ1/IQ2/IQ3_XXS types are
-# left out: llama.cpp refuses them without an importance matrix. bf16 is left out too: it would be made from the
-# f16 file, losing the range it exists to keep.
 LLAMA_QUANT_TYPES: dict[str, gguf.LlamaFileType] = {
-    name: gguf.LlamaFileType[f"MOSTLY_{name.upper()}"]
-    for name in (
-        "q4_0",
-        "q4_1",
-        "q5_0",
-        "q5_1",
-        "q2_k",
-        "q2_k_s",
-        "q3_k_s",
-        "q3_k_m",
-        "q3_k_l",
-        "q4_k_s",
-        "q4_k_m",
-        "q5_k_s",
-        "q5_k_m",
-        "q6_k",
-        "iq4_nl",
-        "iq4_xs",
-    )
+    name: gguf.LlamaFileType[f"MOSTLY_{name.upper()}"] for name in LLAMA_QUANT_NAMES
 }
-
-INSTALL_HINT = (
-    "`pip install llama-cpp-python` (it compiles llama.cpp: about 5 minutes on 2 cores; "
-    "docs/export.md has the build flags)"
-)
-
-
-class QuantizeError(ChattuneError, RuntimeError):
-    """llama.cpp could not quantize a file, or llama-cpp-python is missing."""
-
-
-def require_quantizer(outtype: str) -> None:
-    """Fail now, before any training or export, when `outtype` needs llama-cpp-python and it is not installed."""
-    import importlib.util
-
-    if importlib.util.find_spec("llama_cpp") is None:
-        raise QuantizeError(
-            f"--outtype {outtype} is made by llama.cpp's quantizer, through llama-cpp-python, which is not "
-            f"installed: {INSTALL_HINT}; or export f16, q8_0 or f32, which need nothing more"
-        )
 
 
 def quantize_gguf(source: str | os.PathLike, out: str | os.PathLike, outtype: str, threads: int | None = None) -> Path:

@@ -56,7 +56,11 @@ logger = logging.getLogger("chattune")
 
 @entry_point
 def main(argv: list[str] | None = None) -> int:
-    flags = parse_flags(argv)
+    return start(parse_flags(argv))
+
+
+def start(flags: TrainFlags) -> int:
+    """Train with flags already read (train.py reads them before the allocator restart: chattune.train_entry)."""
     # Without a GPU, processes started by torchrun/accelerate talk over gloo (accelerate's MULTI_CPU).
     import torch
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from numbers import Real
 from typing import Any
 
-from chattune.config.flags import FlagError, TrainFlags
+from chattune.config.flags import FlagError, TrainFlags, unused_evaluation_flags
 from chattune.domains.task import Task, check_task_name, resolve_task
 from chattune.evaluation.inputs import Example, load_examples
 
@@ -221,6 +221,9 @@ def plan_evaluations(flags: TrainFlags) -> GenerationPlan | None:
     --eval_generate)."""
     from chattune.training.arguments import evaluation_args
 
+    unused = unused_evaluation_flags(flags)
+    if unused:
+        logger.warning("%s: no evaluation runs without --test_dataset; ignored", " and ".join(unused))
     evaluation_args(flags, has_eval=bool(flags.test_dataset))
     refuse_sharded_generation(flags)
     check_task_name(flags.eval_task)

@@ -1,0 +1,54 @@
+"""The GGUF storage types by name, and whether llama.cpp's quantizer is installed, without importing `gguf`.
+
+train.py checks --export_gguf while it parses its flags, before anything heavy is imported (`gguf` brings numpy:
+a third of a second); chattune.export.gguf and chattune.export.quantize map these names to gguf's types.
+"""
+
+from __future__ import annotations
+
+from chattune.errors import ChattuneError
+
+WRITTEN_OUTTYPES = ("f32", "f16", "q8_0")  # written by chattune itself (chattune.export.gguf)
+# The types llama-quantize makes without an importance matrix, by the name its users know them by (gguf's
+# LlamaFileType.MOSTLY_<NAME>). The IQ1/IQ2/IQ3_XXS types are left out: llama.cpp refuses them without an
+# importance matrix. bf16 is left out too: it would be made from the f16 file, losing the range it exists to keep.
+LLAMA_QUANT_NAMES = (
+    "q4_0",
+    "q4_1",
+    "q5_0",
+    "q5_1",
+    "q2_k",
+    "q2_k_s",
+    "q3_k_s",
+    "q3_k_m",
+    "q3_k_l",
+    "q4_k_s",
+    "q4_k_m",
+    "q5_k_s",
+    "q5_k_m",
+    "q6_k",
+    "iq4_nl",
+    "iq4_xs",
+)
+# Every --outtype: the ones written here, then those llama.cpp's quantizer makes from the f16 file.
+ALL_OUTTYPES: tuple[str, ...] = (*WRITTEN_OUTTYPES, *LLAMA_QUANT_NAMES)
+
+INSTALL_HINT = (
+    "`pip install llama-cpp-python` (it compiles llama.cpp: about 5 minutes on 2 cores; "
+    "docs/export.md has the build flags)"
+)
+
+
+class QuantizeError(ChattuneError, RuntimeError):
+    """llama.cpp could not quantize a file, or llama-cpp-python is missing."""
+
+
+def require_quantizer(outtype: str) -> None:
+    """Fail now, before any training or export, when `outtype` needs llama-cpp-python and it is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise QuantizeError(
+            f"--outtype {outtype} is made by llama.cpp's quantizer, through llama-cpp-python, which is not "
+            f"installed: {INSTALL_HINT}; or export f16, q8_0 or f32, which need nothing more"
+        )
