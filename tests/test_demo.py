@@ -132,6 +132,24 @@ def test_time_budget_lowers_the_steps_as_measured_and_the_schedule_follows(tiny_
     assert rates[-1] < 0.05 * 1e-3  # the decay ends with the shortened run, not halfway down the long one
 
 
+def test_time_budget_follows_steps_that_get_faster(tiny_model_dir, tmp_path):
+    """Measured on shared cores (30 s a step), then alone (10 s): the periodic re-plan lengthens the run."""
+    from transformers import TrainerCallback
+
+    clock = FakeClock()
+
+    class SharedThenAlone(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            clock.now += 30 if state.global_step < 4 else 10
+
+    budget = TimeBudget(400, clock=clock, measured_steps=3)
+    trainer = tiny_trainer(tiny_model_dir, tmp_path, [SharedThenAlone(), budget], max_steps=60)
+    trainer.train()
+    # at step 4: 120 s spent, 280 s left at 30 s a step -> 13 steps; from step 14 on the recent steps take 10 s
+    assert trainer.state.global_step == trainer.state.max_steps > 13
+    assert clock.now <= 400 and 400 - clock.now < 10 + 10  # within a step of the budget, not far below it
+
+
 def test_time_budget_replans_once_an_evaluation_is_measured(tiny_model_dir, tmp_path):
     clock = FakeClock()
     budget = TimeBudget(200, clock=clock, measured_steps=3)

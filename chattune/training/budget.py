@@ -6,7 +6,8 @@ MEASURED_STEPS optimizer steps (the first step of the process is not measured: i
 selection), TimeBudget measures the wall time of one step, picks the number of steps whose remainder fits what is
 left, and makes that the run's length: `state.max_steps`, the fractional logging/eval/save intervals that depend on
 it, and the learning-rate schedule, rebuilt by transformers' own `get_scheduler` for the new length so that warm-up
-and decay follow it. It re-plans after every evaluation, once the cost of one is measured. The length never exceeds
+and decay follow it. It re-plans after every evaluation, once the cost of one is measured, and every REPLAN_EVERY
+steps from the median of the recent ones. The length never exceeds
 what --max_steps (or --epochs) asked for and never ends before the next step.
 
 Resuming: the chosen plan is stored in every checkpoint (an ExportableState). A run resumed with --time_budget
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -31,6 +33,11 @@ from chattune.training.resume import follow_schedule
 logger = logging.getLogger(__name__)
 
 MEASURED_STEPS = 3
+# The plan is revisited every REPLAN_EVERY steps from the median of the last WINDOW steps: the first measurement can
+# be taken while something else shares the cores (or before a slower stretch), and a plan kept from it would end the
+# run far from its budget, on either side.
+REPLAN_EVERY = 5
+WINDOW = 10
 
 
 @dataclass
@@ -131,6 +138,8 @@ class TimeBudget(TrainerCallback, ExportableState):
         self._tokens = state.num_input_tokens_seen - self._tokens_at_start
         if self.plan is None and len(self._step_seconds) >= self.measured_steps:
             self.replan(args, state, **kwargs)
+        elif self.plan is not None and state.global_step - self.plan.decided_at_step >= REPLAN_EVERY:
+            self.replan(args, state, **kwargs)
 
     def on_evaluate(self, args, state, control, **kwargs):
         seconds = self.clock() - self._last_end - self._since_step
@@ -143,7 +152,7 @@ class TimeBudget(TrainerCallback, ExportableState):
 
     def replan(self, args, state, lr_scheduler=None, optimizer=None, **kwargs) -> None:
         """Choose the run's length from the measurements so far, and make it the run's length."""
-        per_step = sum(self._step_seconds) / len(self._step_seconds)
+        per_step = statistics.median(self._step_seconds[-WINDOW:])
         per_evaluation = max(self._evaluation_seconds) if self._evaluation_seconds else None
         per_step, per_evaluation_or_0, left = agree([per_step, per_evaluation or 0.0, self.deadline - self.clock()])
         asked = self.plan.asked_steps if self.plan else state.max_steps
