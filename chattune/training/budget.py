@@ -138,7 +138,11 @@ class TimeBudget(TrainerCallback, ExportableState):
         self._tokens = state.num_input_tokens_seen - self._tokens_at_start
         if self.plan is None and len(self._step_seconds) >= self.measured_steps:
             self.replan(args, state, **kwargs)
-        elif self.plan is not None and state.global_step - self.plan.decided_at_step >= REPLAN_EVERY:
+        elif (
+            self.plan is not None
+            and state.global_step - self.plan.decided_at_step >= REPLAN_EVERY
+            and state.global_step < state.max_steps  # the run's last step: nothing left to plan
+        ):
             self.replan(args, state, **kwargs)
 
     def on_evaluate(self, args, state, control, **kwargs):
