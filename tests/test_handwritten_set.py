@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from rapidfuzz import fuzz
 
 from chattune.domains.homeassistant.datagen.devices import DOMAINS, SERVICE_BY_NAME
+from chattune.domains.homeassistant.datagen.leakage import NearCopy, Normaliser, split_phrasings
+from chattune.domains.homeassistant.datagen.leakage import near_copies as leakage_near_copies
+from chattune.domains.homeassistant.datagen.piles import load_language
 from chattune.domains.homeassistant.datagen.prompts import DEVICES_LABEL, services_line
 from chattune.domains.homeassistant.reply_format import parse_reply
 
@@ -34,15 +36,7 @@ PERSONAS = {
 DEVICE_LINE = re.compile(r"^([a-z_]+\.[a-z0-9_]+) '([^']+)' = (\S.*)$")
 HVAC_MODES = {"off", "heat", "cool", "heat_cool", "auto", "dry", "fan_only"}
 DURATION = re.compile(r"^\d{2}:[0-5]\d:[0-5]\d$")
-# The request template columns of the english piles, checked for near copies.
-TEMPLATE_COLUMNS = {
-    "actions.csv": "request",
-    "specific_actions.csv": "request",
-    "multi_actions.csv": "request",
-    "status_questions.csv": "question",
-}
 MAX_SIMILARITY = 90
-TOKEN = "§"
 
 
 def load_rows() -> list[dict]:
@@ -226,36 +220,19 @@ def test_the_checks_catch_a_call_where_none_belongs_and_a_missing_call():
     assert row_problems({**status, "kind": "action"}) != []
 
 
-def normalise(text: str, names: list[str]) -> str:
-    """Lowercase, every {placeholder} and house device name as one token, punctuation gone."""
-    text = re.sub(r"\{[^}]*\}", f" {TOKEN} ", text.lower())
-    for name in names:
-        text = text.replace(name, f" {TOKEN} ")
-    return " ".join(re.sub(rf"[^\w\s{TOKEN}]", " ", text).split())
+def generator_templates() -> list[tuple[str, str]]:
+    """Every english request and question template of the generator's piles, both splits, as (file:line, text)."""
+    phrasings = split_phrasings(load_language(PILES, "english"))
+    return phrasings["train"] + phrasings["test"]
 
 
-def generator_templates() -> list[str]:
-    """Every english request and question template of the generator's piles."""
-    templates = []
-    for filename, column in TEMPLATE_COLUMNS.items():
-        with (PILES / "english" / filename).open(encoding="utf-8", newline="") as handle:
-            reader = csv.DictReader(line for line in handle if not line.startswith("#"))
-            assert reader.fieldnames and column in reader.fieldnames, (filename, reader.fieldnames)
-            templates += [row[column] for row in reader if row[column]]
-    return templates
-
-
-def near_copies(requests: list[str]) -> list[tuple[str, str]]:
-    """(request, template) pairs whose normalised forms have a fuzz.ratio of MAX_SIMILARITY or more."""
-    names = sorted((name.lower() for name in house().values()), key=len, reverse=True)
-    templates = {normalise(template, names) for template in generator_templates()}
+def near_copies(requests: list[str]) -> list[NearCopy]:
+    """Requests whose normalised forms have a fuzz.ratio of MAX_SIMILARITY or more against some template, by the
+    generator's own held-out rule (datagen/leakage.py), with the house's device names as the filled-in texts."""
+    templates = generator_templates()
     assert len(templates) > 100
-    copies = []
-    for request in (normalise(text, names) for text in requests):
-        best = max(templates, key=lambda template: fuzz.ratio(request, template))
-        if fuzz.ratio(request, best) >= MAX_SIMILARITY:
-            copies.append((request, best))
-    return copies
+    normalise = Normaliser(house().values())
+    return leakage_near_copies(templates, [("request", text) for text in requests], normalise, MAX_SIMILARITY)
 
 
 def test_no_request_is_a_near_copy_of_a_generator_template():
@@ -263,7 +240,7 @@ def test_no_request_is_a_near_copy_of_a_generator_template():
 
 
 def test_a_filled_in_template_counts_as_a_near_copy():
-    template = generator_templates()[0]
+    template = generator_templates()[0][1]
     filled = re.sub(r"\{[^}]*\}", "Bedroom Lamp", template).upper() + "!"
     assert len(near_copies([filled])) == 1
 

@@ -39,6 +39,14 @@ class Metric:
     higher_is_better: bool = True
 
 
+# Metrics every generating task reports from its scores' likelihoods and timings (chattune.evaluation.metrics).
+PERPLEXITY = Metric("perplexity", "ppl", higher_is_better=False)
+LATENCY = (
+    Metric("latency_mean_s", "lat_s", higher_is_better=False),
+    Metric("latency_p95_s", "p95_s", higher_is_better=False),
+)
+
+
 @dataclass
 class Score:
     """What every task's score of one example holds; tasks subclass it with their own counts."""

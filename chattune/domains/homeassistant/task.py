@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from chattune.domains.homeassistant.grammar import house_from_messages, house_grammar
 from chattune.domains.homeassistant.reply_format import ParsedReply, parse_reply
 from chattune.domains.homeassistant.scoring import ExampleScore, devices_in_prompt, score_example, summarize
-from chattune.domains.task import Metric, Score, Task
+from chattune.domains.task import LATENCY, PERPLEXITY, Metric, Score, Task
 
 if TYPE_CHECKING:
     from chattune.evaluation.inputs import Example
@@ -23,15 +23,14 @@ class HomeAssistantTask(Task):
         Metric("entity_accuracy", "entity"),
         Metric("json_valid_rate", "json_ok"),
         Metric("no_call_accuracy", "no_call"),
-        Metric("perplexity", "ppl", higher_is_better=False),
+        PERPLEXITY,
         Metric("bleu", "bleu"),
         Metric("rouge1", "rouge1"),
         Metric("rouge2", "rouge2"),
         Metric("rougeL", "rougeL"),
         Metric("meteor", "meteor"),
         Metric("edit_distance", "edit", higher_is_better=False),
-        Metric("latency_mean_s", "lat_s", higher_is_better=False),
-        Metric("latency_p95_s", "p95_s", higher_is_better=False),
+        *LATENCY,
         Metric("n_examples", "n"),
     )
     slices = (("language", "by_language"), ("kind", "by_kind"), ("devices", "by_devices"))

@@ -6,7 +6,7 @@ import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from chattune.domains.task import Metric, Score, Task
+from chattune.domains.task import LATENCY, PERPLEXITY, Metric, Score, Task
 from chattune.domains.tool_calling.grammar import CALL_CLOSE, CALL_OPEN, tools_grammar
 from chattune.domains.tool_calling.scoring import (
     TASK,
@@ -31,9 +31,8 @@ class ToolCallingTask(Task):
         Metric("json_valid_rate", "json_ok"),
         Metric("no_call_accuracy", "no_call"),
         Metric("final_reply_rougeL", "final_rL"),
-        Metric("perplexity", "ppl", higher_is_better=False),
-        Metric("latency_mean_s", "lat_s", higher_is_better=False),
-        Metric("latency_p95_s", "p95_s", higher_is_better=False),
+        PERPLEXITY,
+        *LATENCY,
         Metric("n_turns", "turns"),
     )
 
