@@ -307,6 +307,38 @@ def text_blocks(path: Path) -> list[str]:
     return blocks
 
 
+def row_location(spec: str, index: int) -> str:
+    """Where row `index` (from 0) of a source is, for a person to open: `FILE:LINE` for JSON lines and .txt
+    files (blank lines skipped as the loaders skip them), else `SOURCE: row N`."""
+    try:
+        source = parse_source(spec)
+    except DataError:
+        source = None
+    if source is not None and source.kind in ("json", "text"):
+        path = Path(source.location)
+        line = _first_line_of_row(path, index, blocks=source.kind == "text")
+        if line is not None:
+            return f"{path}:{line}"
+    return f"{spec}: row {index + 1}"
+
+
+def _first_line_of_row(path: Path, index: int, blocks: bool) -> int | None:
+    """The line number row `index` starts on: the index-th non-blank line, or the first line of the index-th
+    blank-line-separated block; None for a JSON array or a file shorter than that."""
+    if path.suffix == ".json" and _first_character(path) == "[":
+        return None
+    rows, previous_blank = -1, True
+    with path.open("rb") as file:
+        for number, raw in enumerate(file, start=1):
+            blank = not raw.strip()
+            if not blank and (previous_blank or not blocks):
+                rows += 1
+                if rows == index:
+                    return number
+            previous_blank = blank
+    return None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Several sources
 

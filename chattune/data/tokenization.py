@@ -16,6 +16,8 @@ from datasets import Dataset
 
 from chattune.data.formats import CHAT, FORMATS, TEXT, Conversation, DataError, detect_format, formats_help
 from chattune.data.masking import IGNORE_INDEX, ChatMasker, MaskingError, explicit_labels
+from chattune.data.missing_response import explain_missing_response
+from chattune.data.sources import row_location
 
 logger = logging.getLogger(__name__)
 
@@ -155,9 +157,11 @@ def tokenize_dataset(
     )
     if tokenized.cache_files and all(Path(f["filename"]).name in cached_before for f in tokenized.cache_files):
         logger.info("%s: reusing the cached tokenization (same data, tokenizer and settings)", source)
-    counts = Counter({STATUS_NAMES[code]: n for code, n in Counter(tokenized["status"]).items()})
+    statuses = tokenized["status"]
+    counts = Counter({STATUS_NAMES[code]: n for code, n in Counter(statuses).items()})
+    warn_missing_response(dataset, statuses, function)
     if "empty_replies" in tokenized.column_names:  # absent from a cache written before it was counted
-        warn_empty_replies(tokenized["empty_replies"], tokenized["status"], source)
+        warn_empty_replies(tokenized["empty_replies"], statuses, source)
         tokenized = tokenized.remove_columns("empty_replies")
     kept = tokenized.filter(lambda status: [s == KEPT for s in status], input_columns="status", batched=True)
     return kept.remove_columns("status"), counts
@@ -194,6 +198,24 @@ def _check_tool_calls(dataset: Dataset, data_format: Any, masker: ChatMasker, so
                     "that renders tool calls and `tool` messages with --prompt_template_file (docs/data.md)"
                 )
             return
+
+
+def warn_missing_response(dataset: Dataset, statuses: list[int], function: Tokenize) -> None:
+    """Name the first example skipped for having no assistant response, with the tokens where it should start
+    (home-llm printed each one's ids); the others are counted in the summary."""
+    skipped = [index for index, status in enumerate(statuses) if status == NO_RESPONSE]
+    if not skipped:
+        return
+    first = skipped[0]
+    where = row_location(function.source, first)
+    row = FORMATS[function.format_name].convert(dataset[first], f"{where}: ")
+    others = f" ({len(skipped) - 1} more like it are skipped too)" if len(skipped) > 1 else ""
+    logger.warning(
+        "%s: example has no assistant response, skipped%s: %s",
+        where,
+        others,
+        explain_missing_response(row, function.tokenizer, function.masker, function.prefix_ids),
+    )
 
 
 def empty_trained_replies(conversation: Conversation) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 from chattune.data import formats
 from chattune.errors import ChattuneError
+from chattune.hub_cache import cached_hub_model
 from chattune.training.gguf_models import find_gguf, read_architecture, resolve_model
 
 WEIGHT_FILES = (
@@ -24,6 +26,10 @@ EXPECTED_FOLDER_HELP = (
     "expected a model folder (config.json + one of " + ", ".join(WEIGHT_FILES) + ") or a LoRA adapter folder "
     "(adapter_config.json + one of " + ", ".join(ADAPTER_WEIGHT_FILES) + ")"
 )
+
+
+# org/name as the hub spells model ids; a missing local path spelled so is looked up in the cache too
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 class EvalError(ChattuneError, ValueError):
@@ -50,11 +56,15 @@ class ModelSource:
     path: Path
     kind: str  # "model", "adapter", or "gguf" (a GGUF file run in llama.cpp)
     base: str | None = None  # the base model an adapter was trained on
+    hub_id: str | None = None  # a hub model read from the local Hugging Face cache (path: its snapshot)
 
     @property
     def results_dir(self) -> Path:
         """Where its result files go by default: the model's folder; for a GGUF file a folder beside it named
-        after it (models/run/run-q8_0.gguf -> models/run/run-q8_0-eval), since one folder often holds several."""
+        after it (models/run/run-q8_0.gguf -> models/run/run-q8_0-eval), since one folder often holds several; for
+        a hub model a folder in the working directory (org/name -> org--name-eval)."""
+        if self.hub_id:  # never inside the Hugging Face cache: a folder here named after the id
+            return Path(f"{self.hub_id.replace('/', '--')}-eval")
         return self.path.parent / f"{self.path.stem}-eval" if self.kind == "gguf" else self.path
 
     @property
@@ -78,6 +88,31 @@ def inspect_model_folder(path: str | os.PathLike, gguf_runtime: str = "transform
             read_architecture(gguf_file)  # a file that is not GGUF, or is cut short, is named before any work
             return ModelSource(gguf_file, "gguf")
     folder = Path(resolve_model(str(path)))
+    if not folder.exists() and HUB_ID.fullmatch(str(path)):
+        source = inspect_local_folder(cached_model_folder(str(path)))
+        source.hub_id = str(path)
+        return source
+    return inspect_local_folder(folder)
+
+
+def cached_model_folder(repo_id: str) -> Path:
+    """A hub id's snapshot in the local Hugging Face cache, found offline, or an error naming the id."""
+    folder = cached_hub_model(repo_id)
+    if folder is None:
+        raise EvalError(
+            f"{repo_id}: no such folder, and not a hub model in the local Hugging Face cache "
+            f"({hf_cache_dir()}); download it once with `hf download {repo_id}`, or give a model folder"
+        )
+    return folder
+
+
+def hf_cache_dir() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def inspect_local_folder(folder: Path) -> ModelSource:
     if not folder.exists():
         raise EvalError(f"{folder}: no such file or folder; {EXPECTED_FOLDER_HELP}")
     if not folder.is_dir():

@@ -102,8 +102,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     parser.add_argument(
         "model",
         nargs="+",
-        help="Model folder (config.json + weights) or LoRA adapter folder; several: one comparison table. "
-        "With --all_checkpoints: a run folder, runs/<run>.",
+        help="Model folder (config.json + weights), LoRA adapter folder, or a hub id (org/name) already in the local "
+        "Hugging Face cache, read offline; several: one comparison table. With --all_checkpoints: a run folder, "
+        "runs/<run>.",
     )
     parser.add_argument("--test_dataset", default=DEFAULT_TEST_DATASET, help="Chat rows: .jsonl/.json or folder.")
     parser.add_argument("--batch_size", type=_positive, default=8, help="Prompts generated together.")
@@ -124,8 +125,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     parser.add_argument(
         "--output_dir",
         default=None,
-        help="Where result files go (default: the MODEL folder). Several models: <output_dir>/<label>/ for each, "
-        "and the table's eval_table.json/.csv (default: the run folder with --all_checkpoints, else not written).",
+        help="Where result files go (default: the MODEL folder; for a hub id, ORG--NAME-eval in the working "
+        "directory). Several models: <output_dir>/<label>/ for each, and the table's eval_table.json/.csv "
+        "(default: the run folder with --all_checkpoints, else not written).",
     )
     parser.add_argument(
         "--json",
@@ -288,7 +290,7 @@ def score_model(
             )
 
     record = {
-        "model": str(source.path),
+        "model": source.hub_id or str(source.path),
         "model_kind": source.kind,
         "base_model": source.base,
         "test_dataset": settings.test_dataset,

@@ -19,6 +19,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from chattune.config.flags import FlagError, TrainFlags
+from chattune.hub_cache import cached_hub_model
 from chattune.training.safety import checkpoint_problem, checkpoints_newest_first
 
 logger = logging.getLogger(__name__)
@@ -196,13 +197,7 @@ def model_folder(name_or_path: str) -> Path | None:
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(name_or_path, local_files_only=True))
-    except (LocalEntryNotFoundError, HFValidationError, OSError):
-        return None
+    return cached_hub_model(name_or_path)
 
 
 def base_identity(name_or_path: str) -> dict:
