@@ -89,7 +89,7 @@ class TrainFlags:
         False, "Load the base model in 4-bit NF4 with double quantization (QLoRA; implies --use_lora)."
     )
     load_as_gptq: bool = _flag(
-        False, "The base model is a GPTQ checkpoint; train LoRA on it (needs the `gptqmodel` extra)."
+        False, "The base model is a GPTQ checkpoint; train LoRA on it (needs the gptq extra: gptqmodel and optimum)."
     )
 
     # --- optimisation -------------------------------------------------------------------------------------

@@ -101,9 +101,13 @@ def write_outputs(
     if flags.use_lora and flags.lora_merge:
         saving(f"merging the adapter into {flags.model_dir}", outputs, checkpoint)
         reload, dtype = merge_reload
-        # LoftQ's adapter learned the quantization error: it is merged onto the quantized weights it trained with
-        loftq = quantization_config(flags, dtype) if flags.lora_init == "loftq" else None
-        merged = merge_adapter(model, flags.base_model, reload, dtype, flags.lora_dir, trained_on_quantization=loftq)
+        # LoftQ's adapter learned the quantization error, and a GPTQ checkpoint has no other weights: the adapter
+        # is merged onto the quantized weights it trained with
+        on_quantized = flags.lora_init == "loftq" or flags.load_as_gptq
+        quantization = quantization_config(flags, dtype) if on_quantized else None
+        merged = merge_adapter(
+            model, flags.base_model, reload, dtype, flags.lora_dir, trained_on_quantization=quantization
+        )
         merged.generation_config = model.generation_config
         outputs.append(save_model(merged, tokenizer, flags.model_dir))
     if flags.export_gguf:

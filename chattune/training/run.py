@@ -28,6 +28,7 @@ from chattune.training.gguf_models import find_gguf, resolve_model
 from chattune.training.loftq import check_loftq_weights, init_loftq
 from chattune.training.modeling import (
     check_precision_hardware,
+    check_quantization_packages,
     choose_attention,
     choose_dtype,
     load_model,
@@ -77,6 +78,7 @@ def train(flags: TrainFlags, state: PartialState) -> int:
     check_method(flags)
     check_inputs(flags)
     check_precision_hardware(flags)
+    check_quantization_packages(flags)
     check_optimizer(flags)
     generation_plan = plan_evaluations(flags)
     with state.main_process_first():  # a GGUF file is converted once, by the main process
