@@ -28,7 +28,16 @@ from chattune.export.ollama import (
     modelfile_path,
     write_modelfile,
 )
-from conftest import TRAIN, chat_rows, make_tiny_model, run_script, shared_tokenizer_path, train_argv, write_jsonl
+from conftest import (
+    TRAIN,
+    chat_rows,
+    make_gemma_like_tokenizer,
+    make_tiny_model,
+    run_script,
+    shared_tokenizer_path,
+    train_argv,
+    write_jsonl,
+)
 from gotemplate import ollama_render, render
 from templates import GEMMA, MISTRAL
 
@@ -399,6 +408,26 @@ def test_each_gguf_file_gets_its_own_modelfile(test_tokenizer_dir, tmp_path, cap
     second = parse_modelfile((model_dir / "home-demo-q8_0.Modelfile").read_text())
     assert second["from"] == ["./home-demo-q8_0.gguf"]
     assert not (model_dir / "Modelfile").exists()
+
+
+def test_gemma3_export_writes_gemma_s_template(tmp_path, capsys):
+    """A Gemma 3 model (tiny and random, with Gemma's tokenizer class and turn markers) exported by the command:
+    its Modelfile renders conversations as the saved chat template does, the SYSTEM opening the first user turn."""
+    from transformers import AutoTokenizer
+
+    from chattune.export.gguf import main
+
+    tokenizer_dir = make_gemma_like_tokenizer(tmp_path / "tokenizer", GEMMA3_JINJA)
+    model_dir = make_tiny_model(tokenizer_dir, tmp_path / "gemma3", arch="gemma3", tie_word_embeddings=True)
+    assert main([str(model_dir), "--outtype", "f16", "--system_prompt", SYSTEM]) == 0
+    text = (model_dir / "gemma3-f16.Modelfile").read_text()
+    modelfile = parse_modelfile(text)
+    assert "# Chat format: gemma," in text and modelfile["stops"] == ["<end_of_turn>", "<eos>"]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    for conversation in CONVERSATIONS:
+        rendered = ollama_render(modelfile["template"], conversation, modelfile["system"])
+        with_system = conversation if conversation[0]["role"] == "system" else [CONVERSATIONS[0][0], *conversation]
+        assert rendered == expected_prompt(tokenizer, with_system)
 
 
 def test_train_export_gguf_writes_the_modelfile(tiny_model_dir, tmp_path):
