@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+from test_front_door import refusal
 
 from conftest import CORPUS, TRAIN, chat_rows, generates, run_script, train_argv, write_jsonl
 
@@ -27,15 +28,14 @@ tokenizer.save_pretrained(out)
 """
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not MISSING, reason="gptqmodel and optimum are installed: nothing to refuse")
-def test_a_gptq_run_without_the_packages_stops_before_loading(tiny_model_dir, tmp_path):
+def test_a_gptq_run_without_the_packages_stops_before_torch_is_imported(tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", chat_rows(2))
-    result = run_script(TRAIN, *train_argv(tiny_model_dir, data, tmp_path, "--use_lora", "--load_as_gptq"))
-    assert result.returncode == 2
-    last = result.stderr.strip().splitlines()[-1]
-    assert f"--load_as_gptq needs {' and '.join(MISSING)}, not installed: pip install -e '.[gptq]'" in last
-    assert f"{data}: 2 examples" not in result.stderr  # refused before the data is read
+    argv = train_argv(tmp_path / "no-model-read", data, tmp_path, "--use_lora", "--load_as_gptq")
+    status, err, heavy = refusal(TRAIN, *argv)
+    assert status == 2 and heavy == []
+    (line,) = err.strip().splitlines()
+    assert f"--load_as_gptq needs {' and '.join(MISSING)}, not installed: pip install -e '.[gptq]'" in line
     assert not (tmp_path / "runs").exists() and not (tmp_path / "loras").exists()
 
 

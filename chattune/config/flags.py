@@ -9,6 +9,7 @@ chattune.config.transformers_names): train.py reads them first, so `--help` and 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from dataclasses import dataclass, field, fields
@@ -541,6 +542,29 @@ def _check_evaluation_flags(flags: TrainFlags) -> None:
             f"--eval_generate scores replies to chat prompts; --method {flags.method} evaluates on preference "
             "rows (score its model afterwards with evaluate.py)"
         )
+
+
+# What each quantized load needs installed: transformers' GPTQ loader calls optimum, which runs gptqmodel's kernels.
+QUANTIZATION_PACKAGES = {
+    "--load_in_4bit/--load_in_8bit": (("bitsandbytes",), "pip install bitsandbytes"),
+    "--load_as_gptq": (("gptqmodel", "optimum"), "pip install -e '.[gptq]' (the gptq extra: gptqmodel and optimum)"),
+}
+
+
+def check_quantization_packages(flags: TrainFlags) -> None:
+    """Refuse, before torch is imported, a quantized load whose packages are not installed: one line that names
+    every missing package and how to install them (looked up, not imported)."""
+    if flags.load_in_4bit or flags.load_in_8bit:
+        _require_packages("--load_in_4bit/--load_in_8bit")
+    if flags.load_as_gptq:
+        _require_packages("--load_as_gptq")
+
+
+def _require_packages(flag: str) -> None:
+    packages, install = QUANTIZATION_PACKAGES[flag]
+    missing = [name for name in packages if importlib.util.find_spec(name) is None]
+    if missing:
+        raise FlagError(f"{flag} needs {' and '.join(missing)}, not installed: {install}")
 
 
 def unused_evaluation_flags(flags: TrainFlags) -> list[str]:

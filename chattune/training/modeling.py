@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM
 
-from chattune.config.flags import FlagError, TrainFlags
+from chattune.config.flags import FlagError, TrainFlags, check_quantization_packages
 
 logger = logging.getLogger(__name__)
 
@@ -99,29 +99,6 @@ def choose_attention(requested: str | None) -> str:
             )
         return "sdpa"
     return requested
-
-
-# What each quantized load needs installed: transformers' GPTQ loader calls optimum, which runs gptqmodel's kernels.
-QUANTIZATION_PACKAGES = {
-    "--load_in_4bit/--load_in_8bit": (("bitsandbytes",), "pip install bitsandbytes"),
-    "--load_as_gptq": (("gptqmodel", "optimum"), "pip install -e '.[gptq]' (the gptq extra: gptqmodel and optimum)"),
-}
-
-
-def check_quantization_packages(flags: TrainFlags) -> None:
-    """Refuse, before any data or model is read, a quantized load whose packages are not installed: one line that
-    names every missing package and how to install them."""
-    if flags.load_in_4bit or flags.load_in_8bit:
-        _require_packages("--load_in_4bit/--load_in_8bit")
-    if flags.load_as_gptq:
-        _require_packages("--load_as_gptq")
-
-
-def _require_packages(flag: str) -> None:
-    packages, install = QUANTIZATION_PACKAGES[flag]
-    missing = [name for name in packages if importlib.util.find_spec(name) is None]
-    if missing:
-        raise FlagError(f"{flag} needs {' and '.join(missing)}, not installed: {install}")
 
 
 def quantization_config(flags: TrainFlags, dtype: torch.dtype) -> Any | None:

@@ -16,7 +16,7 @@ from transformers import EarlyStoppingCallback
 
 from chattune.allocator import active_allocator
 from chattune.cli import entry_point, report_progress
-from chattune.config.flags import FlagError, TrainFlags, parse_flags
+from chattune.config.flags import FlagError, TrainFlags, check_quantization_packages, parse_flags
 from chattune.data import formats, tokenization
 from chattune.data.masking import ChatMasker, trim_suffix_overlap
 from chattune.data.sources import Source, read_sources
@@ -28,7 +28,6 @@ from chattune.training.gguf_models import find_gguf, resolve_model
 from chattune.training.loftq import check_loftq_weights, init_loftq
 from chattune.training.modeling import (
     check_precision_hardware,
-    check_quantization_packages,
     choose_attention,
     choose_dtype,
     load_model,
