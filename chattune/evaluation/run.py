@@ -29,6 +29,7 @@ from chattune.evaluation.inputs import (
     EvalError,
     Example,
     ModelSource,
+    check_template_takes_examples,
     inspect_model_folder,
     load_examples,
     load_model,
@@ -264,6 +265,7 @@ def score_model(
 ) -> dict:
     """Load one model, generate and score its replies, write its result files into `folder`; returns the summary."""
     tokenizer = load_tokenizer(source, settings.prompt_template_file)
+    check_template_takes_examples(tokenizer, examples, settings.test_dataset)
     runtime = "llama.cpp" if source.kind == "gguf" else "transformers"
     precision = gguf_file_type(source.path) if source.kind == "gguf" else str(dtype).replace("torch.", "")
     logger.info("loading %s %s in %s on %s (%s)", source.kind, source.path, runtime, device, precision)

@@ -25,7 +25,7 @@ import torch
 from transformers import TrainerCallback
 
 from chattune.atomic import DiskFullError, disk_full_reason, follow_umask
-from chattune.cli import raise_if_signalled
+from chattune.cli import install_handler, raise_if_signalled
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class GracefulStop(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         raise_if_signalled()  # one that came before and whose exception was lost
         for sig in (signal.SIGINT, signal.SIGTERM):
-            self.previous[sig] = signal.signal(sig, self._handle)
+            self.previous[sig] = install_handler(sig, self._handle)
 
     def on_train_end(self, args, state, control, **kwargs):
         # The final evaluation and the saves come after: a signal there must stop them, not wait for a step.
