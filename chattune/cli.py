@@ -73,6 +73,7 @@ def entry_point(main: Main | None = None, *, interrupted: str = "interrupted") -
                     return function(*args, **kwargs)
                 except ChattuneError as error:
                     if PROGRESS.signal_name is None:
+                        close_progress_bars()
                         print(f"error: {one_line(str(error))}", file=sys.stderr, flush=True)
                         return USER_ERROR
                     return report_interrupt(interrupted)
@@ -88,7 +89,17 @@ def entry_point(main: Main | None = None, *, interrupted: str = "interrupted") -
     return wrap(main) if main is not None else wrap
 
 
+def close_progress_bars() -> None:
+    """Close the progress bars a failed phase left open (the trainer's), here, before the last line: tqdm would
+    otherwise draw them once more at exit, after the error or interrupt line."""
+    module = sys.modules.get("tqdm")  # not imported: no bar was drawn
+    for bar in list(getattr(getattr(module, "tqdm", None), "_instances", ())):
+        with contextlib.suppress(Exception):
+            bar.close()
+
+
 def report_interrupt(default: str) -> int:
+    close_progress_bars()
     name = PROGRESS.signal_name or "SIGINT"
     if PROGRESS.doing:
         line = f"{name}: interrupted while {PROGRESS.doing}; {PROGRESS.saved or 'nothing was saved'}"

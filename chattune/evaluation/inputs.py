@@ -53,12 +53,15 @@ class ModelSource:
     path: Path
     kind: str  # "model", "adapter", or "gguf" (a GGUF file run in llama.cpp)
     base: str | None = None  # the base model an adapter was trained on
+    converted_from: Path | None = None  # the GGUF file a "model" was converted from (--gguf_runtime transformers)
 
     @property
     def results_dir(self) -> Path:
-        """Where its result files go by default: the model's folder; for a GGUF file a folder beside it named
-        after it (models/run/run-q8_0.gguf -> models/run/run-q8_0-eval), since one folder often holds several."""
-        return self.path.parent / f"{self.path.stem}-eval" if self.kind == "gguf" else self.path
+        """Where its result files go by default: the model's folder; for a GGUF file (run in llama.cpp, or
+        converted for transformers into a hidden cache folder) a folder beside the file named after it
+        (models/run/run-q8_0.gguf -> models/run/run-q8_0-eval), since one folder often holds several."""
+        gguf_file = self.path if self.kind == "gguf" else self.converted_from
+        return gguf_file.parent / f"{gguf_file.stem}-eval" if gguf_file else self.path
 
     @property
     def weight_files(self) -> list[Path]:
@@ -75,12 +78,17 @@ def inspect_model_folder(path: str | os.PathLike, gguf_runtime: str = "transform
     A GGUF file (or a folder holding one) is run in llama.cpp with `gguf_runtime` "llama.cpp"; with
     "transformers" it is converted once to a model folder and evaluated as one.
     """
-    if gguf_runtime == "llama.cpp":
-        gguf_file = find_gguf(path)
-        if gguf_file is not None:
-            read_architecture(gguf_file)  # a file that is not GGUF, or is cut short, is named before any work
-            return ModelSource(gguf_file, "gguf")
+    gguf_file = find_gguf(path)
+    if gguf_runtime == "llama.cpp" and gguf_file is not None:
+        read_architecture(gguf_file)  # a file that is not GGUF, or is cut short, is named before any work
+        return ModelSource(gguf_file, "gguf")
     folder = Path(resolve_model(str(path)))
+    if gguf_file is not None:
+        return dataclasses.replace(_inspect_folder(folder), converted_from=gguf_file)
+    return _inspect_folder(folder)
+
+
+def _inspect_folder(folder: Path) -> ModelSource:
     if not folder.exists():
         raise EvalError(f"{folder}: no such file or folder; {EXPECTED_FOLDER_HELP}")
     if not folder.is_dir():

@@ -21,11 +21,20 @@ def check_outputs_are_free(flags: TrainFlags) -> None:
     if flags.overwrite_output_dir:
         return
     for folder in planned_outputs(flags):
-        if folder.is_dir() and any(folder.iterdir()):
+        if holds_results(folder, flags.run_dir):
             raise FlagError(
                 f"{folder} exists and is not empty; pass --overwrite_output_dir to replace it, or "
                 "--resume_from_checkpoint latest to continue the run"
             )
+
+
+def holds_results(folder: Path, run_dir: Path) -> bool:
+    """Whether a rerun would replace something of value there. A run folder without a checkpoint holds only the
+    logs of a run that stopped before its first save (a full disk, a crash): running the same command again is
+    what the error of that run told the user to do."""
+    if folder == run_dir:
+        return any(path.is_dir() for path in folder.glob("checkpoint-*"))
+    return folder.is_dir() and any(folder.iterdir())
 
 
 def clear_old_checkpoints(run_dir: Path) -> None:

@@ -46,8 +46,8 @@ class AtomicCheckpointMixin:
         try:
             super()._save_checkpoint(model, trial)
         except Exception as error:
-            if self.is_world_process_zero():
-                shutil.rmtree(staging_root / name, ignore_errors=True)  # give back the space it took
+            if self.is_world_process_zero():  # give back the space it took; TRL's model card goes with it
+                shutil.rmtree(staging_root, ignore_errors=True)
             raise_if_disk_full(error, run_dir / name)
             raise
         finally:
@@ -87,7 +87,7 @@ def raise_if_disk_full(error: Exception, checkpoint: Path) -> None:
         f"the previous checkpoint {previous} is intact; free some space, then rerun the same command plus "
         "--resume_from_checkpoint latest"
         if previous
-        else "there is no earlier checkpoint; free some space and run again"
+        else "there is no earlier checkpoint; free some space, then run the same command again"
     )
     raise DiskFullError(f"disk full while writing {checkpoint} ({reason}); {kept}") from error
 
