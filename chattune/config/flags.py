@@ -227,7 +227,7 @@ class TrainFlags:
     use_lora: bool = _flag(False, "Train a LoRA adapter instead of all weights.")
     lora_rank: int = _flag(16, "LoRA rank r.")
     lora_alpha: int = _flag(32, "LoRA alpha (scaling = alpha / rank).")
-    lora_dropout: float = _flag(0.05, "Dropout on the LoRA branch.")
+    lora_dropout: float = _flag(0.05, "Dropout on the LoRA branch: a probability in [0, 1).")
     lora_modules: str | None = _flag(
         None, "Comma-separated module names to adapt (default: every linear projection of the blocks)."
     )

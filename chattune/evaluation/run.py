@@ -149,15 +149,16 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     parser.add_argument(
         "--overwrite",
         action="store_true",
-        help="With several models: score again even where an eval_results.json of the same test set, reply budget "
-        "and weights exists (default: reuse it).",
+        help="With several models: score again even where an eval_results.json of the same test set, reply budget, "
+        "weights, task, --constrain, --tool_call_format and template exists (default: reuse it).",
     )
     parser.add_argument(
         "--tool_call_format",
         default="auto",
         help="Tool-calling test data: how calls are read from the model's replies: hermes "
         "(<tool_call>{...}</tool_call>, Qwen2), mistral ([TOOL_CALLS] [...]), json (a bare JSON call, Llama 3.1), "
-        "auto (the first whose marker appears; default), or regex:PATTERN whose first group is one call's JSON.",
+        "auto (the first whose marker appears; default), or regex:PATTERN whose first group is one call's JSON. "
+        "Refused for test data whose task reads no tool calls (the Home Assistant block format).",
     )
     parser.add_argument(
         "--prompt_template_file",
