@@ -28,13 +28,16 @@ def check_outputs_are_free(flags: TrainFlags) -> None:
             )
 
 
+# What a run that stopped before its first checkpoint (a full disk, a crash) leaves in its run folder: TensorBoard's
+# event files, and the staging folder of a save a kill interrupted. Running the same command again, as that run's
+# error says, is not refused for them.
+LEFT_BEFORE_THE_FIRST_CHECKPOINT = {"runs", ".staging"}
+
+
 def holds_results(folder: Path, run_dir: Path) -> bool:
-    """Whether a rerun would replace something of value there. A run folder without a checkpoint holds only the
-    logs of a run that stopped before its first save (a full disk, a crash): running the same command again is
-    what the error of that run told the user to do."""
-    if folder == run_dir:
-        return any(path.is_dir() for path in folder.glob("checkpoint-*"))
-    return folder.is_dir() and any(folder.iterdir())
+    """Whether a new run would replace something of value in `folder`."""
+    ignored = LEFT_BEFORE_THE_FIRST_CHECKPOINT if folder == run_dir else set()
+    return folder.is_dir() and any(path.name not in ignored for path in folder.iterdir())
 
 
 def clear_old_checkpoints(run_dir: Path) -> None:
