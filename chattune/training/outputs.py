@@ -12,6 +12,7 @@ from chattune.cli import report_progress
 from chattune.config.flags import FlagError, TrainFlags
 from chattune.export.merge import merge_adapter
 from chattune.export.save import save_model
+from chattune.training.identity import RUN_FILE
 from chattune.training.modeling import quantization_config
 
 logger = logging.getLogger(__name__)
@@ -21,7 +22,8 @@ def check_outputs_are_free(flags: TrainFlags) -> None:
     if flags.overwrite_output_dir:
         return
     for folder in planned_outputs(flags):
-        if folder.is_dir() and any(folder.iterdir()):
+        # a run that stopped before its first checkpoint left only its fingerprint: nothing to keep
+        if folder.is_dir() and any(path.name != RUN_FILE for path in folder.iterdir()):
             raise FlagError(
                 f"{folder} exists and is not empty; pass --overwrite_output_dir to replace it, or "
                 "--resume_from_checkpoint latest to continue the run"
