@@ -189,7 +189,7 @@ def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[Change]:
     if "ctx_size" in saved and saved["ctx_size"] != current["ctx_size"]:
         found.append(Change(f"--ctx_size {saved['ctx_size']} -> {current['ctx_size']}", accepted_by=ALLOW_DATA))
     if "method" in saved and saved["method"] != current["method"]:
-        fix = "another method is a new run: give another --run_name (--base_model models/<run> starts from its result)"
+        fix = "start a new run with another --run_name (with this run's result as its --base_model, to build on it)"
         found.append(Change(f"--method {saved['method']} -> {current['method']}", fix=fix))
     found += lora_changes(saved.get("lora"), current["lora"])
     found += base_changes(saved.get("base"), current["base"])

@@ -56,7 +56,7 @@ def acquire(path: Path, what: str) -> str:
         try:
             descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
-            holder = read_holder(path)
+            holder = settled_holder(path)
             if holder is not None and not is_stale(holder, path):
                 raise RunLockedError(held_message(path, holder, what)) from None
             remove_stale(path, holder)
@@ -115,6 +115,16 @@ def this_process(token: str) -> dict[str, Any]:
         "started": psutil.Process().create_time(),
         "token": token,
     }
+
+
+def settled_holder(path: Path, wait_s: float = 2.0) -> dict[str, Any] | None:
+    """The lock's holder, given a moment to write itself into a lock it has just created."""
+    deadline = time.monotonic() + wait_s
+    holder = read_holder(path)
+    while holder is not None and holder.get("filling") and time.monotonic() < deadline:
+        time.sleep(0.02)
+        holder = read_holder(path)
+    return holder
 
 
 def read_holder(path: Path) -> dict[str, Any] | None:
