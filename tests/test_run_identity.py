@@ -20,6 +20,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
+from test_bad_flags import forbidden, snapshot
 
 from chattune.errors import ChattuneError
 from chattune.training import lock as lock_module
@@ -30,18 +31,6 @@ from conftest import REPO, TRAIN, chat_rows, make_tiny_model, run_script, train_
 
 LORA = ["--use_lora", "--lora_rank", "4", "--lora_alpha", "8"]
 STEPS = {"learning_rate": "1e-3", "logging_steps": 1, "save_steps": 2, "seed": 5}
-
-
-def snapshot(root: Path) -> dict[str, tuple[int, int]]:
-    """Every file under `root`, with its size and modification time."""
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
-
-
-def forbidden(work: str):
-    def fail(*args, **kwargs):
-        raise AssertionError(f"{work} started before the run was refused")
-
-    return fail
 
 
 def train_here(argv: list[str], capsys) -> tuple[int, str]:
