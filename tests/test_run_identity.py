@@ -414,3 +414,27 @@ def test_only_the_main_process_takes_the_lock(tmp_path):
         with pytest.raises(RunLockedError), lock_module.run_lock(run_dir, "run", OneProcess(main=True)):
             pass
     assert not lock_path(run_dir).exists()
+
+
+@pytest.mark.slow
+def test_a_multi_process_launch_is_one_run_for_the_lock(tiny_model_dir, tmp_path):
+    """Both processes of a launch stop with the one line when another run holds the lock (none waits for the
+    other in a collective call); the test_distributed runs show that the processes of one launch do not refuse
+    each other."""
+    from test_distributed import accelerate, launch
+
+    data = write_jsonl(tmp_path / "train.jsonl", chat_rows(8))
+    path = lock_path(tmp_path / "out" / "runs" / "run")
+    path.parent.mkdir(parents=True)
+    with held(path, "run 'run'"):
+        before = snapshot(tmp_path / "out")
+        result = launch(
+            *accelerate("--multi_gpu", "--num_processes", "2"),
+            TRAIN,
+            *train_argv(tiny_model_dir, data, tmp_path / "out", max_steps=1),
+        )
+        assert snapshot(tmp_path / "out") == before
+    assert result.returncode != 0
+    refusals = [line for line in result.stderr.splitlines() if "is in use by process" in line]
+    assert len(refusals) == 2 and all(line.startswith("error: run 'run' (") for line in refusals), refusals
+    assert f"is in use by process {os.getpid()} on host" in refusals[0]
