@@ -438,3 +438,24 @@ def test_a_multi_process_launch_is_one_run_for_the_lock(tiny_model_dir, tmp_path
     refusals = [line for line in result.stderr.splitlines() if "is in use by process" in line]
     assert len(refusals) == 2 and all(line.startswith("error: run 'run' (") for line in refusals), refusals
     assert f"is in use by process {os.getpid()} on host" in refusals[0]
+
+
+def test_the_second_interrupt_exit_releases_the_lock(tmp_path, monkeypatch):
+    """A second Ctrl-C while training exits at once with os._exit, which skips the cleanup that releases it."""
+    from chattune.training import safety
+    from chattune.training.safety import GracefulStop
+
+    path = tmp_path / ".run.lock"
+    exits = []
+
+    def exit_now(status: int) -> None:
+        exits.append((status, path.exists()))  # whether the lock is still there as the process would end
+        raise SystemExit(status)
+
+    monkeypatch.setattr(safety.os, "_exit", exit_now)
+    stop = GracefulStop()
+    with pytest.raises(SystemExit), held(path, "run 'run'"):
+        stop._handle(signal.SIGINT, None)  # the first: save and stop after this step
+        assert path.exists()
+        stop._handle(signal.SIGINT, None)
+    assert exits == [(130, False)]
