@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 from test_bad_flags import forbidden, snapshot
@@ -28,6 +28,7 @@ from chattune.training import run
 from chattune.training.identity import RUN_FILE
 from chattune.training.lock import RunLockedError, held, lock_path
 from conftest import REPO, TRAIN, chat_rows, make_tiny_model, run_script, train_argv, write_jsonl
+from templates import ZEPHYR
 
 LORA = ["--use_lora", "--lora_rank", "4", "--lora_alpha", "8"]
 STEPS = {"learning_rate": "1e-3", "logging_steps": 1, "save_steps": 2, "seed": 5}
@@ -78,11 +79,13 @@ def paths(finished, tiny_model_dir, test_tokenizer_dir, tmp_path_factory) -> dic
         rows[5]["conversations"][1]["value"] = "Turn off the kitchen light"
         write_jsonl(other / "edited.jsonl", rows)
         make_tiny_model(test_tokenizer_dir, other / "base-other-weights", seed=1)
+        (other / "template.jinja").write_text(ZEPHYR)
     return {
         **finished,
         "base": tiny_model_dir,
         "edited": other / "edited.jsonl",
         "other_base": other / "base-other-weights",
+        "template": other / "template.jinja",
     }
 
 
@@ -100,8 +103,13 @@ CHANGES = {
     "dora": (lambda p: {}, ["--use_dora"], "--use_dora off -> on"),
     "rslora": (lambda p: {}, ["--use_rslora"], "--use_rslora off -> on"),
     "base-weights": (lambda p: {"base": p["other_base"]}, [], "weights "),
+    "train-on-prompts": (lambda p: {}, ["--train_on_prompts"], "--train_on_prompts off -> on"),
+    "packing": (lambda p: {}, ["--packing"], "--packing off -> on"),
+    "template": (lambda p: {}, ["--prompt_template_file", "{template}"], "--prompt_template_file unset -> "),
+    "added-token": (lambda p: {}, ["--add_pad_token"], "--add_pad_token off -> on"),
 }
-DATA_CHANGES = {"data-content", "data-format", "data-weight", "ctx-size"}
+DATA_CHANGES = {"data-content", "data-format", "data-weight", "ctx-size", "train-on-prompts", "packing", "template"}
+SFT_ONLY = {"packing", "train-on-prompts"}
 SOURCE_CHANGES = ["data-content", "data-format", "data-weight"]  # each gives another --train_dataset: one at a time
 
 
@@ -111,7 +119,7 @@ def changed_argv(paths, names: set[str]) -> tuple[list[str], list[str]]:
     for name in sorted(names):
         make_inputs, flags, text = CHANGES[name]
         inputs.update(make_inputs(paths))
-        extra += flags
+        extra += [flag.format(**paths) for flag in flags]
         expected.append(text.format(**paths))
     return resume_argv(paths, *extra, **inputs), expected
 
@@ -143,15 +151,14 @@ def test_each_change_is_refused_before_data_preparation(paths, capsys, monkeypat
         assert "start a new run" in last
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
     others=st.sets(st.sampled_from(sorted(set(CHANGES) - set(SOURCE_CHANGES))), max_size=3),
     source=st.sampled_from([None, *SOURCE_CHANGES]),
 )
 def test_any_change_of_fingerprinted_settings_is_refused(paths, capsys, monkeypatch, others, source):
     names = others | ({source} if source else set())
-    if not names:
-        return
+    assume(names and not ("method" in names and names & SFT_ONLY))  # a preference method refuses those flags
     argv, expected = changed_argv(paths, names)
     assert_refused(argv, paths, capsys, monkeypatch, expected)
 

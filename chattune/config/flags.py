@@ -155,13 +155,15 @@ class TrainFlags:
     resume_from_checkpoint: str | None = _flag(
         None,
         "Resume from a checkpoint folder, or `latest` for the newest one of this run. The run's settings that decide "
-        "what is trained (data, --ctx_size, --method, LoRA set-up, base model) must be the ones it started with; "
+        "what is trained (data and its preparation, --ctx_size, added tokens, --method, LoRA set-up, base model) must "
+        "be the ones it started with; "
         "a finished run is not trained again unless --max_steps or --epochs grew.",
     )
     allow_changed_data: bool = _flag(
         False,
-        "On resume, accept training data (content, format, mixture weights) or a --ctx_size other than the run "
-        "started with; without it such a resume is refused.",
+        "On resume, accept training data (content, format, mixture weights), a --ctx_size, or a chat template, "
+        "--train_on_prompts, --prefix_ids/--suffix_ids or --packing other than the run started with; without it "
+        "such a resume is refused.",
     )
     save_steps: int = _flag(500, "Save a checkpoint every N optimizer steps.")
     save_total_limit: int | None = _flag(2, "Keep at most N checkpoints (the newest are kept).")

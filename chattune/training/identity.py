@@ -1,19 +1,20 @@
 """What a run is: its fingerprint, recorded when it starts and compared when it is resumed.
 
-The fingerprint holds what decides what is trained: the training data (each source's content hash, path, format,
-split, revision and weight), --ctx_size, the method, the LoRA set-up (rank, alpha, modules, layers, modules
-trained in full, DoRA, rsLoRA, initialisation), the base model's identity (shape and weights fingerprint, as
-chattune.training.resume computes it) and the step budget. It is written to `runs/<run>/run.json` (atomically)
-when training starts, and into every checkpoint's trainer_state.json (RunRecord), so a checkpoint is compared
-with the settings it was trained with.
+The fingerprint holds what decides what is trained: the training data (each source's content hash, path,
+format, split, revision and weight), --ctx_size, how rows become tokens and labels (--prompt_template_file's
+content, --train_on_prompts, --prefix_ids/--suffix_ids, --packing), the tokens added to the vocabulary, the
+method, the LoRA set-up (rank, alpha, modules, layers, modules trained in full, DoRA, rsLoRA, initialisation), the
+base model's identity (shape and weights fingerprint, as chattune.training.resume computes it) and the step
+budget. It is written to `runs/<run>/run.json` (atomically) when training starts, and into every checkpoint's
+trainer_state.json (RunRecord), so a checkpoint is compared with the settings it was trained with.
 
 On resume, a difference is refused before the data is prepared, in one line that lists every change and what
-to do: data changes (content, format, weights, --ctx_size) are accepted with --allow_changed_data; the method,
-the LoRA set-up and the base model cannot change (the adapter and its optimizer state would not fit, or the
-weights would mean something else): that is a new run. A source moved to another path with the same content is
-the same data: a warning. The budget may grow; a finished run whose outputs were written is not trained again
-unless a larger one is asked for (RunFinished: one line, exit 0), and a budget below the steps already trained
-is refused.
+to do: data changes (content, format, weights, --ctx_size, the preparation flags) are accepted with
+--allow_changed_data; the added tokens, the method, the LoRA set-up and the base model cannot change (the
+embeddings, the adapter or its optimizer state would not fit, or the weights would mean something else): that is
+a new run. A source moved to another path with the same content is the same data: a warning. The budget may
+grow; a finished run whose outputs were written is not trained again unless a larger one is asked for
+(RunFinished: one line, exit 0), and a budget below the steps already trained is refused.
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ LORA_FLAGS = (
     "use_rslora",
     "lora_init",
 )
+# How rows become tokens and labels: another value trains on other examples, as other data does.
+PREPARATION_FLAGS = ("train_on_prompts", "prefix_ids", "suffix_ids", "packing")
+# Tokens added to the vocabulary: another set gives the embeddings another shape.
+TOKEN_FLAGS = ("add_pad_token", "add_chatml_tokens", "add_tool_calling_tokens")
 # What identifies a source's rows; its path is left out: a copy elsewhere is the same data.
 SOURCE_CONTENT = ("sha256", "kind", "split", "revision", "weight")
 HASH_CHUNK = 1 << 20
@@ -71,6 +76,11 @@ def run_fingerprint(flags: TrainFlags) -> dict[str, Any]:
     return {
         "data": [source_identity(source) for source in parse_sources(flags.train_dataset)],
         "ctx_size": flags.ctx_size,
+        "preparation": {
+            **{name: getattr(flags, name) for name in PREPARATION_FLAGS},
+            "prompt_template_file": template_hash(flags.prompt_template_file),
+        },
+        "tokens": {name: getattr(flags, name) for name in TOKEN_FLAGS},
         "method": flags.method,
         "lora": {name: getattr(flags, name) for name in LORA_FLAGS} if flags.use_lora else {"use_lora": False},
         "base": base_model_identity(flags.base_model),
@@ -108,6 +118,11 @@ def content_hash(path: Path) -> str:
             while chunk := handle.read(HASH_CHUNK):
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+def template_hash(path: str | None) -> str | None:
+    """The chat template's content: the same file edited renders other prompts."""
+    return content_hash(Path(path))[:16] if path else None
 
 
 def base_model_identity(name: str) -> dict[str, Any]:
@@ -188,6 +203,9 @@ def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[Change]:
         found.append(Change(describe_data(saved["data"], current["data"]), accepted_by=ALLOW_DATA))
     if "ctx_size" in saved and saved["ctx_size"] != current["ctx_size"]:
         found.append(Change(f"--ctx_size {saved['ctx_size']} -> {current['ctx_size']}", accepted_by=ALLOW_DATA))
+    found += flag_changes(saved.get("preparation"), current["preparation"], accepted_by=ALLOW_DATA)
+    vocabulary = "the embeddings would have another shape: start a new run (another --run_name)"
+    found += flag_changes(saved.get("tokens"), current["tokens"], fix=vocabulary)
     if "method" in saved and saved["method"] != current["method"]:
         fix = "start a new run with another --run_name (with this run's result as its --base_model, to build on it)"
         found.append(Change(f"--method {saved['method']} -> {current['method']}", fix=fix))
@@ -221,11 +239,19 @@ def lora_changes(saved: dict[str, Any] | None, current: dict[str, Any]) -> list[
         "the adapter and its optimizer state would not fit another LoRA set-up: start a new run (another "
         "--run_name, or --overwrite_output_dir)"
     )
-    names = [name for name in LORA_FLAGS if name in saved or name in current]
-    if not (saved.get("use_lora") and current.get("use_lora")):
-        names = ["use_lora"]  # full <-> LoRA: the rest does not apply to both
+    if not (saved.get("use_lora") and current.get("use_lora")):  # full <-> LoRA: the rest does not apply to both
+        return flag_changes({"use_lora": saved.get("use_lora")}, {"use_lora": current.get("use_lora")}, fix=fix)
+    return flag_changes(saved, current, fix=fix)
+
+
+def flag_changes(saved: dict[str, Any] | None, current: dict[str, Any], **how: str) -> list[Change]:
+    """A Change (with `how`: accepted_by or fix) for each flag whose value differs; none for a group an older
+    fingerprint lacks."""
+    if saved is None:
+        return []
+    names = dict.fromkeys([*saved, *current])
     return [
-        Change(f"--{name} {shown(saved.get(name))} -> {shown(current.get(name))}", fix=fix)
+        Change(f"--{name} {shown(saved.get(name))} -> {shown(current.get(name))}", **how)
         for name in names
         if saved.get(name) != current.get(name)
     ]
