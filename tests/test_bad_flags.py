@@ -74,6 +74,17 @@ CASES = {  # id: (flags after the defaults, the message, what must not have star
     "unknown-dpo-loss": (["--dpo", "--dpo_loss", "sigmoidal"], "--dpo_loss 'sigmoidal' is not a TRL DPO loss"),
     "unknown-attention": (["--attn_implementation", "flash"], "--attn_implementation 'flash' is not an attention"),
     "lora-rank-zero": (["--use_lora", "--lora_rank", "0"], "--lora_rank must be at least 1, not 0"),
+    "lora-dropout-negative": (
+        ["--use_lora", "--lora_dropout=-0.5"],
+        "--lora_dropout is a probability in [0, 1), not -0.5",
+    ),
+    "lora-dropout-one-or-more": (["--use_lora", "--lora_dropout", "1.5"], "--lora_dropout is a probability in [0, 1)"),
+    "same-source-twice": (
+        ["--train_dataset", "{data}", "{root}/../{root_name}/train.jsonl"],
+        "--train_dataset: {data} and {root}/../{root_name}/train.jsonl are the same source, so each of its rows "
+        "would be used twice; give it once, or give weights",
+        "model",
+    ),
     "missing-template": (
         ["--prompt_template_file", "{root}/none.jinja"],
         "--prompt_template_file {root}/none.jinja: no",
@@ -98,14 +109,14 @@ CASES = {  # id: (flags after the defaults, the message, what must not have star
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input_is_refused_before_work(case, inputs, tiny_model_dir, tmp_path, capsys, monkeypatch):
     flags, message, *before = CASES[case]
-    places = {**inputs, "root": inputs["data"].parent}
+    places = {**inputs, "root": inputs["data"].parent, "root_name": inputs["data"].parent.name}
     out = tmp_path / "out"
     (out / "models").mkdir(parents=True)
     (out / "models" / "keep.txt").write_text("an earlier result")
     before_run = snapshot(tmp_path), snapshot(places["root"])  # the outputs, and the inputs (a_file is one)
     argv = train_argv(tiny_model_dir, inputs["data"], out, *(flag.format(**places) for flag in flags))
     err = refused(argv, capsys, monkeypatch, *before)
-    assert message.format(**places) in err
+    assert message.format(**places) in err.strip().splitlines()[-1], "the refusal is not the last line"
     assert (snapshot(tmp_path), snapshot(places["root"])) == before_run
 
 

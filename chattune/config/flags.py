@@ -241,7 +241,7 @@ class TrainFlags:
     use_lora: bool = _flag(False, "Train a LoRA adapter instead of all weights.")
     lora_rank: int = _flag(16, "LoRA rank r.")
     lora_alpha: int = _flag(32, "LoRA alpha (scaling = alpha / rank).")
-    lora_dropout: float = _flag(0.05, "Dropout on the LoRA branch.")
+    lora_dropout: float = _flag(0.05, "Dropout on the LoRA branch: a probability in [0, 1).")
     lora_modules: str | None = _flag(
         None, "Comma-separated module names to adapt (default: every linear projection of the blocks)."
     )
@@ -415,6 +415,8 @@ def check_values(flags: TrainFlags) -> None:
         raise FlagError(f"--learning_rate must not be negative, not {flags.learning_rate:g}")
     if flags.use_lora and flags.lora_rank < 1:
         raise FlagError(f"--lora_rank must be at least 1, not {flags.lora_rank}")
+    if not 0 <= flags.lora_dropout < 1:  # peft takes a negative one, and 1 or more fails after the model loads
+        raise FlagError(f"--lora_dropout is a probability in [0, 1), not {flags.lora_dropout:g}")
     schedules = unknown_name(flags.learning_rate_schedule, SCHEDULES, installed_schedules)
     if schedules is not None:
         raise FlagError(

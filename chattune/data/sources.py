@@ -67,6 +67,7 @@ def parse_sources(specs: str | Sequence[str], flag: str = "--train_dataset") -> 
     if not specs:
         raise DataError(f"{flag} needs at least one source: {SOURCES_HELP}")
     sources = [parse_source(str(spec), flag) for spec in specs]
+    _refuse_repeated(sources, flag)
     weighted = [source.text for source in sources if source.weight is not None]
     if weighted and len(weighted) != len(sources):
         unweighted = [source.text for source in sources if source.weight is None]
@@ -75,6 +76,20 @@ def parse_sources(specs: str | Sequence[str], flag: str = "--train_dataset") -> 
             "weight (a share of the mixture, e.g. a.jsonl:0.8 b.jsonl:0.2) or none (every row of every source once)"
         )
     return sources
+
+
+def _refuse_repeated(sources: list[Source], flag: str) -> None:
+    """The same file (or hub split) given twice would be read twice: every row of it trained twice, silently."""
+    seen: dict[tuple, str] = {}
+    for source in sources:
+        where = source.location if source.kind == "hub" else str(Path(source.location).expanduser().resolve())
+        key = (where, source.split, source.revision)
+        if key in seen:
+            raise DataError(
+                f"{flag}: {seen[key]} and {source.text} are the same source, so each of its rows would be used "
+                "twice; give it once, or give weights to sample it more often (a.jsonl:0.7 b.jsonl:0.3)"
+            )
+        seen[key] = source.text
 
 
 def parse_source(spec: str, flag: str = "--train_dataset") -> Source:

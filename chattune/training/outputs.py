@@ -22,12 +22,23 @@ def check_outputs_are_free(flags: TrainFlags) -> None:
     if flags.overwrite_output_dir:
         return
     for folder in planned_outputs(flags):
-        # a run that stopped before its first checkpoint left only its fingerprint: nothing to keep
-        if folder.is_dir() and any(path.name != RUN_FILE for path in folder.iterdir()):
+        if holds_results(folder, flags.run_dir):
             raise FlagError(
                 f"{folder} exists and is not empty; pass --overwrite_output_dir to replace it, or "
                 "--resume_from_checkpoint latest to continue the run"
             )
+
+
+# What a run that stopped before its first checkpoint (a full disk, a crash) leaves in its run folder: TensorBoard's
+# event files, the staging folder of a save a kill interrupted, and the run's fingerprint (chattune.training.identity).
+# Running the same command again, as that run's error says, is not refused for them.
+LEFT_BEFORE_THE_FIRST_CHECKPOINT = {"runs", ".staging", RUN_FILE}
+
+
+def holds_results(folder: Path, run_dir: Path) -> bool:
+    """Whether a new run would replace something of value in `folder`."""
+    ignored = LEFT_BEFORE_THE_FIRST_CHECKPOINT if folder == run_dir else set()
+    return folder.is_dir() and any(path.name not in ignored for path in folder.iterdir())
 
 
 def clear_old_checkpoints(run_dir: Path) -> None:
