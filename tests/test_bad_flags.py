@@ -209,9 +209,14 @@ RESUME_CASES = {  # id: (how the base model differs, flags, message)
     "same-shape-other-weights": (
         {"seed": 1},
         [],
-        "holds other weights ({}) of the same shape; resume with the same base model",
+        "was trained with other settings: --base_model {base} -> {other} (weights {weights} -> {}); resume with "
+        "--base_model {base}",
     ),
-    "other-shape": ({"hidden_size": 32}, [], "is a LoRA adapter of another model: its base {base} has hidden_size=64"),
+    "other-shape": (
+        {"hidden_size": 32},
+        [],
+        "was trained with other settings: --base_model {base} -> {other} (hidden_size 64 -> 32",
+    ),
     "other-batch-size": (None, ["--batch_size", "8"], "was trained with --batch_size 4, this run asks for 8"),
 }
 
@@ -228,7 +233,12 @@ def test_resume_refuses_another_base_or_batch(
     before = snapshot(lora_run["out"])
     argv = train_argv(base, lora_run["data"], lora_run["out"], *LORA, "--resume_from_checkpoint", "latest", *flags)
     err = refused(argv, capsys, monkeypatch)
-    expected = message.format(base_identity(str(base))["weights"], base=tiny_model_dir.resolve())
+    expected = message.format(
+        base_identity(str(base))["weights"],
+        base=tiny_model_dir.resolve(),
+        other=base.resolve(),
+        weights=base_identity(str(tiny_model_dir))["weights"],
+    )
     assert f"error: {lora_run['checkpoint']} " in err and expected in err
     assert snapshot(lora_run["out"]) == before
 

@@ -99,7 +99,11 @@ class TrainFlags:
     )
     micro_batch_size: int = _flag(2, "Examples per forward pass on each process.")
     epochs: float = _flag(1.0, "Passes over the training data.")
-    max_steps: int = _flag(-1, "Stop after this many optimizer steps (overrides --epochs when > 0).")
+    max_steps: int = _flag(
+        -1,
+        "Stop after this many optimizer steps (overrides --epochs). 0 or below (-1, the default): no step limit, "
+        "--epochs decides.",
+    )
     time_budget: float | None = _flag(
         None,
         "Seconds the run may take, from preparing it to its last step (evaluations during training included; the "
@@ -150,7 +154,17 @@ class TrainFlags:
 
     # --- checkpoints, evaluation and logging -----------------------------------------------------------
     resume_from_checkpoint: str | None = _flag(
-        None, "Resume from a checkpoint folder, or `latest` for the newest one of this run."
+        None,
+        "Resume from a checkpoint folder, or `latest` for the newest one of this run. The run's settings that decide "
+        "what is trained (data and its preparation, --ctx_size, added tokens, --method, LoRA set-up, base model) must "
+        "be the ones it started with; "
+        "a finished run is not trained again unless --max_steps or --epochs grew.",
+    )
+    allow_changed_data: bool = _flag(
+        False,
+        "On resume, accept training data (content, format, mixture weights), a --ctx_size, or a chat template, "
+        "--train_on_prompts, --prefix_ids/--suffix_ids or --packing other than the run started with; without it "
+        "such a resume is refused.",
     )
     save_steps: int = _flag(500, "Save a checkpoint every N optimizer steps.")
     save_total_limit: int | None = _flag(2, "Keep at most N checkpoints (the newest are kept).")
@@ -288,6 +302,9 @@ class TrainFlags:
         if missing:
             raise FlagError("missing required flag(s): " + ", ".join(f"--{name}" for name in missing))
         self.method = _resolve_method(self)
+        # transformers reads 0 as a budget of 0 steps and trains one: 0 means "no step limit", as -1 does
+        if self.max_steps <= 0:
+            self.max_steps = -1
         if self.micro_batch_size < 1 or self.batch_size < 1:
             raise FlagError("--batch_size and --micro_batch_size must be at least 1")
         if sum([self.load_in_8bit, self.load_in_4bit, self.load_as_gptq]) > 1:

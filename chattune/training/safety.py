@@ -26,6 +26,7 @@ from transformers import TrainerCallback
 
 from chattune.atomic import DiskFullError, disk_full_reason, follow_umask
 from chattune.cli import install_handler, raise_if_signalled
+from chattune.training.lock import release_held_locks
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +119,7 @@ class GracefulStop(TrainerCallback):
     def _handle(self, signum, frame):
         if self.signal_name is not None:
             print("\nsecond interrupt: exiting now without saving", file=sys.stderr, flush=True)
+            release_held_locks()  # os._exit skips the cleanup that would release the run's lock
             os._exit(128 + signum)
         self.signal_name = signal.Signals(signum).name
         print(
