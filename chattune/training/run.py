@@ -25,6 +25,7 @@ from chattune.training.arguments import check_integrations, check_optimizer, set
 from chattune.training.batching import plan_batching
 from chattune.training.budget import TimeBudget
 from chattune.training.gguf_models import find_gguf, resolve_model
+from chattune.training.launcher import check_launch_precision
 from chattune.training.loftq import check_loftq_weights, init_loftq
 from chattune.training.modeling import (
     check_precision_hardware,
@@ -77,6 +78,8 @@ def train(flags: TrainFlags, state: PartialState) -> int:
     check_method(flags)
     check_inputs(flags)
     check_precision_hardware(flags)
+    dtype = choose_dtype(flags.bf16, flags.fp16)  # the compute dtype; trained weights may stay float32 (weight_dtype)
+    check_launch_precision(flags, str(dtype).removeprefix("torch."))
     check_optimizer(flags)
     generation_plan = plan_evaluations(flags)
     with state.main_process_first():  # a GGUF file is converted once, by the main process
@@ -111,7 +114,6 @@ def train(flags: TrainFlags, state: PartialState) -> int:
 
     # 3. model
     report_progress(f"loading the model {flags.base_model}")
-    dtype = choose_dtype(flags.bf16, flags.fp16)  # the compute dtype; trained weights may stay float32 (weight_dtype)
     model = load_model(flags, weight_dtype(flags, dtype), choose_attention(flags.attn_implementation))
     model.name_or_path = model.config._name_or_path = recorded_base(flags.base_model, gguf_source)
     grew = resize_embeddings(model, tokenizer)
