@@ -82,8 +82,9 @@ def save_outputs(flags: TrainFlags, trainer: Any, tokenizer: Any, dtype: Any) ->
     """Full model -> models/<run>; LoRA -> loras/<run> (+ merged -> models/<run> with --lora_merge)."""
     accelerator = trainer.accelerator
     accelerator.wait_for_everyone()
-    # Every process takes part in gathering the weights (FSDP and ZeRO-3 shard them); rank 0 writes.
-    state_dict = accelerator.get_state_dict(trainer.model)
+    # Every process takes part in gathering the weights (FSDP and ZeRO-3 shard them); rank 0 writes. Under DeepSpeed
+    # only the engine (model_wrapped; trainer.model is the bare module) can gather ZeRO-3's partitions.
+    state_dict = accelerator.get_state_dict(trainer.model_wrapped)
     model = accelerator.unwrap_model(trainer.model)
     outputs: list[Path] = []
     if trainer.is_world_process_zero():

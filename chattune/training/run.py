@@ -26,6 +26,7 @@ from chattune.training.batching import plan_batching
 from chattune.training.budget import TimeBudget
 from chattune.training.gguf_models import find_gguf, resolve_model
 from chattune.training.identity import RunFinished, record_finished, record_start, run_fingerprint
+from chattune.training.launcher import check_launch_precision
 from chattune.training.lock import run_lock
 from chattune.training.loftq import check_loftq_weights, init_loftq
 from chattune.training.modeling import (
@@ -85,13 +86,15 @@ def train(flags: TrainFlags, state: PartialState) -> int:
     check_inputs(flags)
     check_precision_hardware(flags)
     check_quantization_packages(flags)
+    dtype = choose_dtype(flags.bf16, flags.fp16)  # the compute dtype; trained weights may stay float32 (weight_dtype)
+    check_launch_precision(flags, str(dtype).removeprefix("torch."))
     check_optimizer(flags)
     generation_plan = plan_evaluations(flags)
     with run_lock(flags.run_dir, flags.run_name, state):  # held until the command ends, however it ends
-        return train_locked(flags, state, started, generation_plan)
+        return train_locked(flags, state, started, generation_plan, dtype)
 
 
-def train_locked(flags: TrainFlags, state: PartialState, started: float, generation_plan: Any) -> int:
+def train_locked(flags: TrainFlags, state: PartialState, started: float, generation_plan: Any, dtype: Any) -> int:
     """The run once its lock is held: resume or start, prepare, train, save."""
     with state.main_process_first():  # a GGUF file is converted once, by the main process
         base_folder = resolve_model(flags.base_model)
@@ -127,7 +130,6 @@ def train_locked(flags: TrainFlags, state: PartialState, started: float, generat
 
     # 3. model
     report_progress(f"loading the model {flags.base_model}")
-    dtype = choose_dtype(flags.bf16, flags.fp16)  # the compute dtype; trained weights may stay float32 (weight_dtype)
     model = load_model(flags, weight_dtype(flags, dtype), choose_attention(flags.attn_implementation))
     model.name_or_path = model.config._name_or_path = recorded_base(flags.base_model, gguf_source)
     grew = resize_embeddings(model, tokenizer)
