@@ -127,6 +127,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"comma-separated arms to run (default: all of {','.join(ARMS)})",
     )
     parser.add_argument("--workdir", default=None, help="keep data, model and logs here (default: a temp dir)")
+    parser.add_argument(
+        "--losses_out",
+        default=None,
+        help="write every run's per-step training losses (full precision) to this JSON file, to check that a "
+        "change to chattune leaves training bit-identical",
+    )
     parser.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)  # in a subprocess
     parser.add_argument("--lora", action="store_true", help=argparse.SUPPRESS)  # in a subprocess
     args = parser.parse_args(argv)
@@ -200,6 +206,7 @@ class Probe:
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "final_loss": round(losses[-1], 4) if losses else None,
             "first_loss": round(losses[0], 4) if losses else None,
+            "losses": losses,  # every step's, unrounded; the parent moves them to --losses_out
             "steps": steps,
             "timed_steps": steps - 1,
             "timed_s": round(elapsed, 2),
@@ -484,13 +491,15 @@ def allocator_environment(args: argparse.Namespace, arm: str) -> dict[str, str]:
     return preload_environment(environ)
 
 
-def repeated(args: argparse.Namespace, work: Path, lora: bool) -> dict[str, dict]:
+def repeated(args: argparse.Namespace, work: Path, lora: bool, losses: dict[str, list]) -> dict[str, dict]:
     """Every arm --repeats times, alternating (so a slow phase of the machine hits all arms alike); per arm the
-    run with the median tokens/s, plus the spread of tokens/s and peak RSS over the runs."""
+    run with the median tokens/s, plus the spread of tokens/s and peak RSS over the runs. Each run's per-step
+    losses go to `losses` (by arm), not into the report."""
     runs: dict[str, list[dict]] = {arm: [] for arm in args.arms}
     for repeat in range(args.repeats):
         for arm in args.arms:
             runs[arm].append(run_subprocess(args, work, arm, lora=lora))
+            losses.setdefault(arm, []).append(runs[arm][-1].pop("losses", None))
             landed = {"method": "lora" if lora else "full", "arm": arm, "run": repeat + 1, **runs[arm][-1]}
             print(json.dumps(landed), file=sys.stderr, flush=True)
     return {arm: summarize_runs(results) for arm, results in runs.items()}
@@ -575,6 +584,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.vocab:
             lean = run_subprocess(args, work, "chattune", lean_loss="1")
             trl_loss = run_subprocess(args, work, "chattune", lean_loss="0")
+            losses = {"lean_loss": lean.pop("losses", None), "trl_loss": trl_loss.pop("losses", None)}
             report = {
                 "chattune_lean_loss": lean,
                 "chattune_trl_loss": trl_loss,
@@ -583,11 +593,14 @@ def main(argv: list[str] | None = None) -> int:
             }
         else:
             methods = {"full": [False], "lora": [True], "both": [False, True]}[args.method]
-            report = {}
+            report, losses = {}, {}
             for lora in methods:
-                arms = repeated(args, work, lora)
-                report["lora" if lora else "full"] = {**arms, **targets(arms, args.shape, lora)}
+                method = "lora" if lora else "full"
+                arms = repeated(args, work, lora, losses.setdefault(method, {}))
+                report[method] = {**arms, **targets(arms, args.shape, lora)}
         report["setup"] = {**setup, **config_summary(args), "wall_s": round(time.perf_counter() - start, 1)}
+        if args.losses_out:
+            Path(args.losses_out).write_text(json.dumps(losses, indent=1) + "\n", encoding="utf-8")
         print(json.dumps(report))
     finally:
         if not args.workdir:
