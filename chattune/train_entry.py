@@ -13,9 +13,10 @@ from chattune.cli import entry_point  # standard library only: safe before the r
 @entry_point
 def main() -> int:
     from chattune.allocator import use_scalable_allocator
-    from chattune.config.flags import parse_flags
+    from chattune.config.flags import check_quantization_packages, parse_flags
 
     flags = parse_flags()  # --help and refused flags end here
+    check_quantization_packages(flags)  # a missing quantization package too, before torch is imported
     use_scalable_allocator()  # returns unless this process must restart with another malloc
     from chattune.training.run import start
 

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from chattune.data import formats
 from chattune.errors import ChattuneError
+from chattune.hub_cache import cached_hub_model
 from chattune.training.gguf_models import find_gguf, read_architecture, resolve_model
 
 WEIGHT_FILES = (
@@ -24,6 +28,10 @@ EXPECTED_FOLDER_HELP = (
     "expected a model folder (config.json + one of " + ", ".join(WEIGHT_FILES) + ") or a LoRA adapter folder "
     "(adapter_config.json + one of " + ", ".join(ADAPTER_WEIGHT_FILES) + ")"
 )
+
+
+# org/name as the hub spells model ids; a missing local path spelled so is looked up in the cache too
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 class EvalError(ChattuneError, ValueError):
@@ -43,6 +51,7 @@ class Example:
     tools: list | None = None
     reference_message: dict | None = None  # tool-calling data: the whole reference turn, calls included
     after_tool_result: bool = False  # tool-calling data: the turn answers a tool result
+    row: int = 0  # its row in the test file, from 0 (not part of what is scored)
 
 
 @dataclass
@@ -50,12 +59,19 @@ class ModelSource:
     path: Path
     kind: str  # "model", "adapter", or "gguf" (a GGUF file run in llama.cpp)
     base: str | None = None  # the base model an adapter was trained on
+    converted_from: Path | None = None  # the GGUF file a "model" was converted from (--gguf_runtime transformers)
+    hub_id: str | None = None  # a hub model read from the local Hugging Face cache (path: its snapshot)
 
     @property
     def results_dir(self) -> Path:
-        """Where its result files go by default: the model's folder; for a GGUF file a folder beside it named
-        after it (models/run/run-q8_0.gguf -> models/run/run-q8_0-eval), since one folder often holds several."""
-        return self.path.parent / f"{self.path.stem}-eval" if self.kind == "gguf" else self.path
+        """Where its result files go by default: the model's folder; for a GGUF file (run in llama.cpp, or
+        converted for transformers into a hidden cache folder) a folder beside the file named after it
+        (models/run/run-q8_0.gguf -> models/run/run-q8_0-eval), since one folder often holds several; for a hub
+        model a folder in the working directory (org/name -> org--name-eval), never inside the cache."""
+        if self.hub_id:
+            return Path(f"{self.hub_id.replace('/', '--')}-eval")
+        gguf_file = self.path if self.kind == "gguf" else self.converted_from
+        return gguf_file.parent / f"{gguf_file.stem}-eval" if gguf_file else self.path
 
     @property
     def weight_files(self) -> list[Path]:
@@ -72,12 +88,36 @@ def inspect_model_folder(path: str | os.PathLike, gguf_runtime: str = "transform
     A GGUF file (or a folder holding one) is run in llama.cpp with `gguf_runtime` "llama.cpp"; with
     "transformers" it is converted once to a model folder and evaluated as one.
     """
-    if gguf_runtime == "llama.cpp":
-        gguf_file = find_gguf(path)
-        if gguf_file is not None:
-            read_architecture(gguf_file)  # a file that is not GGUF, or is cut short, is named before any work
-            return ModelSource(gguf_file, "gguf")
+    gguf_file = find_gguf(path)
+    if gguf_runtime == "llama.cpp" and gguf_file is not None:
+        read_architecture(gguf_file)  # a file that is not GGUF, or is cut short, is named before any work
+        return ModelSource(gguf_file, "gguf")
     folder = Path(resolve_model(str(path)))
+    if gguf_file is not None:
+        return dataclasses.replace(_inspect_folder(folder), converted_from=gguf_file)
+    if not folder.exists() and HUB_ID.fullmatch(str(path)):
+        return dataclasses.replace(_inspect_folder(cached_model_folder(str(path))), hub_id=str(path))
+    return _inspect_folder(folder)
+
+
+def cached_model_folder(repo_id: str) -> Path:
+    """A hub id's snapshot in the local Hugging Face cache, found offline, or an error naming the id."""
+    folder = cached_hub_model(repo_id)
+    if folder is None:
+        raise EvalError(
+            f"{repo_id}: no such folder, and not a hub model in the local Hugging Face cache "
+            f"({hf_cache_dir()}); download it once with `hf download {repo_id}`, or give a model folder"
+        )
+    return folder
+
+
+def hf_cache_dir() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def _inspect_folder(folder: Path) -> ModelSource:
     if not folder.exists():
         raise EvalError(f"{folder}: no such file or folder; {EXPECTED_FOLDER_HELP}")
     if not folder.is_dir():
@@ -176,10 +216,12 @@ def load_examples(path: str, max_examples: int | None = None) -> list[Example]:
     examples = []
     for index, (row, conversation) in enumerate(zip(rows, conversations)):
         where = f"{path}: row {index + 1}: "
-        if tool_data:
-            examples.extend(_tool_turns(conversation, row, where))
-        else:
-            examples.append(_split_conversation(conversation.messages, conversation.tools, row, where))
+        found = (
+            _tool_turns(conversation, row, where)
+            if tool_data
+            else [_split_conversation(conversation.messages, conversation.tools, row, where)]
+        )
+        examples.extend(dataclasses.replace(example, row=index) for example in found)
     if not examples:
         raise formats.DataError(f"{path}: no examples to evaluate")
     return examples
@@ -306,3 +348,19 @@ def _load_adapter(source: ModelSource, tokenizer: Any, dtype: Any) -> Any:
     if (source.path / "generation_config.json").is_file():
         base.generation_config = GenerationConfig.from_pretrained(str(source.path))
     return PeftModel.from_pretrained(base, str(source.path))
+
+
+def check_template_takes_examples(tokenizer: Any, examples: Sequence[Example], test_dataset: str) -> None:
+    """train.py's refusals for the same pairing, before the model loads: a template that raises on a test row
+    (Gemma's on a system turn), or drops the tool calls or the tool list of tool-calling rows, which would score the
+    model on prompts that lost them."""
+    from chattune.data.masking import ChatMasker
+    from chattune.data.tokenization import check_template_takes_rows, first_of_each_kind
+
+    conversations = (
+        (example.row, formats.Conversation([*example.prompt, example.reference_message], example.tools))
+        if example.reference_message
+        else (example.row, formats.Conversation(example.prompt, example.tools))
+        for example in examples
+    )
+    check_template_takes_rows(first_of_each_kind(conversations), ChatMasker(tokenizer), test_dataset)

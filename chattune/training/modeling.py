@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM
 
-from chattune.config.flags import FlagError, TrainFlags
+from chattune.config.flags import FlagError, TrainFlags, check_quantization_packages
 
 logger = logging.getLogger(__name__)
 
@@ -101,9 +102,8 @@ def choose_attention(requested: str | None) -> str:
 
 
 def quantization_config(flags: TrainFlags, dtype: torch.dtype) -> Any | None:
+    check_quantization_packages(flags)
     if flags.load_in_4bit or flags.load_in_8bit:
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise FlagError("--load_in_4bit/--load_in_8bit need bitsandbytes: pip install bitsandbytes")
         from transformers import BitsAndBytesConfig
 
         if flags.load_in_8bit:
@@ -115,15 +115,24 @@ def quantization_config(flags: TrainFlags, dtype: torch.dtype) -> Any | None:
             bnb_4bit_compute_dtype=dtype,
         )
     if flags.load_as_gptq:
-        if importlib.util.find_spec("gptqmodel") is None:
-            raise FlagError(
-                "--load_as_gptq needs the maintained GPTQ backend: pip install gptqmodel optimum "
-                "(auto-gptq is unmaintained and not supported by current transformers)"
-            )
         from transformers import GPTQConfig
 
-        return GPTQConfig(bits=4, use_exllama=False)
+        # A GPTQ checkpoint's own quantization_config (bits, group size, format) is used as saved; of the config
+        # passed here transformers 5 takes only the loading attributes, `backend` and `max_input_length`
+        # (use_exllama and the like are dropped). auto_trainable lets gptqmodel pick a kernel that has a
+        # backward pass on this device, as LoRA training needs.
+        return GPTQConfig(bits=4, backend="auto_trainable")
     return None
+
+
+def quantized_device_map(flags: TrainFlags) -> dict[str, Any] | None:
+    """Where a GPTQ model's layers go: transformers' GPTQ quantizer puts them on the CPU unless told, so each
+    process places the whole model on its own GPU (LOCAL_RANK under accelerate/torchrun)."""
+    if not flags.load_as_gptq:
+        return None
+    if torch.cuda.is_available():
+        return {"": f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"}
+    return {"": "cpu"}
 
 
 def describe_quantization(flags: TrainFlags) -> str:
@@ -139,6 +148,9 @@ def load_model(flags: TrainFlags, dtype: torch.dtype, attn_implementation: str) 
     quant = quantization_config(flags, dtype)
     if quant is not None:
         kwargs["quantization_config"] = quant
+    device_map = quantized_device_map(flags)
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     model = AutoModelForCausalLM.from_pretrained(flags.base_model, **kwargs)
     if quant is not None:
         logger.info("loaded %s with %s", flags.base_model, describe_quantization(flags))
@@ -160,8 +172,9 @@ def lora_config(flags: TrainFlags, model: Any, tokens_added: bool) -> Any:
     from peft import LoraConfig
 
     targets: Any = _split(flags.lora_modules) or "all-linear"
-    if flags.lora_layers is not None and targets == "all-linear":
-        targets = block_linear_names(model)  # peft takes a layer subset only with named modules
+    if targets == "all-linear" and (flags.lora_layers is not None or flags.load_as_gptq):
+        # peft takes a layer subset only with named modules, and its all-linear finds no GPTQ layer (no nn.Linear)
+        targets = block_linear_names(model)
     to_save = _split(flags.lora_modules_to_save) or []
     if tokens_added:
         missing = [n for n in embedding_module_names(model) if n not in to_save]
@@ -188,12 +201,13 @@ def lora_config(flags: TrainFlags, model: Any, tokens_added: bool) -> Any:
 
 
 def block_linear_names(model: Any) -> list[str]:
-    """Short names of the linear projections inside the transformer blocks (q_proj, ..., down_proj)."""
+    """Short names of the linear projections inside the transformer blocks (q_proj, ..., down_proj): nn.Linear, or
+    GPTQ's packed layers (a `qweight` in place of the weight)."""
     output = model.get_output_embeddings()
     names = [
         name.rsplit(".", 1)[-1]
         for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and module is not output
+        if (isinstance(module, torch.nn.Linear) or hasattr(module, "qweight")) and module is not output
     ]
     return list(dict.fromkeys(names))
 

@@ -19,9 +19,9 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from chattune.config.flags import FlagError, TrainFlags
+from chattune.hub_cache import cached_hub_model
+from chattune.training.identity import check_same_run
 from chattune.training.safety import checkpoint_problem, checkpoints_newest_first
-
-logger = logging.getLogger(__name__)
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,9 @@ WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 BASE_REWRITING_INITS = ("pissa", "olora")
 
 
-def resolve_resume(flags: TrainFlags) -> str | None:
+def resolve_resume(flags: TrainFlags, fingerprint: dict | None = None) -> str | None:
+    """The checkpoint to resume from, or None for a fresh start. With the run's `fingerprint`
+    (chattune.training.identity), the checkpoint's own is compared with it first."""
     if not flags.resume_from_checkpoint:
         return None
     if flags.resume_from_checkpoint == "latest":
@@ -57,6 +59,8 @@ def resolve_resume(flags: TrainFlags) -> str | None:
                 f"found: {found or 'nothing'}"
             )
         refuse_damaged(path)
+    if fingerprint is not None:
+        check_same_run(flags, path, fingerprint)
     check_checkpoint_matches(flags, path)
     check_same_batch(flags, path)
     return str(path)
@@ -196,13 +200,7 @@ def model_folder(name_or_path: str) -> Path | None:
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(name_or_path, local_files_only=True))
-    except (LocalEntryNotFoundError, HFValidationError, OSError):
-        return None
+    return cached_hub_model(name_or_path)
 
 
 def base_identity(name_or_path: str) -> dict:
@@ -235,8 +233,8 @@ def weights_fingerprint(folder: Path) -> str | None:
 
 
 class RunRecord(TrainerCallback, ExportableState):
-    """Stores `record` (the batch and, for LoRA, the base model's identity) in every checkpoint's
-    trainer_state.json, where resolve_resume reads it back."""
+    """Stores `record` (the batch, the run's fingerprint and, for LoRA, the base model's identity) in every
+    checkpoint's trainer_state.json, where resolve_resume reads it back."""
 
     def __init__(self, record: dict) -> None:
         self.record = record
@@ -249,8 +247,10 @@ class RunRecord(TrainerCallback, ExportableState):
         state.stateful_callbacks.setdefault(type(self).__name__, self.state())
 
 
-def run_record(flags: TrainFlags, processes: int) -> RunRecord:
+def run_record(flags: TrainFlags, processes: int, fingerprint: dict | None = None) -> RunRecord:
     record: dict[str, Any] = {"batch": batch_record(flags, processes)}
+    if fingerprint is not None:
+        record["fingerprint"] = fingerprint
     if flags.use_lora:
         record["base"] = base_identity(flags.base_model)
     return RunRecord(record)
