@@ -188,11 +188,14 @@ def test_preference_rows_that_cannot_work_are_named(tmp_path, rows, method, mess
 
 
 def test_a_method_the_installed_trl_lacks_is_refused_with_its_version(monkeypatch):
+    import dataclasses
+
     import trl
 
-    from chattune.training import preference
+    from chattune.training.methods import METHODS
 
-    monkeypatch.setitem(preference.TRL_CLASSES, "orpo", (("trl", "NoSuchConfig", "NoSuchTrainer"),))
+    missing = dataclasses.replace(METHODS["orpo"], trl=(("trl", "NoSuchConfig", "NoSuchTrainer"),))
+    monkeypatch.setitem(METHODS, "orpo", missing)
     flags = parse_flags(["--run_name", "r", "--base_model", "m", "--train_dataset", "d.jsonl", "--method", "orpo"])
     with pytest.raises(FlagError, match=f"TRL {trl.__version__} does not have"):
         check_method(flags)

@@ -26,8 +26,8 @@ from chattune.config.transformers_names import (
     unknown_name,
 )
 from chattune.errors import ChattuneError
+from chattune.training.methods import METHODS, check_scoped_flags
 
-METHODS = ("sft", "dpo", "simpo", "orpo", "kto")
 LOSS_REDUCTIONS = ("tokens", "sequences")
 LORA_INITS = ("pissa", "olora", "gaussian", "loftq")
 
@@ -349,7 +349,7 @@ class TrainFlags:
     @property
     def preference(self) -> bool:
         """Trained on preference data (DPO, SimPO, ORPO, KTO) rather than conversations."""
-        return self.method != "sft"
+        return METHODS[self.method].preference
 
     @property
     def quantized(self) -> bool:
@@ -438,7 +438,8 @@ _SEPARATORS = ("/", "\\", os.sep, os.altsep)
 
 
 def _resolve_method(flags: TrainFlags) -> str:
-    """--method, or home-llm's --dpo/--simpo spelling of it; refuses the combinations that contradict each other."""
+    """--method, or home-llm's --dpo/--simpo spelling of it; refuses the combinations that contradict each other
+    and the method-specific flags the method does not use (chattune.training.methods)."""
     legacy = "simpo" if flags.simpo else "dpo" if flags.dpo else None
     method = flags.method or legacy or "sft"
     if method not in METHODS:
@@ -446,28 +447,15 @@ def _resolve_method(flags: TrainFlags) -> str:
     # home-llm wrote SimPO as `--dpo --simpo`, so --dpo agrees with simpo; every other mix contradicts itself
     if legacy and legacy != method and not (legacy == "dpo" and method == "simpo"):
         raise FlagError(f"--{legacy} contradicts --method {method}; give one of them")
-    if flags.dpo_loss != "sigmoid" and method != "dpo":
-        raise FlagError(f"--dpo_loss {flags.dpo_loss} applies to --method dpo, not {method}")
-    if flags.simpo_gamma != 0.5 and method != "simpo":
-        raise FlagError(f"--simpo_gamma applies to --method simpo, not {method}")
-    if method != "sft":
-        sft_only = {
-            "--packing": flags.packing,
-            "--group_by_length": flags.group_by_length,
-            "--train_on_prompts": flags.train_on_prompts,
-            "--prefix_ids": flags.prefix_ids,
-            "--suffix_ids": flags.suffix_ids,
-        }
-        given = [name for name, value in sft_only.items() if value]
-        if given:
-            raise FlagError(f"{', '.join(given)} shape(s) SFT batches and labels; --method {method} does not use them")
-    if flags.precompute_ref_log_probs and method != "dpo":
-        why = "has no reference model" if method in ("sft", "simpo", "orpo") else "is not supported with it (dpo only)"
-        raise FlagError(f"--precompute_ref_log_probs scores DPO's reference model; --method {method} {why}")
-    if method == "kto" and flags.micro_batch_size < 2:
+    flags.method = method
+    refusal = check_scoped_flags(flags)
+    if refusal:
+        raise FlagError(refusal)
+    entry = METHODS[method]
+    if flags.micro_batch_size < entry.min_micro_batch_size:
         raise FlagError(
-            "--method kto needs --micro_batch_size of at least 2: its KL estimate pairs each completion with "
-            "another prompt of the same micro-batch"
+            f"--method {method} needs --micro_batch_size of at least {entry.min_micro_batch_size}: "
+            f"{entry.min_micro_batch_why}"
         )
     return method
 
@@ -508,8 +496,6 @@ def _check_optimizer_and_schedule(flags: TrainFlags) -> None:
             raise FlagError("give --warmup_epochs or --learning_rate_warmup, not both")
         if flags.warmup_epochs < 0:
             raise FlagError("--warmup_epochs must be at least 0")
-    if flags.loss_reduction != "tokens" and flags.method != "sft":
-        raise FlagError(f"--loss_reduction averages the SFT loss; --method {flags.method} has its own loss")
 
 
 def _check_lora_variants(flags: TrainFlags) -> None:
@@ -556,11 +542,6 @@ def _check_evaluation_flags(flags: TrainFlags) -> None:
         )
     if flags.eval_generate is not None and flags.eval_generate < 1:
         raise FlagError(f"--eval_generate is a number of test examples, at least 1, not {flags.eval_generate}")
-    if flags.eval_generate is not None and flags.method != "sft":
-        raise FlagError(
-            f"--eval_generate scores replies to chat prompts; --method {flags.method} evaluates on preference "
-            "rows (score its model afterwards with evaluate.py)"
-        )
 
 
 # What each quantized load needs installed: transformers' GPTQ loader calls optimum, which runs gptqmodel's kernels.
