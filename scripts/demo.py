@@ -179,7 +179,7 @@ def train_command(
         "--batch_size", str(args.batch_size), "--micro_batch_size", str(args.batch_size),
         "--learning_rate_warmup", "0.05", "--weight_decay", "0",
         "--max_steps", str(steps), "--save_steps", str(steps), "--save_total_limit", "1",
-        "--logging_steps", "5", "--export_gguf", "q8_0",
+        "--logging_steps", "5", "--export_gguf", "q8_0", "--export_embedding_type", "f16",
         "--test_dataset", str(curve_file), "--eval_generate", str(args.curve_examples),
         "--eval_steps", f"{1 / args.curve_points:.4g}",
     ]  # fmt: skip
@@ -477,7 +477,7 @@ def report(
         "",
         *resource_lines(timings, None if args.max_steps else args.time_budget * 60),
     ]
-    lines += ["", f"model folder: {paths.model_dir}", f"GGUF (q8_0):  {paths.gguf_file}"]
+    lines += ["", f"model folder: {paths.model_dir}", f"GGUF (q8_0, f16 embedding):  {paths.gguf_file}"]
     return "\n".join(lines)
 
 

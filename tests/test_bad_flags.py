@@ -79,6 +79,14 @@ CASES = {  # id: (flags after the defaults, the message, what must not have star
         "--lora_dropout is a probability in [0, 1), not -0.5",
     ),
     "lora-dropout-one-or-more": (["--use_lora", "--lora_dropout", "1.5"], "--lora_dropout is a probability in [0, 1)"),
+    "embedding-type-without-export": (
+        ["--export_embedding_type", "f16"],
+        "--export_embedding_type needs --export_gguf (the GGUF type of the other weights)",
+    ),
+    "embedding-type-for-a-k-quant": (
+        ["--export_gguf", "q6_k", "--export_embedding_type", "f16"],
+        "--export_embedding_type: an embedding type (f16) applies to the types chattune writes",
+    ),
     "same-source-twice": (
         ["--train_dataset", "{data}", "{root}/../{root_name}/train.jsonl"],
         "--train_dataset: {data} and {root}/../{root_name}/train.jsonl are the same source, so each of its rows "

@@ -169,6 +169,33 @@ def test_f32_export_is_exact_and_q8_0_keeps_argmax(arch, request, tmp_path):
     assert same.float().mean() >= 0.9
 
 
+def test_q8_0_with_f16_embeddings_stores_only_those_two_apart(test_tokenizer_dir, tmp_path):
+    """--embedding_type keeps the token embedding and the output matrix (here untied: both present) at f16 and
+    every other matrix at q8_0; the f16 ones hold the weights to f16's rounding."""
+    model_dir = make_tiny_model(test_tokenizer_dir, tmp_path / "untied", tie_word_embeddings=False)
+    assert main([str(model_dir), "--outtype", "q8_0", "--embedding_type", "f16"]) == 0
+    path = model_dir / "untied-q8_0.gguf"
+    types = _tensor_types(path)
+    assert types["token_embd.weight"] == types["output.weight"] == "F16"
+    assert types["blk.0.attn_q.weight"] == types["blk.1.ffn_down.weight"] == "Q8_0"
+    reader = gguf.GGUFReader(path)
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q8_0
+    tensor = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    from safetensors.torch import load_file
+
+    embedding = load_file(model_dir / "model.safetensors")["model.embed_tokens.weight"]
+    stored = torch.from_numpy(np.array(tensor.data, dtype=np.float32)).reshape(embedding.shape)
+    torch.testing.assert_close(stored, embedding.to(torch.float16).float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("outtype", ["q6_k", "q4_k_m"])
+def test_embedding_type_is_refused_for_llama_cpp_types(test_tokenizer_dir, tmp_path, capsys, outtype):
+    model_dir = make_tiny_model(test_tokenizer_dir, tmp_path / "m")
+    assert main([str(model_dir), "--outtype", outtype, "--embedding_type", "f16"]) == 2
+    assert "llama.cpp's quantizer chooses the types" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not list(model_dir.glob("*.gguf")) and not list(model_dir.glob("*.Modelfile"))
+
+
 def test_cli_writes_default_path_atomically(test_tokenizer_dir, tmp_path, capsys):
     model_dir = make_tiny_model(test_tokenizer_dir, tmp_path / "my-run")
     assert main([str(model_dir), "--outtype", "q8_0"]) == 0

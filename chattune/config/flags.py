@@ -26,6 +26,13 @@ from chattune.config.transformers_names import (
     unknown_name,
 )
 from chattune.errors import ChattuneError
+from chattune.export.outtypes import (
+    ALL_OUTTYPES,
+    EMBEDDING_TYPES,
+    LLAMA_QUANT_NAMES,
+    check_embedding_type,
+    require_quantizer,
+)
 from chattune.training.methods import METHODS, check_scoped_flags
 
 LOSS_REDUCTIONS = ("tokens", "sequences")
@@ -273,6 +280,12 @@ class TrainFlags:
         "q4_k_m, q5_k_m or q6_k made by "
         "llama.cpp's quantizer (needs llama-cpp-python; all types in docs/export.md).",
     )
+    export_embedding_type: str | None = _flag(
+        None,
+        "With --export_gguf f16, q8_0 or f32: store the token embedding and the output matrix as this type (f16 or "
+        "f32) instead. q8_0 with f16 keeps a small model's exact match within a point of f16 (docs/export.md).",
+        choices=EMBEDDING_TYPES,
+    )
 
     # --- training method: SFT or preference training ----------------------------------------------------------
     method: str | None = _flag(
@@ -319,13 +332,17 @@ class TrainFlags:
         if not 0 < self.eval_fraction <= 1:
             raise FlagError("--eval_fraction must be in (0, 1]")
         _check_evaluation_flags(self)
-        if self.export_gguf:
-            from chattune.export.outtypes import ALL_OUTTYPES, LLAMA_QUANT_NAMES, require_quantizer
-
-            if self.export_gguf not in ALL_OUTTYPES:
-                raise FlagError(f"--export_gguf must be one of {', '.join(ALL_OUTTYPES)}, not {self.export_gguf!r}")
-            if self.export_gguf in LLAMA_QUANT_NAMES:
-                require_quantizer(self.export_gguf)  # a missing llama-cpp-python fails before the training
+        if self.export_gguf and self.export_gguf not in ALL_OUTTYPES:
+            raise FlagError(f"--export_gguf must be one of {', '.join(ALL_OUTTYPES)}, not {self.export_gguf!r}")
+        if self.export_embedding_type:
+            if not self.export_gguf:
+                raise FlagError("--export_embedding_type needs --export_gguf (the GGUF type of the other weights)")
+            try:
+                check_embedding_type(self.export_gguf, self.export_embedding_type)
+            except ChattuneError as error:
+                raise FlagError(f"--export_embedding_type: {error}") from None
+        if self.export_gguf in LLAMA_QUANT_NAMES:
+            require_quantizer(self.export_gguf)  # a missing llama-cpp-python fails before the training
         if self.export_gguf and self.use_lora and not self.lora_merge:
             raise FlagError("--export_gguf needs a full model: add --lora_merge to export the merged model")
         if bool(self.prefix_ids) != bool(self.suffix_ids) and not self.prefix_ids:

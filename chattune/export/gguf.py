@@ -53,7 +53,7 @@ from chattune.export.gguf_vocab import (
     write_vocab,
 )
 from chattune.export.ollama import MODELFILE_SUFFIX, modelfile_path, write_modelfile
-from chattune.export.outtypes import ALL_OUTTYPES
+from chattune.export.outtypes import ALL_OUTTYPES, EMBEDDING_TYPES, check_embedding_type
 from chattune.export.quantize import LLAMA_QUANT_TYPES, quantize_gguf, require_quantizer
 
 __all__ = [
@@ -509,9 +509,16 @@ def _add_tensor(writer: Any, name: str, data: np.ndarray, qtype: gguf.GGMLQuanti
 
 
 def _write_tensors(
-    writer: Any, model_dir: Path, arch: _Arch, config: dict[str, Any], qtype: gguf.GGMLQuantizationType
+    writer: Any,
+    model_dir: Path,
+    arch: _Arch,
+    config: dict[str, Any],
+    qtype: gguf.GGMLQuantizationType,
+    embedding_qtype: gguf.GGMLQuantizationType | None = None,
 ) -> int:
-    """Every tensor of the checkpoint under llama.cpp's name; returns the number of embedding rows."""
+    """Every tensor of the checkpoint under llama.cpp's name; returns the number of embedding rows. The token
+    embedding and the output matrix are stored as `embedding_qtype` when it is given, else as `qtype`."""
+    embedding_qtype = embedding_qtype or qtype
     import torch
 
     names = gguf.get_tensor_name_map(arch.gguf_arch, int(config["num_hidden_layers"]))
@@ -527,7 +534,8 @@ def _write_tensors(
             raise UnsupportedModelError(f"{model_dir}: no GGUF name for checkpoint tensor {hf_name!r}")
         if gguf_name == "token_embd.weight":
             n_vocab, embedding = tensor.shape[0], tensor
-        _add_tensor(writer, gguf_name, _convert(hf_name, tensor, arch, config), qtype)
+        stored_as = embedding_qtype if gguf_name == "token_embd.weight" else qtype
+        _add_tensor(writer, gguf_name, _convert(hf_name, tensor, arch, config), stored_as)
     if n_vocab is None:
         raise UnsupportedModelError(f"{model_dir}: the checkpoint has no token embedding (embed_tokens)")
     # Without an `output` tensor llama.cpp reuses the embedding (tied weights). A checkpoint that stores
@@ -542,7 +550,7 @@ def _write_tensors(
                 f"{model_dir}: lm_head differs from the token embedding, and llama.cpp's "
                 f"{gguf.MODEL_ARCH_NAMES[arch.gguf_arch]} always computes the output with the embedding"
             )
-        _add_tensor(writer, "output.weight", _convert("lm_head.weight", output, arch, config), qtype)
+        _add_tensor(writer, "output.weight", _convert("lm_head.weight", output, arch, config), embedding_qtype)
     rope = _rope_parameters(config)
     if rope["rope_type"] == "llama3":
         writer.add_tensor(
@@ -593,22 +601,28 @@ def _in_model_folder(model_dir: Path, target: Path) -> bool:
 
 
 def export_gguf(
-    model_dir: str | Path, outtype: str = "f16", out: str | Path | None = None, overwrite: bool = False
+    model_dir: str | Path,
+    outtype: str = "f16",
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    embedding_type: str | None = None,
 ) -> Path:
     """Write `model_dir` (a Hugging Face model folder) as one GGUF file and return its path.
 
     `outtype` is the storage of the weight matrices: "f16", "q8_0" or "f32" (norms and biases are always F32),
     or one of llama.cpp's types (LLAMA_QUANT_TYPES: "q4_k_m", "q5_k_m", "q6_k", ...), made from an f16 file by
-    llama.cpp's quantizer. `out` defaults to `MODEL_DIR/<folder-name>-<outtype>.gguf`; an existing file there is
-    replaced only with `overwrite` (see check_targets, which runs first).
+    llama.cpp's quantizer. `embedding_type` ("f16" or "f32"), when given, stores the token embedding and the output
+    matrix apart (types chattune writes only). `out` defaults to `MODEL_DIR/<folder-name>-<outtype>.gguf`; an
+    existing file there is replaced only with `overwrite` (see check_targets, which runs first).
     """
     if outtype not in ALL_OUTTYPES:
         raise ValueError(f"unknown outtype {outtype!r}: choose one of {', '.join(ALL_OUTTYPES)}")
+    check_embedding_type(outtype, embedding_type)
     out = Path(out) if out is not None else default_output_path(model_dir, outtype)
     check_targets(model_dir, [out], overwrite)
     if outtype in LLAMA_QUANT_TYPES:
         return _export_quantized(model_dir, outtype, out)
-    return _write_gguf(model_dir, outtype, out)
+    return _write_gguf(model_dir, outtype, out, embedding_type)
 
 
 def _export_quantized(model_dir: str | Path, outtype: str, out: Path) -> Path:
@@ -624,7 +638,7 @@ def _export_quantized(model_dir: str | Path, outtype: str, out: Path) -> Path:
     return out
 
 
-def _write_gguf(model_dir: str | Path, outtype: str, out: Path) -> Path:
+def _write_gguf(model_dir: str | Path, outtype: str, out: Path, embedding_type: str | None = None) -> Path:
     model_dir = Path(model_dir).resolve()
     if (model_dir / "adapter_config.json").is_file() and not (model_dir / "config.json").is_file():
         raise UnsupportedModelError(
@@ -636,11 +650,12 @@ def _write_gguf(model_dir: str | Path, outtype: str, out: Path) -> Path:
     config, arch = _load_config(model_dir)
     tokenizer, kind = _load_tokenizer(model_dir)  # before any weight is read: an unsupported tokenizer fails fast
     qtype, file_type = OUTTYPES[outtype]
+    embedding_qtype = OUTTYPES[embedding_type][0] if embedding_type else None
 
     with atomic_path(out) as staging:
         writer = gguf.GGUFWriter(staging, gguf.MODEL_ARCH_NAMES[arch.gguf_arch])
         try:
-            n_vocab = _write_tensors(writer, model_dir, arch, config, qtype)
+            n_vocab = _write_tensors(writer, model_dir, arch, config, qtype, embedding_qtype)
             writer.add_name(file_name(model_dir.name, kind))
             writer.add_file_type(file_type)
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -656,7 +671,8 @@ def _write_gguf(model_dir: str | Path, outtype: str, out: Path) -> Path:
                 os.fsync(handle.fileno())
         finally:
             writer.close()
-    logger.info("wrote %s (%s, %d tokens)", out, outtype, n_vocab)
+    embeddings = f", token embedding and output matrix {embedding_type}" if embedding_type else ""
+    logger.info("wrote %s (%s%s, %d tokens)", out, outtype, embeddings, n_vocab)
     return out
 
 
@@ -675,6 +691,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="f16",
         metavar="TYPE",
         help=f"weight storage: {', '.join(ALL_OUTTYPES)} (default: f16)",
+    )
+    parser.add_argument(
+        "--embedding_type",
+        choices=EMBEDDING_TYPES,
+        default=None,
+        help="store the token embedding and the output matrix as this type instead of --outtype (with f32, f16 or "
+        "q8_0; e.g. q8_0 with f16 keeps a small model's scores: docs/export.md)",
     )
     parser.add_argument("--out", type=Path, default=None, help="output file (default: MODEL_DIR/<name>-<outtype>.gguf)")
     parser.add_argument(
@@ -696,10 +719,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = args.out or default_output_path(args.model_dir, args.outtype)
     modelfile = modelfile_path(out)
+    check_embedding_type(args.outtype, args.embedding_type)
     check_targets(args.model_dir, [out, modelfile], args.overwrite)  # the Modelfile too: it may be edited by hand
     report_progress(f"exporting {args.model_dir} to {out}", _nothing_kept(args.model_dir, out, args.outtype))
     try:
-        path = export_gguf(args.model_dir, args.outtype, out, overwrite=args.overwrite)
+        path = export_gguf(args.model_dir, args.outtype, out, args.overwrite, args.embedding_type)
     except FileNotFoundError as error:
         raise ChattuneError(str(error)) from None
     report_progress(f"writing {modelfile}", f"wrote {path}; {modelfile} was not written")

@@ -9,6 +9,10 @@ from __future__ import annotations
 from chattune.errors import ChattuneError
 
 WRITTEN_OUTTYPES = ("f32", "f16", "q8_0")  # written by chattune itself (chattune.export.gguf)
+# Storage for the token embedding and the output matrix apart from the other weights (llama-quantize's
+# --token-embedding-type/--output-tensor-type). A small model spends a large share of its weights there (SmolLM2-135M:
+# a fifth, tied), and rounding it to q8_0 costs more exact matches than rounding every other matrix does.
+EMBEDDING_TYPES = ("f16", "f32")
 # The types llama-quantize makes without an importance matrix, by the name its users know them by (gguf's
 # LlamaFileType.MOSTLY_<NAME>). The IQ1/IQ2/IQ3_XXS types are left out: llama.cpp refuses them without an
 # importance matrix. bf16 is left out too: it would be made from the f16 file, losing the range it exists to keep.
@@ -51,4 +55,14 @@ def require_quantizer(outtype: str) -> None:
         raise QuantizeError(
             f"--outtype {outtype} is made by llama.cpp's quantizer, through llama-cpp-python, which is not "
             f"installed: {INSTALL_HINT}; or export f16, q8_0 or f32, which need nothing more"
+        )
+
+
+def check_embedding_type(outtype: str, embedding_type: str | None) -> None:
+    """Refuse an embedding type for a file made by llama.cpp's quantizer, which picks those tensors' types itself."""
+    if embedding_type is not None and outtype not in WRITTEN_OUTTYPES:
+        raise ChattuneError(
+            f"an embedding type ({embedding_type}) applies to the types chattune writes "
+            f"({', '.join(WRITTEN_OUTTYPES)}), not to {outtype}: llama.cpp's quantizer chooses the types of the "
+            "token embedding and the output matrix itself"
         )
