@@ -17,6 +17,6 @@ def main() -> int:
 
     flags = parse_flags()  # --help and refused flags end here
     use_scalable_allocator()  # returns unless this process must restart with another malloc
-    from chattune.training.run import start
+    from chattune.commands.train import start
 
     return start(flags)

@@ -46,11 +46,11 @@ def parse(command: str) -> None:
 
         build_parser(Path("data")).parse_args(args)
     elif script == "evaluate.py":
-        from chattune.evaluation.run import parse_args
+        from chattune.commands.evaluate import parse_args
 
         parse_args(args)
     elif script == "find_split.py":
-        from chattune.data.find_split_cli import parse_args
+        from chattune.commands.find_split import parse_args
 
         parse_args(args)
     elif script == "scripts/export_gguf.py" or (script == "-m" and args[0] == "chattune.export.gguf"):

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from chattune.domains.homeassistant.reply_format import format_reply
 from chattune.domains.homeassistant.scoring import METRIC_KEYS, ExampleScore, aggregate, score_example, summarize
-from chattune.evaluation.metrics import bleu, rouge_l
+from chattune.domains.metrics import bleu, rouge_l
 from conftest import run_script, write_jsonl
 
 KITCHEN_ON = {"service": "light.turn_on", "target_device": "light.kitchen"}
@@ -226,7 +226,7 @@ def test_load_examples_accepts_every_chat_format(tmp_path):
 
 
 def test_unknown_path_exits_2(tmp_path, capsys):
-    from chattune.evaluation.run import main
+    from chattune.commands.evaluate import main
 
     assert main([str(tmp_path / "missing"), "--test_dataset", str(tmp_path / "t.jsonl")]) == 2
     assert "no such file or folder" in capsys.readouterr().err

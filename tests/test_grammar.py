@@ -245,7 +245,7 @@ def test_a_prompt_without_devices_is_generated_free_and_counted(tiny_model_dir, 
 def test_evaluate_without_the_grammar_engine_says_so_before_loading(monkeypatch, tmp_path):
     import sys
 
-    from chattune.evaluation.run import parse_args
+    from chattune.commands.evaluate import parse_args
 
     monkeypatch.setitem(sys.modules, "llguidance", None)  # as if not installed
     with pytest.raises(inputs.EvalError, match="llguidance, which is not installed: pip install llguidance"):

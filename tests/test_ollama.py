@@ -19,13 +19,13 @@ from pathlib import Path
 import pytest
 
 from chattune.atomic import DiskFullError
-from chattune.data.chatml import CHATML_TEMPLATE
 from chattune.export.ollama import (
     constant_system_prompt,
     families,
     modelfile_path,
     write_modelfile,
 )
+from chattune.models.chatml import CHATML_TEMPLATE
 from conftest import TRAIN, chat_rows, make_tiny_model, run_script, shared_tokenizer_path, train_argv, write_jsonl
 from gotemplate import ollama_render, render
 from templates import GEMMA, MISTRAL

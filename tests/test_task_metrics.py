@@ -14,7 +14,7 @@ from test_crash_safety import straight_and_killed_then_resumed
 
 from chattune.config.flags import FlagError, TrainFlags
 from chattune.domains.homeassistant.task import HomeAssistantTask
-from chattune.training.task_metrics import (
+from chattune.training.trainers.task_metrics import (
     GenerationPlan,
     best_metric_key,
     check_best_metric,

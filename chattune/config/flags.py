@@ -302,7 +302,7 @@ class TrainFlags:
             raise FlagError("--eval_fraction must be in (0, 1]")
         _check_evaluation_flags(self)
         if self.export_gguf:
-            from chattune.export.outtypes import ALL_OUTTYPES, LLAMA_QUANT_NAMES, require_quantizer
+            from chattune.config.outtypes import ALL_OUTTYPES, LLAMA_QUANT_NAMES, require_quantizer
 
             if self.export_gguf not in ALL_OUTTYPES:
                 raise FlagError(f"--export_gguf must be one of {', '.join(ALL_OUTTYPES)}, not {self.export_gguf!r}")
@@ -515,7 +515,7 @@ def _check_lora_variants(flags: TrainFlags) -> None:
 
 def _check_evaluation_flags(flags: TrainFlags) -> None:
     """The flags that need evaluations, and --eval_generate's own limits; the metric's name is checked once the
-    test set is read (chattune.training.task_metrics)."""
+    test set is read (chattune.training.trainers.task_metrics)."""
     needs_test_set = {
         "--early_stopping_patience": flags.early_stopping_patience is not None,
         "--eval_generate": flags.eval_generate is not None,

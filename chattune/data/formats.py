@@ -4,7 +4,7 @@ Rows are loaded by chattune.data.sources (files, datasets folders, hub ids; one 
 
 Every row format is one `Format` entry in `FORMATS`: the columns that detect it, and how one row becomes chattune's
 canonical form. SFT (chattune.data.tokenization), evaluation (chattune.evaluation.inputs), preference training
-(chattune.training.preference) and the data generator's --merge all read rows through it, so adding a format
+(chattune.training.trainers.preference) and the data generator's --merge all read rows through it, so adding a format
 is one entry (plus tests) and every reader knows it. The uses:
 
 * CHAT: a `Conversation` (canonical messages, tools, and per message whether it is trained): ShareGPT

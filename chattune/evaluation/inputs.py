@@ -11,7 +11,7 @@ from typing import Any
 
 from chattune.data import formats
 from chattune.errors import ChattuneError
-from chattune.training.gguf_models import find_gguf, read_architecture, resolve_model
+from chattune.models.gguf import find_gguf, read_architecture, resolve_model
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -237,7 +237,7 @@ def pick_device(requested: str) -> str:
 def pick_dtype(requested: str, device: str) -> Any:
     import torch
 
-    from chattune.training.modeling import cpu_has_native_bf16
+    from chattune.models.loading import cpu_has_native_bf16
 
     if requested == "auto":
         # bfloat16 halves GPU memory at no visible cost to greedy decoding; CPUs without bfloat16 instructions
@@ -252,7 +252,7 @@ def load_tokenizer(source: ModelSource, template_file: str | None = None) -> Any
     """The model's tokenizer, its chat template replaced by `template_file`'s when one is given."""
     from transformers import AutoTokenizer
 
-    from chattune.training import gguf_models
+    from chattune.models import gguf as gguf_models
 
     try:
         if source.kind == "gguf":  # the vocabulary and chat template stored in the file
@@ -293,7 +293,7 @@ def _load_adapter(source: ModelSource, tokenizer: Any, dtype: Any) -> Any:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    from chattune.data.tokenizer import resize_embeddings
+    from chattune.models.tokenizer import resize_embeddings
 
     try:
         base = AutoModelForCausalLM.from_pretrained(resolve_model(source.base), dtype=dtype)

@@ -1,7 +1,7 @@
 """Several models in one evaluation: every checkpoint of a run (`--all_checkpoints`), or the MODELs named on the
 command line, and the results stored beside each of them that a later evaluation of the same test set reuses.
 
-A run's layout is train.py's (chattune.training.outputs): `<root>/runs/<run>/checkpoint-N` while training, then
+A run's layout is train.py's (chattune.training.safety.outputs): `<root>/runs/<run>/checkpoint-N` while training, then
 `<root>/models/<run>` (a full or merged model) and/or `<root>/loras/<run>` (an adapter).
 """
 

@@ -28,9 +28,9 @@ from chattune.config.flags import FlagError, TrainFlags
 from chattune.data import formats
 from chattune.data.formats import DataError
 from chattune.data.sources import Source, read_sources
-from chattune.training.arguments import training_args
-from chattune.training.safety import AtomicCheckpointMixin
-from chattune.training.shared_prefix import LeanDPO, share_prompts
+from chattune.training.kernels.shared_prefix import LeanDPO, share_prompts
+from chattune.training.safety.checkpoints import AtomicCheckpointMixin
+from chattune.training.trainers.arguments import training_args
 
 logger = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ def _precomputed_dpo_trainer(
     """DPO whose reference log-probs are read from the cache or computed before training (chattune.training.
     reference). No reference model is passed: TRL then scores the pairs with the model itself before the first
     step (with LoRA, with the adapter off) and keeps nothing besides the policy."""
-    from chattune.training.reference import PrecomputedReference, reference_identity
+    from chattune.training.trainers.reference import PrecomputedReference, reference_identity
 
     trainer_class = with_atomic_checkpoints(trl_trainer, PrecomputedReference, *mixins)
     return trainer_class(

@@ -111,7 +111,7 @@ def set_warmup_epochs(trainer: Any, flags: TrainFlags, num_processes: int) -> No
 def evaluation_args(flags: TrainFlags, has_eval: bool) -> dict[str, Any]:
     if not has_eval:
         return {"eval_strategy": "no"}
-    from chattune.training.task_metrics import best_metric_key, greater_is_better
+    from chattune.training.trainers.task_metrics import best_metric_key, greater_is_better
 
     # The Trainer tracks the best evaluation by this metric at every evaluation, and the rotation of
     # checkpoints always keeps the best one.

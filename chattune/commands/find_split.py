@@ -11,7 +11,7 @@ from typing import Any
 from chattune.cli import entry_point
 from chattune.data.split_finder import SplitReport, find_split
 from chattune.errors import ChattuneError
-from chattune.training.gguf_models import load_tokenizer
+from chattune.models.gguf import load_tokenizer
 
 DESCRIPTION = (
     "Print the token ids that open and close an assistant response in MODEL's chat template, verified in context, "

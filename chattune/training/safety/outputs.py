@@ -12,7 +12,7 @@ from chattune.cli import report_progress
 from chattune.config.flags import FlagError, TrainFlags
 from chattune.export.merge import merge_adapter
 from chattune.export.save import save_model
-from chattune.training.modeling import quantization_config
+from chattune.models.loading import quantization_config
 
 logger = logging.getLogger(__name__)
 

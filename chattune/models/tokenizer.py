@@ -9,8 +9,8 @@ from typing import Any
 
 from transformers import AddedToken, AutoTokenizer
 
-from chattune.data.chatml import CHATML_TEMPLATE, CHATML_TOKENS
 from chattune.errors import ChattuneError
+from chattune.models.chatml import CHATML_TEMPLATE, CHATML_TOKENS
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from chattune.config.flags import FlagError, TrainFlags
-from chattune.training.safety import checkpoint_problem, checkpoints_newest_first
+from chattune.training.safety.checkpoints import checkpoint_problem, checkpoints_newest_first
 
 logger = logging.getLogger(__name__)
 

@@ -219,7 +219,7 @@ def plan_evaluations(flags: TrainFlags) -> GenerationPlan | None:
     """Everything about the evaluations that can fail (the best-model metric, --eval_generate, its task and
     grammar engine, steps that must align), checked before any work; returns what to generate for (None without
     --eval_generate)."""
-    from chattune.training.arguments import evaluation_args
+    from chattune.training.trainers.arguments import evaluation_args
 
     unused = unused_evaluation_flags(flags)
     if unused:

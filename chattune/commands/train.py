@@ -20,13 +20,8 @@ from chattune.config.flags import FlagError, TrainFlags, parse_flags
 from chattune.data import formats, tokenization
 from chattune.data.masking import ChatMasker, trim_suffix_overlap
 from chattune.data.sources import Source, read_sources
-from chattune.data.tokenizer import NO_TEMPLATE_HELP, add_tokens, load_tokenizer, resize_embeddings, set_stop_tokens
-from chattune.training.arguments import check_integrations, check_optimizer, set_warmup_epochs
-from chattune.training.batching import plan_batching
-from chattune.training.budget import TimeBudget
-from chattune.training.gguf_models import find_gguf, resolve_model
-from chattune.training.loftq import check_loftq_weights, init_loftq
-from chattune.training.modeling import (
+from chattune.models.gguf import find_gguf, resolve_model
+from chattune.models.loading import (
     check_precision_hardware,
     choose_attention,
     choose_dtype,
@@ -35,7 +30,12 @@ from chattune.training.modeling import (
     upcast_trainable_parameters,
     weight_dtype,
 )
-from chattune.training.outputs import (
+from chattune.models.tokenizer import NO_TEMPLATE_HELP, add_tokens, load_tokenizer, resize_embeddings, set_stop_tokens
+from chattune.training.adapters.loftq import check_loftq_weights, init_loftq
+from chattune.training.kernels.batching import plan_batching
+from chattune.training.safety.budget import TimeBudget
+from chattune.training.safety.checkpoints import GracefulStop, clear_staging
+from chattune.training.safety.outputs import (
     check_export,
     check_outputs_are_free,
     clear_old_checkpoints,
@@ -43,13 +43,13 @@ from chattune.training.outputs import (
     finish_hint,
     save_outputs,
 )
-from chattune.training.preference import build_preference_trainer, check_method, load_preferences
-from chattune.training.preflight import check_inputs
-from chattune.training.progress import ThroughputCallback, run_first, summary
-from chattune.training.resume import ContinueSchedule, resolve_resume, run_record
-from chattune.training.safety import GracefulStop, clear_staging
-from chattune.training.sft_trainer import build_trainer
-from chattune.training.task_metrics import plan_evaluations
+from chattune.training.safety.preflight import check_inputs
+from chattune.training.safety.progress import ThroughputCallback, run_first, summary
+from chattune.training.safety.resume import ContinueSchedule, resolve_resume, run_record
+from chattune.training.trainers.arguments import check_integrations, check_optimizer, set_warmup_epochs
+from chattune.training.trainers.preference import build_preference_trainer, check_method, load_preferences
+from chattune.training.trainers.sft import build_trainer
+from chattune.training.trainers.task_metrics import plan_evaluations
 
 logger = logging.getLogger("chattune")
 
