@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_arm(args)))
         return 0
     from bench.random_llama import SMOLLM2_135M, save_random_llama
-    from chattune.models.gguf import gguf_in_package, load_tokenizer
+    from chattune.models.gguf import gguf_in_package
+    from chattune.models.tokenizer import load_tokenizer
 
     arms: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="allocator-bench-") as work:

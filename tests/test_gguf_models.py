@@ -140,7 +140,7 @@ def test_a_gguf_beside_its_model_folder_keeps_its_own_chat_template(tiny_model_d
     """transformers, given a folder holding tokenizer_config.json and a GGUF, drops the GGUF's template."""
     import shutil
 
-    from chattune.models.gguf import load_tokenizer
+    from chattune.models.tokenizer import load_tokenizer
 
     folder = shutil.copytree(tiny_model_dir, tmp_path / "model")
     exported = export_gguf(folder, outtype="f32", out=folder / "model-f32.gguf")

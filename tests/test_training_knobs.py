@@ -12,14 +12,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from chattune.config.flags import FlagError, parse_flags
-from chattune.models.loading import (
-    FP16_NEEDS_GPU,
-    choose_dtype,
-    lora_config,
-    upcast_trainable_parameters,
-    weight_dtype,
-)
+from chattune.models.loading import FP16_NEEDS_GPU, choose_dtype, weight_dtype
 from chattune.training.adapters.loftq import check_loftq_weights, init_loftq
+from chattune.training.adapters.lora import lora_config, upcast_trainable_parameters
 from chattune.training.trainers.arguments import check_optimizer, set_warmup_epochs, training_args
 from conftest import TRAIN, chat_rows, run_script, train_argv, write_jsonl
 

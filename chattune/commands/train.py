@@ -25,13 +25,14 @@ from chattune.models.loading import (
     check_precision_hardware,
     choose_attention,
     choose_dtype,
+    describe_quantization,
     load_model,
-    lora_config,
-    upcast_trainable_parameters,
+    quantization_config,
     weight_dtype,
 )
 from chattune.models.tokenizer import NO_TEMPLATE_HELP, add_tokens, load_tokenizer, resize_embeddings, set_stop_tokens
 from chattune.training.adapters.loftq import check_loftq_weights, init_loftq
+from chattune.training.adapters.lora import lora_config, upcast_trainable_parameters
 from chattune.training.kernels.batching import plan_batching
 from chattune.training.safety.budget import TimeBudget
 from chattune.training.safety.checkpoints import GracefulStop, clear_staging
@@ -112,7 +113,7 @@ def train(flags: TrainFlags, state: PartialState) -> int:
     # 3. model
     report_progress(f"loading the model {flags.base_model}")
     dtype = choose_dtype(flags.bf16, flags.fp16)  # the compute dtype; trained weights may stay float32 (weight_dtype)
-    model = load_model(flags, weight_dtype(flags, dtype), choose_attention(flags.attn_implementation))
+    model = load_base_model(flags, weight_dtype(flags, dtype))
     model.name_or_path = model.config._name_or_path = recorded_base(flags.base_model, gguf_source)
     grew = resize_embeddings(model, tokenizer)
     set_stop_tokens(model, tokenizer, masker.end_of_turn_token() if masker else None)
@@ -271,6 +272,16 @@ def default_processes() -> int:
     import os
 
     return max(1, min(4, (os.cpu_count() or 1)))
+
+
+def load_base_model(flags: TrainFlags, dtype: Any) -> Any:
+    """The base model to train, its weights in `dtype`, with the attention kernel and quantization the flags ask."""
+    quantization = quantization_config(flags, dtype)
+    model = load_model(flags.base_model, dtype, choose_attention(flags.attn_implementation), quantization)
+    if quantization is not None:
+        logger.info("loaded %s with %s", flags.base_model, describe_quantization(flags))
+    model.config.use_cache = False  # the KV cache only costs memory during training
+    return model
 
 
 def setup_logging(main_process: bool) -> None:

@@ -26,7 +26,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from chattune.errors import ChattuneError
+from chattune.data.errors import DataError
+from chattune.data.sources import load_source, parse_source
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -47,15 +48,9 @@ ROLE_ALIASES = {
 CHAT, TEXT, PAIRS, UNPAIRED = "chat", "text", "pairs", "unpaired"
 
 
-class DataError(ChattuneError, ValueError):
-    """Bad input data; the message names the file (and line when there is one)."""
-
-
 def load_rows(source: str | os.PathLike, default_split: str = "train") -> Dataset:
     """The rows of one source (a file, a datasets folder or a hub id: chattune.data.sources), with errors that
     name it and the line."""
-    from chattune.data.sources import load_source, parse_source
-
     return load_source(parse_source(str(source), "data"), default_split)
 
 

@@ -17,13 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from chattune.evaluation.inputs import (
-    EvalError,
-    Example,
-    ModelSource,
-    inspect_model_folder,
-)
+from chattune.evaluation.inputs import EvalError, Example
 from chattune.evaluation.report import RESULTS_FILE
+from chattune.models.errors import ModelError
+from chattune.models.folders import ModelSource, inspect_model_folder
 
 logger = logging.getLogger("chattune.evaluate")
 
@@ -69,7 +66,7 @@ def checkpoint_targets(run_dir: str | Path) -> Targets:
     for label, path, step in candidates:
         try:
             found.append(Target(label, inspect_model_folder(path), step, final=path == final))
-        except EvalError as error:
+        except ModelError as error:  # a damaged checkpoint is left out of the sweep, not the end of it
             skip(skipped, path, error)
     return Targets(found, skipped)
 

@@ -328,11 +328,11 @@ def _load_config(model_dir: Path) -> tuple[dict[str, Any], _Arch]:
 
 def _load_tokenizer(model_dir: Path) -> tuple[Any, TokenizerKind]:
     """The folder's tokenizer and the llama.cpp tokenizer to write it as; refuses what GGUF cannot reproduce."""
-    from transformers import AutoTokenizer
+    from chattune.models.tokenizer import load_tokenizer
 
     if not any((model_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
         raise FileNotFoundError(f"{model_dir}: no tokenizer (tokenizer.json) to export")
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer = load_tokenizer(model_dir)
     return tokenizer, tokenizer_kind(tokenizer)
 
 

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from chattune.models.loading import load_model
+
 
 def merge_adapter(
     peft_model: Any,
@@ -27,14 +29,10 @@ def merge_adapter(
     if not reload:
         return peft_model.merge_and_unload()
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
-    if trained_on_quantization is None:
-        base = AutoModelForCausalLM.from_pretrained(base_model_path, dtype=dtype)
-    else:
-        base = AutoModelForCausalLM.from_pretrained(
-            base_model_path, dtype=dtype, quantization_config=trained_on_quantization
-        ).dequantize(dtype=dtype)
+    base = load_model(base_model_path, dtype, quantization=trained_on_quantization)
+    if trained_on_quantization is not None:
+        base = base.dequantize(dtype=dtype)
     rows = peft_model.get_input_embeddings().weight.shape[0]
     if base.get_input_embeddings().weight.shape[0] != rows:
         base.resize_token_embeddings(rows)

@@ -120,11 +120,10 @@ def write_outputs(
 def write_ollama_modelfile(flags: TrainFlags, gguf_path: Path) -> Path:
     """The Modelfile for the exported file, with the tokenizer saved in the model folder (the one the GGUF file
     holds) and, as SYSTEM, the system prompt every training row starts with, if there is one."""
-    from transformers import AutoTokenizer
-
     from chattune.export.ollama import training_system_prompt, write_modelfile
+    from chattune.models.tokenizer import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(flags.model_dir)
+    tokenizer = load_tokenizer(flags.model_dir)
     return write_modelfile(gguf_path, tokenizer, training_system_prompt(flags.train_dataset))
 
 

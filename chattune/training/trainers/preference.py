@@ -26,7 +26,7 @@ from datasets import Dataset
 
 from chattune.config.flags import FlagError, TrainFlags
 from chattune.data import formats
-from chattune.data.formats import DataError
+from chattune.data.errors import DataError
 from chattune.data.sources import Source, read_sources
 from chattune.training.kernels.shared_prefix import LeanDPO, share_prompts
 from chattune.training.safety.checkpoints import AtomicCheckpointMixin
