@@ -155,6 +155,24 @@ def make_tiny_model(tokenizer_dir: Path, out_dir: Path, arch: str = "llama", see
     return out_dir
 
 
+def make_gemma_like_tokenizer(path: Path, chat_template: str) -> Path:
+    """Gemma's kind of tokenizer (transformers' GemmaTokenizer: spaces spelled "▁" by a normalizer, no "▁" put
+    before text) over Mistral's SentencePiece vocabulary (../shared), with Gemma's special tokens, turn markers
+    and `chat_template`."""
+    import json
+
+    from transformers import GemmaTokenizer
+
+    source = json.loads((shared_tokenizer_path("mistral-v1-instruct") / "tokenizer.json").read_text())["model"]
+    vocab = dict(source["vocab"])
+    vocab["<bos>"], vocab["<eos>"] = vocab.pop("<s>"), vocab.pop("</s>")
+    tokenizer = GemmaTokenizer(vocab=vocab, merges=[tuple(merge) for merge in source["merges"]])
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    tokenizer.chat_template = chat_template
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def load_llama(path: Path, **kwargs):
     """chattune's llama_cpp.Llama loader (safe from the AMX backend's crash), skipping the test when
     llama-cpp-python is not installed (it is not a dependency: installing it compiles llama.cpp)."""

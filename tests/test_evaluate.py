@@ -319,6 +319,53 @@ def test_generation_from_the_reference_pass_matches_plain_generation(loaded_tiny
         assert nll == pytest.approx(expected, rel=1e-4)
 
 
+def test_a_shared_system_prompt_is_computed_once_with_the_same_replies(loaded_tiny, tmp_path, monkeypatch):
+    """Rows that open with one long system prompt (one house) run it once for the batch: the replies and the
+    reference NLLs are those of each row run alone, with and without references, and rows of other lengths
+    are padded between the shared head and their own tail."""
+    from chattune.data.masking import ChatMasker
+    from chattune.evaluation import generation, inputs
+
+    tokenizer, model = loaded_tiny
+    rows = conversations()
+    house = "You control the house. Devices: " + ", ".join(f"light.room_{i} 'Room {i} light' = off" for i in range(12))
+    for row in rows:
+        row["conversations"][0]["content"] = house
+    examples = inputs.load_examples(str(write_jsonl(tmp_path / "t.jsonl", rows)))
+    prompts = generation.render_prompts(tokenizer, examples)
+    assert generation.shared_prefix_length(prompts) >= generation.MIN_SHARED_PREFIX
+    continuations = generation.reference_continuations(ChatMasker(tokenizer), examples, prompts)
+    heads = []
+    real_prefill = generation.prefill
+
+    def spy(model, ids, mask, wanted, pad_id, prefix=0):
+        heads.append(prefix)
+        return real_prefill(model, ids, mask, wanted, pad_id, prefix)
+
+    monkeypatch.setattr(generation, "prefill", spy)
+    alone, alone_nlls = generation.generate_replies(model, tokenizer, prompts, 1, 8, "cpu", continuations)
+    assert heads and not any(heads)  # one row a batch: nothing is shared
+    heads.clear()
+    shared, shared_nlls = generation.generate_replies(model, tokenizer, prompts, 6, 8, "cpu", continuations)
+    assert heads and all(head >= generation.MIN_SHARED_PREFIX for head in heads)
+    assert shared == alone
+    for (nll, tokens), (expected, expected_tokens) in zip(shared_nlls, alone_nlls):
+        assert tokens == expected_tokens
+        assert nll == pytest.approx(expected, rel=1e-4)
+    assert generation.generate_replies(model, tokenizer, prompts, 6, 8, "cpu")[0] == alone
+
+
+def test_shared_prefix_leaves_every_row_a_token_of_its_own():
+    from chattune.evaluation import generation
+
+    assert generation.shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2
+    assert generation.shared_prefix_length([[1, 2, 3, 4], [1, 2]]) == 1
+    assert generation.shared_prefix_length([[1, 2], [3, 2]]) == 0
+    ids, mask = generation.pad_after_prefix([[1, 2, 3, 4], [1, 2, 5]], 2, 0, "cpu")
+    assert ids.tolist() == [[1, 2, 3, 4], [1, 2, 0, 5]]
+    assert mask.tolist() == [[1, 1, 1, 1], [1, 1, 0, 1]]
+
+
 def test_reply_budget_follows_the_longest_reference(loaded_tiny, tmp_path):
     from chattune.evaluation import generation, inputs
 

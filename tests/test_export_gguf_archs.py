@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from chattune.export.gguf import export_gguf
-from conftest import CORPUS, load_llama, make_tiny_model, shared_tokenizer_path
+from conftest import CORPUS, load_llama, make_gemma_like_tokenizer, make_tiny_model, shared_tokenizer_path
 
 CONVERSATIONS = [
     [
@@ -222,26 +222,9 @@ GEMMA_TEMPLATE = (
 )
 
 
-def make_gemma_like_tokenizer(path: Path) -> Path:
-    """Gemma's kind of tokenizer (transformers' GemmaTokenizer: spaces spelled "▁" by a normalizer, no "▁" put
-    before text) over Mistral's SentencePiece vocabulary, with Gemma's special tokens and turn markers."""
-    import json
-
-    from transformers import GemmaTokenizer
-
-    source = json.loads((shared_tokenizer_path("mistral-v1-instruct") / "tokenizer.json").read_text())["model"]
-    vocab = dict(source["vocab"])
-    vocab["<bos>"], vocab["<eos>"] = vocab.pop("<s>"), vocab.pop("</s>")
-    tokenizer = GemmaTokenizer(vocab=vocab, merges=[tuple(merge) for merge in source["merges"]])
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
-    tokenizer.chat_template = GEMMA_TEMPLATE
-    tokenizer.save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module", params=["gemma2", "gemma3"])
 def gemma_dir(request, tmp_path_factory) -> Path:
-    tokenizer = make_gemma_like_tokenizer(tmp_path_factory.mktemp("gemma-tokenizer"))
+    tokenizer = make_gemma_like_tokenizer(tmp_path_factory.mktemp("gemma-tokenizer"), GEMMA_TEMPLATE)
     overrides = {"tie_word_embeddings": True}
     if request.param == "gemma3":  # as Gemma 3 4B and up: 10000 on sliding layers, 1e6 scaled 8x on full ones
         full = {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0}

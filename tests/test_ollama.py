@@ -3,9 +3,11 @@ rendered by a Go-template subset (tests/gotemplate.py) with Ollama's handling of
 tokenizer's own Jinja template gives; stop tokens, SYSTEM, an unrecognised template, atomic writing, the
 command line and train.py --export_gguf.
 
-The Llama 3, Zephyr and Phi-3 templates below are written here in the style of those models' published templates
-(they are not shipped in ../shared); ChatML and Mistral [INST] are also checked on the real Qwen2.5 and Mistral v1
-tokenizers of ../shared when it is there.
+The Llama 3, Zephyr (also StableLM Zephyr's, with `<|endoftext|>` as EOS), Phi-3 and Gemma 2/3 templates below are
+written here in the style of those models' published templates (they are not shipped in ../shared); ChatML and
+Mistral [INST] are also checked on the real Qwen2.5 and Mistral v1 tokenizers of ../shared when it is there, and
+Phi-2 (no chat template of its own) on the GPT-2 vocabulary given ChatML by train.py's --add_chatml_tokens, as
+home-llm's Phi-2 command does.
 """
 
 from __future__ import annotations
@@ -26,7 +28,16 @@ from chattune.export.ollama import (
     write_modelfile,
 )
 from chattune.models.chatml import CHATML_TEMPLATE
-from conftest import TRAIN, chat_rows, make_tiny_model, run_script, shared_tokenizer_path, train_argv, write_jsonl
+from conftest import (
+    TRAIN,
+    chat_rows,
+    make_gemma_like_tokenizer,
+    make_tiny_model,
+    run_script,
+    shared_tokenizer_path,
+    train_argv,
+    write_jsonl,
+)
 from gotemplate import ollama_render, render
 from templates import GEMMA, MISTRAL
 
@@ -56,6 +67,20 @@ PHI3_JINJA = (
     "{% for message in messages %}{% if message['role'] in ['system', 'user', 'assistant'] %}"
     "{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+# Gemma 3's layout: no system turn, the system text and a blank line open the first user turn; the assistant's
+# role is `model`; roles must alternate. (Gemma 2's template, tests/templates.py's GEMMA, refuses a system message.)
+GEMMA3_JINJA = (
+    "{{ bos_token }}"
+    "{% if messages[0]['role'] == 'system' %}{% set opening = messages[0]['content'] + '\\n\\n' %}"
+    "{% set turns = messages[1:] %}{% else %}{% set opening = '' %}{% set turns = messages %}{% endif %}"
+    "{% for m in turns %}"
+    "{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('roles must alternate') }}{% endif %}"
+    "{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+    "{{ '<start_of_turn>' + role + '\\n' + (opening if loop.first else '') }}"
+    "{{ m['content'] | trim + '<end_of_turn>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
 )
 # A format no family writes: the Modelfile gets a note instead of a TEMPLATE.
 HASHES_JINJA = (
@@ -108,6 +133,16 @@ def _shared(name: str):
     return AutoTokenizer.from_pretrained(shared_tokenizer_path(name))
 
 
+def _phi2_with_chatml():
+    """Phi-2's vocabulary is GPT-2's, with `<|endoftext|>` as BOS and EOS and no chat template: home-llm's Phi-2
+    command adds a pad token and ChatML (--add_pad_token --add_chatml_tokens), as train.py does here."""
+    from chattune.models.tokenizer import add_tokens
+
+    tokenizer = _shared("gpt2-no-template")
+    add_tokens(tokenizer, pad=True, chatml=True)
+    return tokenizer
+
+
 # case -> (tokenizer from the test tokenizer's folder, family detected, stop tokens)
 CASES = {
     "chatml": (lambda d: _tokenizer(d, CHATML_TEMPLATE), "chatml", ["<|im_end|>", "</s>"]),
@@ -123,6 +158,20 @@ CASES = {
         ["<|eot_id|>"],
     ),
     "zephyr": (lambda d: _tokenizer(d, ZEPHYR_JINJA), "zephyr", ["</s>"]),
+    "stablelm-zephyr": (lambda d: _tokenizer(d, ZEPHYR_JINJA, eos_token="<|endoftext|>"), "zephyr", ["<|endoftext|>"]),
+    "stablelm-2-chat": (
+        lambda d: _tokenizer(d, CHATML_TEMPLATE, eos_token="<|endoftext|>"),
+        "chatml",
+        ["<|im_end|>", "<|endoftext|>"],
+    ),
+    "phi-2-add-chatml-tokens": (lambda d: _phi2_with_chatml(), "chatml", ["<|im_end|>", "<|endoftext|>"]),
+    "gemma3": (lambda d: _tokenizer(d, GEMMA3_JINJA, bos_token="<bos>"), "gemma", ["<end_of_turn>", "</s>"]),
+    "gemma3-bos-added-by-tokenizer": (
+        lambda d: _adding_bos(_tokenizer(d, GEMMA3_JINJA, bos_token="<bos>")),
+        "gemma",
+        ["<end_of_turn>", "</s>"],
+    ),
+    "gemma2-refuses-system": (lambda d: _tokenizer(d, GEMMA, bos_token="<bos>"), "gemma", ["<end_of_turn>", "</s>"]),
     "phi3": (lambda d: _tokenizer(d, PHI3_JINJA, eos_token="<|endoftext|>"), "phi3", ["<|end|>", "<|endoftext|>"]),
     "mistral-system-in-first-turn": (lambda d: _tokenizer(d, MISTRAL), "mistral", ["</s>"]),
     "mistral-v1": (lambda d: _shared("mistral-v1-instruct"), "mistral", ["</s>"]),
@@ -141,6 +190,19 @@ def parse_modelfile(text: str) -> dict:
         "stops": re.findall(r'^PARAMETER stop "(.*)"$', text, re.M),
         "temperature": re.findall(r"^PARAMETER temperature (.+)$", text, re.M),
     }
+
+
+# Templates that refuse a system message: a system prompt is expected where Gemma's model card puts one, at the
+# start of the first user turn, followed by a blank line.
+REFUSES_SYSTEM = {"gemma2-refuses-system"}
+
+
+def system_folded(messages: list[dict]) -> list[dict]:
+    """`messages` with a leading system message moved into the first user message."""
+    if not messages or messages[0]["role"] != "system":
+        return messages
+    first_user = {**messages[1], "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}
+    return [first_user, *messages[2:]]
 
 
 def expected_prompt(tokenizer, messages: list[dict]) -> str:
@@ -197,7 +259,26 @@ def test_template_renders_as_the_chat_template(case, test_tokenizer_dir, tmp_pat
     for conversation in CONVERSATIONS:
         # Ollama adds the Modelfile's SYSTEM (Qwen2.5's default here) when a conversation has no system message
         rendered = ollama_render(modelfile["template"], conversation, modelfile["system"])
-        assert rendered == expected_prompt(tokenizer, conversation), conversation
+        jinja_input = system_folded(conversation) if case in REFUSES_SYSTEM else conversation
+        assert rendered == expected_prompt(tokenizer, jinja_input), conversation
+
+
+@pytest.mark.parametrize("case", ["gemma3", "gemma2-refuses-system"])
+def test_gemma_system_prompt_opens_the_first_user_turn(case, test_tokenizer_dir, tmp_path):
+    """Gemma has no system turn: SYSTEM from the training data goes where Gemma 3's template puts a system message,
+    and the Modelfile says so."""
+    tokenizer = CASES[case][0](test_tokenizer_dir)
+    text, modelfile = written(tmp_path, tokenizer, SYSTEM)
+    assert "# It has no system turn: a system prompt opens the first user turn" in text
+    assert modelfile["system"] == SYSTEM
+    question = [{"role": "user", "content": "Turn on the kitchen light"}]
+    rendered = ollama_render(modelfile["template"], question, modelfile["system"])
+    assert (
+        rendered
+        == f"<bos><start_of_turn>user\n{SYSTEM}\n\nTurn on the kitchen light<end_of_turn>\n<start_of_turn>model\n"
+    )
+    if case == "gemma3":
+        assert rendered == expected_prompt(tokenizer, [{"role": "system", "content": SYSTEM}, *question])
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -226,11 +307,10 @@ def test_template_default_system_prompt_unless_the_data_has_one(tmp_path):
 @pytest.mark.parametrize(
     "template,why",
     [
-        (GEMMA, "renders a conversation unlike"),  # refuses the probe's system message
         (HASHES_JINJA, "renders a conversation unlike"),
         (None, "the tokenizer has no chat template"),
     ],
-    ids=["gemma", "hashes", "none"],
+    ids=["hashes", "none"],
 )
 def test_unknown_template_gets_a_note_instead(template, why, test_tokenizer_dir, tmp_path, caplog):
     tokenizer = _tokenizer(test_tokenizer_dir, template)
@@ -240,7 +320,7 @@ def test_unknown_template_gets_a_note_instead(template, why, test_tokenizer_dir,
     note = "\n".join(line for line in text.splitlines() if line.startswith("#"))
     assert "# TEMPLATE: not written" in note and why in note and "docs/export.md" in note
     assert modelfile["from"] == ["./model-f16.gguf"] and modelfile["system"] == SYSTEM
-    assert modelfile["stops"] == (["<end_of_turn>", "</s>"] if template is GEMMA else ["</s>"])
+    assert modelfile["stops"] == ["</s>"]
     assert "Modelfile without TEMPLATE" in caplog.text
 
 
@@ -328,6 +408,26 @@ def test_each_gguf_file_gets_its_own_modelfile(test_tokenizer_dir, tmp_path, cap
     second = parse_modelfile((model_dir / "home-demo-q8_0.Modelfile").read_text())
     assert second["from"] == ["./home-demo-q8_0.gguf"]
     assert not (model_dir / "Modelfile").exists()
+
+
+def test_gemma3_export_writes_gemma_s_template(tmp_path, capsys):
+    """A Gemma 3 model (tiny and random, with Gemma's tokenizer class and turn markers) exported by the command:
+    its Modelfile renders conversations as the saved chat template does, the SYSTEM opening the first user turn."""
+    from transformers import AutoTokenizer
+
+    from chattune.export.gguf import main
+
+    tokenizer_dir = make_gemma_like_tokenizer(tmp_path / "tokenizer", GEMMA3_JINJA)
+    model_dir = make_tiny_model(tokenizer_dir, tmp_path / "gemma3", arch="gemma3", tie_word_embeddings=True)
+    assert main([str(model_dir), "--outtype", "f16", "--system_prompt", SYSTEM]) == 0
+    text = (model_dir / "gemma3-f16.Modelfile").read_text()
+    modelfile = parse_modelfile(text)
+    assert "# Chat format: gemma," in text and modelfile["stops"] == ["<end_of_turn>", "<eos>"]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    for conversation in CONVERSATIONS:
+        rendered = ollama_render(modelfile["template"], conversation, modelfile["system"])
+        with_system = conversation if conversation[0]["role"] == "system" else [CONVERSATIONS[0][0], *conversation]
+        assert rendered == expected_prompt(tokenizer, with_system)
 
 
 def test_train_export_gguf_writes_the_modelfile(tiny_model_dir, tmp_path):

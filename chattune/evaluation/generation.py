@@ -78,6 +78,34 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device: str) -> tu
     return ids.to(device), mask.to(device)
 
 
+# A prompt head shared by a whole batch (a house's system prompt) is run once when it is at least this long:
+# below it, one more forward call costs more than the rows it saves.
+MIN_SHARED_PREFIX = 32
+
+
+def shared_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens every sequence shares, leaving each at least one token of its own (generation
+    feeds the last prompt token itself)."""
+    shortest = min(len(s) for s in sequences)
+    first = sequences[0]
+    for position in range(shortest - 1):
+        if any(s[position] != first[position] for s in sequences):
+            return position
+    return max(shortest - 1, 0)
+
+
+def pad_after_prefix(sequences: Sequence[Sequence[int]], prefix: int, pad_id: int, device: str) -> tuple[Any, Any]:
+    """[shared prefix | left padding | each row's own tail]: the rows share their first `prefix` positions, so
+    their cache can be computed once. Masked padding in the middle is skipped by the position ids (a cumulative
+    sum of the mask), so every row sees the positions it would alone. With prefix 0 this is plain left padding."""
+    import torch
+
+    tails, mask_tails = left_pad([s[prefix:] for s in sequences], pad_id, device)
+    head = torch.tensor([list(sequences[0][:prefix])] * len(sequences), dtype=torch.long, device=device)
+    head = head.reshape(len(sequences), prefix)
+    return torch.cat([head, tails], dim=1), torch.cat([torch.ones_like(head), mask_tails], dim=1)
+
+
 def generate_replies(
     model: Any,
     tokenizer: Any,
@@ -102,6 +130,9 @@ def generate_replies(
     pass over prompt + reference: the reference logits give its NLL, and the key/value cache of the prompt
     part, cut back to the prompt, is where generation starts. Scoring the references then costs the few
     reference tokens instead of a second pass over every prompt.
+
+    Rows of a batch that open with the same tokens (every request to one house shares its system prompt) have
+    that head computed once, for one row, and its cache copied to the others (`prefill`).
     """
     import torch
     from tqdm import tqdm
@@ -116,12 +147,15 @@ def generate_replies(
     compiler = _grammar_compiler(model, tokenizer, stops) if grammars and any(grammars) else None
     for batch in tqdm(batches, desc="generating", unit="batch", file=sys.stderr, disable=not progress):
         started = time.perf_counter()
-        ids, mask = left_pad([prompts[i] for i in batch], tokenizer.pad_token_id, device)
+        rows = [prompts[i] for i in batch]
+        prefix = shared_prefix_length(rows) if len(rows) > 1 else 0
+        prefix = prefix if prefix >= MIN_SHARED_PREFIX else 0
+        ids, mask = pad_after_prefix(rows, prefix, tokenizer.pad_token_id, device)
         extra: dict[str, Any] = {}
         with torch.inference_mode():
             wanted = [continuations[i] if continuations else None for i in batch]
-            if any(c is not None for c in wanted):
-                sums, cache = _prefill_with_references(model, ids, mask, wanted, tokenizer)
+            if prefix or any(c is not None for c in wanted):
+                sums, cache = prefill(model, ids, mask, wanted, tokenizer.pad_token_id, prefix)
                 extra[cache_argument(model)] = cache
                 for index, result in zip(batch, sums):
                     nlls[index] = result
@@ -153,15 +187,33 @@ def _grammar_processors(compiler: Any, grammars: Sequence[str | None]) -> Any:
     return LogitsProcessorList([GrammarLogitsProcessor(matchers, compiler.stop_ids)])
 
 
-def _prefill_with_references(
-    model: Any, ids: Any, mask: Any, continuations: Sequence[tuple[list[int], list[int]] | None], tokenizer: Any
+def prefill(
+    model: Any,
+    ids: Any,
+    mask: Any,
+    continuations: Sequence[tuple[list[int], list[int]] | None],
+    pad_id: int,
+    prefix: int = 0,
 ) -> tuple[list[tuple[float, int] | None], Any]:
-    """One pass over [left-padded prompt | reference | right padding]: reference NLLs and the prompt's cache."""
+    """The prompts' key/value cache, up to the last prompt token (which generate() feeds itself), and each
+    reference's NLL where a continuation is given.
+
+    The first `prefix` positions, the same in every row, are computed once and the cache copied to every row.
+    The rest runs as one pass over [prompt tail | reference | right padding], the reference logits giving its
+    NLL; the cache is then cut back to the prompt.
+    """
     import torch
 
     rows, width = ids.shape
-    longest = max(len(c[0]) for c in continuations if c is not None)
-    full_ids = torch.full((rows, width + longest), tokenizer.pad_token_id, dtype=ids.dtype, device=ids.device)
+    cache = None
+    if prefix:
+        head = model(input_ids=ids[:1, :prefix], use_cache=True, logits_to_keep=1)
+        cache = head.past_key_values
+        cache.batch_repeat_interleave(rows)
+    longest = max((len(c[0]) for c in continuations if c is not None), default=0)
+    if not longest and prefix == width - 1:  # nothing between the shared head and the last prompt token
+        return [None] * rows, cache
+    full_ids = torch.full((rows, width + longest), pad_id, dtype=ids.dtype, device=ids.device)
     full_mask = torch.zeros_like(full_ids)
     labels = torch.full_like(full_ids, IGNORE_INDEX)
     full_ids[:, :width], full_mask[:, :width] = ids, mask
@@ -172,17 +224,27 @@ def _prefill_with_references(
             full_ids[row, width:end] = torch.tensor(tokens, device=ids.device)
             full_mask[row, width:end] = 1
             labels[row, width:end] = torch.tensor(targets, device=ids.device)
+    end = width + longest if longest else width - 1  # without references, stop before the last prompt token
     positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+    extra = {cache_argument(model): cache} if cache is not None else {}
     # logits for the last prompt position (predicting the first reference token) and every reference position
     output = model(
-        input_ids=full_ids, attention_mask=full_mask, position_ids=positions, use_cache=True, logits_to_keep=longest + 1
+        input_ids=full_ids[:, prefix:end],
+        attention_mask=full_mask[:, :end],
+        position_ids=positions[:, prefix:end],
+        use_cache=True,
+        logits_to_keep=longest + 1 if longest else 1,
+        **extra,
     )
-    summed = summed_nll(output.logits[:, :-1], labels[:, width:])
-    sums = [result if continuations[row] is not None else None for row, result in enumerate(summed)]
+    sums: list[tuple[float, int] | None] = [None] * rows
+    if longest:
+        summed = summed_nll(output.logits[:, :-1], labels[:, width:])
+        sums = [result if continuations[row] is not None else None for row, result in enumerate(summed)]
     cache = output.past_key_values
     # generate() feeds the last prompt token itself, so its cache must hold everything before it. A negative
     # crop removes that many positions in every transformers 5 release.
-    cache.crop(-(cache.get_seq_length() - (width - 1)))
+    if cache.get_seq_length() > width - 1:
+        cache.crop(-(cache.get_seq_length() - (width - 1)))
     return sums, cache
 
 

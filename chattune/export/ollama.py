@@ -11,7 +11,9 @@ probe conversation (system, user, assistant, user, then the generation prompt), 
 same probe the way its Go template does; the family whose text is identical is the model's. Each family's
 `format` is the Python mirror of its Go `template` (tests/test_ollama.py renders the Go text with a Go-template
 subset and checks both agree). A template no family reproduces gets a Modelfile without TEMPLATE and a comment
-saying that it must be written by hand.
+saying that it must be written by hand. A template that refuses the probe's system message (Gemma 2's) is probed
+again without it, and only the families without a system turn, which fold the system text into the first user turn,
+are tried.
 
 The Go templates range over `.Messages` as current Ollama versions do. Ollama keeps system messages in `.Messages`
 and also joins them into `.System`; the Modelfile's SYSTEM is prepended as a system message when a request has
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,7 @@ PROBE: tuple[dict[str, str], ...] = (
     {"role": "assistant", "content": "First probe answer."},
     {"role": "user", "content": "Second probe question?"},
 )
+_PROBE_WITHOUT_SYSTEM = PROBE[1:]
 # A private-use code point no template writes: where a default system prompt goes in a family's rendering.
 _MARKER = "\ue000"
 
@@ -53,17 +56,36 @@ class ChatFamily:
     name: str
     template: str  # Ollama's TEMPLATE, Go template syntax
     format: Callable[[Messages], str]  # the same rendering in Python; messages as Ollama hands them over
+    folds_system: bool = False  # no system turn: the system text opens the first user turn
 
     def with_prefix(self, prefix: str) -> ChatFamily:
         """The family with `prefix` (a BOS token the tokenizer does not add by itself) before every prompt."""
         if not prefix:
             return self
-        return ChatFamily(self.name, prefix + self.template, lambda messages: prefix + self.format(messages))
+        return replace(self, template=prefix + self.template, format=lambda messages: prefix + self.format(messages))
 
 
 def _system(messages: Messages) -> str:
     """Ollama's `.System`: the contents of every system message, joined by a blank line."""
     return "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+
+
+# The system text and a blank line, inside a `range $i, $m := .Messages` loop's user turn. Ollama merges
+# consecutive messages of one role: a system prompt is message 0, so the first user turn is message 1.
+_FOLDED_SYSTEM_GO = "{{ if and $.System (eq $i 1) }}{{ $.System }}\n\n{{ end }}"
+
+
+def _user_turns_with_system(messages: Messages) -> list[tuple[dict[str, Any], str]]:
+    """The user and assistant messages, each with the text that opens it: the system text and a blank line for
+    the first user turn when there is a system text (the Python side of _FOLDED_SYSTEM_GO), else nothing."""
+    system, turns, folded = _system(messages), [], False
+    for m in messages:
+        if m["role"] == "user" and system and not folded:
+            turns.append((m, system + "\n\n"))
+            folded = True
+        elif m["role"] in ("user", "assistant"):
+            turns.append((m, ""))
+    return turns
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -112,34 +134,52 @@ def _mistral(eos: str, system_inside: bool, reply_space: str) -> ChatFamily:
     comes between `[/INST]` and the reply. Nothing follows the last `[/INST]`: the reply comes right after it."""
     reply = '{{ else if eq .Role "assistant" }}' + reply_space + "{{ .Content }}" + eos + "{{ end }}"
     if system_inside:
-        # Ollama merges consecutive messages of one role: a system prompt is message 0, the first user turn 1.
-        user = '{{ if eq .Role "user" }}[INST] {{ if and $.System (eq $i 1) }}{{ $.System }}\n\n{{ end }}'
+        user = '{{ if eq .Role "user" }}[INST] ' + _FOLDED_SYSTEM_GO
         template = "{{- range $i, $m := .Messages }}" + user + "{{ .Content }} [/INST]" + reply + "{{ end }}"
     else:
         system = '{{ if eq .Role "system" }}{{ .Content }}\n\n'
         user = '{{ else if eq .Role "user" }}[INST] {{ .Content }} [/INST]'
         template = "{{- range .Messages }}" + system + user + reply + "{{ end }}"
 
-    def format(messages: Messages) -> str:
-        system, text, first_user = _system(messages), "", True
-        for m in messages:
-            if m["role"] == "system" and not system_inside:
-                text += m["content"] + "\n\n"
-            elif m["role"] == "user":
-                folded = system + "\n\n" if system_inside and system and first_user else ""
-                text += f"[INST] {folded}{m['content']} [/INST]"
-                first_user = False
-            elif m["role"] == "assistant":
-                text += reply_space + m["content"] + eos
-        return text
+    def turn(m: dict[str, Any], folded: str) -> str:
+        if m["role"] == "system":
+            return m["content"] + "\n\n"
+        if m["role"] == "user":
+            return f"[INST] {folded}{m['content']} [/INST]"
+        return reply_space + m["content"] + eos
 
-    return ChatFamily("mistral", template, format)
+    def format(messages: Messages) -> str:
+        if system_inside:
+            return "".join(turn(m, folded) for m, folded in _user_turns_with_system(messages))
+        return "".join(turn(m, "") for m in messages if m["role"] in ("system", "user", "assistant"))
+
+    return ChatFamily("mistral", template, format, folds_system=system_inside)
+
+
+def _gemma() -> ChatFamily:
+    """Gemma 2 and 3: `<start_of_turn>ROLE`, a newline, the content, `<end_of_turn>` and a newline, with the
+    assistant's role called `model`. There is no system turn: Gemma 3's template opens the first user turn with
+    the system text and a blank line; Gemma 2's refuses a system message, and the Modelfile folds it the same
+    way, as Gemma's model card advises for system instructions."""
+    user = '{{ if eq .Role "user" }}<start_of_turn>user\n' + _FOLDED_SYSTEM_GO + "{{ .Content }}<end_of_turn>\n"
+    model = '{{ else if eq .Role "assistant" }}<start_of_turn>model\n{{ .Content }}<end_of_turn>\n{{ end }}'
+    template = "{{- range $i, $m := .Messages }}" + user + model + "{{ end }}<start_of_turn>model\n"
+
+    def format(messages: Messages) -> str:
+        roles = {"user": "user", "assistant": "model"}
+        turns = (
+            f"<start_of_turn>{roles[m['role']]}\n{folded}{m['content']}<end_of_turn>\n"
+            for m, folded in _user_turns_with_system(messages)
+        )
+        return "".join(turns) + "<start_of_turn>model\n"
+
+    return ChatFamily("gemma", template, format, folds_system=True)
 
 
 def families(eos_token: str | None) -> list[ChatFamily]:
     """Every family this module writes templates for, in the order they are tried. `eos_token` closes the
-    replies of the families that end a turn with EOS (Zephyr, Mistral)."""
-    found = [_chatml(), _llama3(), _role_tags("phi3", "<|end|>")]
+    replies of the families that end a turn with EOS (Zephyr and StableLM Zephyr, Mistral)."""
+    found = [_chatml(), _llama3(), _role_tags("phi3", "<|end|>"), _gemma()]
     if eos_token:
         found.append(_role_tags("zephyr", eos_token))
         found += [_mistral(eos_token, inside, space) for inside in (False, True) for space in (" ", "")]
@@ -170,21 +210,35 @@ def rendered_for_ollama(tokenizer: Any, messages: Messages) -> str:
     return text
 
 
+def _rendered_probe(tokenizer: Any) -> tuple[Messages, str] | None:
+    """The probe conversation and the chat template's rendering of it; the probe without its system message when
+    the template refuses one (Gemma 2's); None when it renders neither."""
+    for probe in (PROBE, _PROBE_WITHOUT_SYSTEM):
+        try:
+            return probe, rendered_for_ollama(tokenizer, probe)
+        except Exception as error:  # a chat template may raise anything (raise_exception, TypeError, ...)
+            logger.debug("the chat template cannot render the probe conversation: %s", error)
+    return None
+
+
 def detect_family(tokenizer: Any) -> ChatFamily | None:
     """The family whose Go template renders the probe conversation exactly as the tokenizer's chat template does,
-    or None (no template, a template that refuses the probe, or an unknown format)."""
-    try:
-        target = rendered_for_ollama(tokenizer, PROBE)
-    except Exception as error:  # a chat template may raise anything (raise_exception, TypeError, ...)
-        logger.debug("the chat template cannot render the probe conversation: %s", error)
+    or None (no template, a template that refuses the probe, or an unknown format). A template that refuses
+    system messages matches only a family without a system turn: that is the only place the Modelfile's SYSTEM
+    can go that the model has seen."""
+    rendered = _rendered_probe(tokenizer)
+    if rendered is None:
         return None
+    probe, target = rendered
     bos = getattr(tokenizer, "bos_token", None)
     # A BOS the template writes but the tokenizer would not add goes into the Go template as text.
     prefixes = [""] + ([bos] if bos and not adds_bos(tokenizer) else [])
     for family in families(getattr(tokenizer, "eos_token", None)):
+        if probe is _PROBE_WITHOUT_SYSTEM and not family.folds_system:
+            continue
         for prefix in prefixes:
             candidate = family.with_prefix(prefix)
-            if candidate.format(PROBE) == target:
+            if candidate.format(probe) == target:
                 return candidate
     return None
 
@@ -192,7 +246,7 @@ def detect_family(tokenizer: Any) -> ChatFamily | None:
 def default_system_prompt(tokenizer: Any, family: ChatFamily) -> str | None:
     """The system prompt the chat template inserts when a conversation has none (Qwen2.5's "You are Qwen, ..."),
     found by rendering the probe without its system message; None when the template inserts nothing."""
-    without = [m for m in PROBE if m["role"] != "system"]
+    without = _PROBE_WITHOUT_SYSTEM
     try:
         text = rendered_for_ollama(tokenizer, without)
     except Exception:  # a template that insists on a system message: nothing to learn from it
@@ -289,12 +343,14 @@ def _block(keyword: str, text: str) -> list[str]:
 def _template_lines(family: ChatFamily | None, why_unknown: str) -> list[str]:
     if family is None:
         return [
-            f"# TEMPLATE: not written, {why_unknown}; chattune writes one for ChatML, Llama 3,",
-            "# Zephyr, Mistral [INST] and Phi-3. Without it Ollama guesses the prompt format: write a TEMPLATE by hand",
-            "# in Ollama's Go template syntax that renders a conversation exactly as the model's chat template does",
-            f"# (see {DOCS}).",
+            f"# TEMPLATE: not written, {why_unknown}; chattune writes one for ChatML, Llama 3, Zephyr",
+            "# (StableLM), Mistral [INST], Phi-3 and Gemma. Without it Ollama guesses the prompt format: write a",
+            "# TEMPLATE by hand in Ollama's Go template syntax that renders a conversation exactly as the model's",
+            f"# chat template does (see {DOCS}).",
         ]
     note = f"# Chat format: {family.name}, found by rendering a probe conversation with the model's chat template."
+    if family.folds_system:
+        note += "\n# It has no system turn: a system prompt opens the first user turn, followed by a blank line."
     return [note, *_block("TEMPLATE", family.template)]
 
 
