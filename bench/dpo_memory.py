@@ -39,10 +39,7 @@ import argparse
 import json
 import os
 import random
-import resource
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -53,6 +50,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.arms import arm_list  # noqa: E402  (after REPO is on sys.path)
+from bench.harness import Probe, medians, peaks, repeated, run_in_subprocess, succeeded  # noqa: E402
 from bench.random_llama import SMOLLM2_135M, save_random_llama  # noqa: E402
 
 ARMS = ("trl", "chattune-dpo", "chattune-sft")
@@ -174,50 +172,19 @@ def build_base_model(work: Path, args: argparse.Namespace, rows: list[dict]) -> 
 # --- the subprocess side: one arm, instrumented --------------------------------------------------------------
 
 
-class Probe:
-    """Real tokens of every training micro-batch, the clock at each step's end, and the reference pass's time."""
-
-    def __init__(self) -> None:
-        self.tokens: list[int] = []
-        self.step_ends: list[float] = []
-        self.precompute_s = 0.0
-        self.trainer: Any = None
-
-    def attach(self, trainer: Any) -> None:
-        from transformers import TrainerCallback
-
-        probe, collator = self, trainer.data_collator
-
-        def counting(examples: list[dict]) -> dict:
-            batch = collator(examples)
-            mask = batch.get("attention_mask")
-            probe.tokens.append(int(mask.sum()) if mask is not None else batch["input_ids"].numel())
-            return batch
-
-        class StepClock(TrainerCallback):
-            def on_step_end(self, *args: Any, **kwargs: Any) -> None:
-                probe.step_ends.append(time.perf_counter())
-
-        self.trainer = trainer
-        trainer.data_collator = counting
-        trainer.add_callback(StepClock())
-
-    def result(self) -> dict:
-        """Steps 2..N only: the first step pays for lazy initialisation (optimizer state, kernels)."""
-        steps = len(self.step_ends)
-        elapsed = self.step_ends[-1] - self.step_ends[0] if steps > 1 else float("nan")
-        timed_tokens = sum(self.tokens[1:steps])
-        model = self.trainer.model
-        return {
-            "tokens_per_s": round(timed_tokens / elapsed, 1) if steps > 1 else None,
-            "steps": steps,
-            "timed_s": round(elapsed, 3),
-            "real_tokens_timed": timed_tokens,
-            "precompute_s": round(self.precompute_s, 3),
-            "activation_checkpointing": bool(getattr(model, "is_gradient_checkpointing", False)),
-            "reference": reference_kind(self.trainer),
-            "shared_prompts": shares_prompts(self.trainer),
-        }
+def dpo_result(probe: Probe) -> dict:
+    """What a DPO memory arm reports; its rate is over steps 2..N (bench.harness.Probe.timing)."""
+    timing = probe.timing()
+    return {
+        "tokens_per_s": timing["tokens_per_s"],
+        "steps": timing["steps"],
+        "timed_s": timing["timed_s"],
+        "real_tokens_timed": timing["real_tokens_timed"],
+        "precompute_s": round(probe.seconds.get("precompute", 0.0), 3),
+        "activation_checkpointing": probe.activation_checkpointing(),
+        "reference": reference_kind(probe.trainer),
+        "shared_prompts": shares_prompts(probe.trainer),
+    }
 
 
 def reference_kind(trainer: Any) -> str:
@@ -240,27 +207,11 @@ def shares_prompts(trainer: Any) -> bool:
 
 def instrument(probe: Probe) -> None:
     """Attach the probe when training starts; time chattune's reference pass."""
-    import transformers
-
     from chattune.training.trainers import reference
 
-    original_train = transformers.Trainer.train
-
-    def train(trainer: Any, *args: Any, **kwargs: Any) -> Any:
-        probe.attach(trainer)
-        return original_train(trainer, *args, **kwargs)
-
-    transformers.Trainer.train = train
+    probe.attach_when_training()
     precompute = reference.PrecomputedReference._precompute_ref_logps
-
-    def timed(trainer: Any, *args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            return precompute(trainer, *args, **kwargs)
-        finally:
-            probe.precompute_s += time.perf_counter() - start
-
-    reference.PrecomputedReference._precompute_ref_logps = timed
+    reference.PrecomputedReference._precompute_ref_logps = probe.timed("precompute", precompute)
 
 
 def run_chattune(args: argparse.Namespace, work: Path, dpo: bool) -> None:
@@ -330,16 +281,7 @@ def run_arm(args: argparse.Namespace) -> int:
         run_trl(args, work)
     else:
         run_chattune(args, work, dpo=args.arm == "chattune-dpo")
-    result = probe.result()
-    from chattune.allocator import active_allocator
-
-    result["allocator"] = active_allocator()
-    # read at the very end: the peak of the whole arm, training included
-    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    import torch
-
-    if torch.cuda.is_available():
-        result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    result = {**dpo_result(probe), **peaks()}
     Path(args.result).write_text(json.dumps(result))
     return 0
 
@@ -349,23 +291,10 @@ def run_arm(args: argparse.Namespace) -> int:
 
 def run_subprocess(args: argparse.Namespace, work: Path, arm: str, method: str, repeat: int) -> dict:
     """One arm in its own process; its result, or its name and error when it failed."""
+    arguments = [*args.argv, "--workdir", str(work), "--arm", arm, "--arm_method", method]
     name = f"{arm}-{method}-{repeat}"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-    # a fresh datasets cache per arm: chattune's reference pass runs (and is timed) every time, never reused
-    env["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix=f"cache-{name}-", dir=work)
-    env.update(allocator_environment(arm))
-    result_file, log = work / f"{name}.json", work / f"{name}.log"
-    command = [
-        *(sys.executable, str(Path(__file__).resolve()), *args.argv, "--workdir", str(work)),
-        *("--arm", arm, "--arm_method", method, "--result", str(result_file)),
-    ]
-    with log.open("w") as output:
-        code = subprocess.run(command, env=env, stdout=output, stderr=subprocess.STDOUT).returncode
-    shutil.rmtree(env["HF_DATASETS_CACHE"], ignore_errors=True)
-    if code != 0 or not result_file.is_file():
-        kept = {"log": str(log)} if args.workdir else {}  # a temporary work folder is removed at the end
-        return {"arm": arm, "error": f"exit status {code}: {last_lines(log)}", **kept}
-    return {"arm": arm, **json.loads(result_file.read_text())}
+    script = Path(__file__).resolve()
+    return run_in_subprocess(script, arm, arguments, work, name, allocator_environment(arm), bool(args.workdir))
 
 
 def allocator_environment(arm: str) -> dict[str, str]:
@@ -375,26 +304,16 @@ def allocator_environment(arm: str) -> dict[str, str]:
     return {} if arm == "trl" else preload_environment(os.environ)
 
 
-def last_lines(log: Path, count: int = 6) -> str:
-    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
-    return " | ".join(lines[-count:])[-1500:]
-
-
 def summarize(runs: list[dict]) -> dict:
     """One arm's repeats: the median of every figure, every peak RSS, or the errors when none succeeded."""
-    done = [run for run in runs if "error" not in run]
+    done, failed = succeeded(runs)
     if not done:
-        return {"error": "; ".join(run["error"] for run in runs)}
-    summary = {
-        key: statistics.median(run[key] for run in done)
-        for key in ("peak_rss_mb", "tokens_per_s", "precompute_s", "peak_gpu_mb")
-        if all(run.get(key) is not None for run in done)
-    }
+        return {"error": "; ".join(failed)}
+    summary = medians(done, ("peak_rss_mb", "tokens_per_s", "precompute_s", "peak_gpu_mb"))
     summary["peak_rss_mb_runs"] = [run["peak_rss_mb"] for run in done]
     summary["reference"] = done[0]["reference"]
     summary["shared_prompts"] = done[0].get("shared_prompts", False)
     summary["activation_checkpointing"] = done[0]["activation_checkpointing"]
-    failed = [run["error"] for run in runs if "error" in run]
     return {**summary, **({"errors": failed} if failed else {})}
 
 
@@ -434,12 +353,11 @@ def main(argv: list[str] | None = None) -> int:
         methods = METHODS if args.method == "both" else (args.method,)
         report: dict[str, Any] = {}
         for method in methods:
-            runs: dict[str, list[dict]] = {arm: [] for arm in args.arms}
-            for repeat in range(args.repeats):
-                for arm in args.arms:
-                    runs[arm].append(run_subprocess(args, work, arm, method, repeat))
-                    landed = {"method": method, "run": repeat + 1, **runs[arm][-1]}
-                    print(json.dumps(landed), file=sys.stderr, flush=True)
+
+            def run_one(arm: str, repeat: int, method: str = method) -> dict:
+                return run_subprocess(args, work, arm, method, repeat)
+
+            runs = repeated(args.arms, args.repeats, run_one, {"method": method})
             arms = {arm: summarize(results) for arm, results in runs.items()}
             report[method] = {"arms": arms, **compare(arms)}
         report["setup"] = {**setup, **settings(args), "wall_s": round(time.perf_counter() - start, 1)}

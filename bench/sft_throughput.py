@@ -59,9 +59,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.arms import arm_list  # noqa: E402  (after REPO is on sys.path)
+from bench.harness import (  # noqa: E402
+    Probe,
+    median_run,
+    peaks,
+    repeated,
+    run_in_subprocess,
+    spread,
+    succeeded,
+)
 from bench.random_llama import SMOLLM2_135M, save_random_llama  # noqa: E402
 
-RESULT_FILE = "result.json"
 ARMS = ("chattune", "chattune_checkpointed", "baseline", "trl_best")
 # Architecture overrides by --shape; the toy's come from --hidden_size and --layers.
 SHAPES: dict[str, dict[str, Any]] = {"toy": {}, "smollm2-135m": SMOLLM2_135M}
@@ -127,8 +135,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"comma-separated arms to run (default: all of {','.join(ARMS)})",
     )
     parser.add_argument("--workdir", default=None, help="keep data, model and logs here (default: a temp dir)")
+    parser.add_argument(
+        "--losses_out",
+        default=None,
+        help="write every run's per-step training losses (full precision) to this JSON file, to check that a "
+        "change to chattune leaves training bit-identical",
+    )
     parser.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)  # in a subprocess
     parser.add_argument("--lora", action="store_true", help=argparse.SUPPRESS)  # in a subprocess
+    parser.add_argument("--result", help=argparse.SUPPRESS)  # in a subprocess: where it writes its result
     args = parser.parse_args(argv)
     # the --vocab mode runs TRL's own loss over a 150k vocabulary on a CPU: about a minute per step
     args.steps = args.steps or (2 if args.vocab else 10)
@@ -139,95 +154,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # --- the subprocess side: one arm, instrumented ---------------------------------------------------------
 
 
-class Probe:
-    """What one arm measures: preprocessing seconds, tokens per micro-batch, the clock at each step's end."""
-
-    def __init__(self) -> None:
-        self.preprocess: dict[str, float] = {}
-        self.batches: list[tuple[int, int, int]] = []  # (real tokens, tokens incl. padding, labelled tokens)
-        self.step_ends: list[float] = []
-        self.trainer: Any = None
-
-    def timed(self, name: str, function: Any) -> Any:
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
-            try:
-                return function(*args, **kwargs)
-            finally:
-                self.preprocess[name] = self.preprocess.get(name, 0.0) + time.perf_counter() - start
-
-        return wrapper
-
-    def counting(self, collator: Any) -> Any:
-        from chattune.data.masking import IGNORE_INDEX
-
-        def collate(examples: list[dict]) -> dict:
-            batch = collator(examples)
-            ids, labels = batch["input_ids"], batch["labels"]
-            real = int(batch["attention_mask"].sum()) if "attention_mask" in batch else ids.numel()
-            self.batches.append((real, ids.numel(), int((labels[:, 1:] != IGNORE_INDEX).sum())))
-            return batch
-
-        return collate
-
-    def attach(self, trainer: Any) -> None:
-        from transformers import TrainerCallback
-
-        probe = self
-
-        class StepClock(TrainerCallback):
-            def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-                probe.step_ends.append(time.perf_counter())
-
-        self.trainer = trainer
-        trainer.data_collator = self.counting(trainer.data_collator)
-        trainer.add_callback(StepClock())
-
-    def result(self, accumulation: int, peak_tflops: float | None = None) -> dict:
-        """Steps 2..N only: the first step pays for lazy initialisation (optimizer state, kernels)."""
-        steps = len(self.step_ends)
-        window = self.batches[accumulation : accumulation * steps]
-        real, total, labelled = (sum(column) for column in zip(*window)) if window else (0, 0, 0)
-        elapsed = self.step_ends[-1] - self.step_ends[0] if steps > 1 else float("nan")
-        losses = [entry["loss"] for entry in self.trainer.state.log_history if "loss" in entry]
-        all_real, all_total = sum(b[0] for b in self.batches), sum(b[1] for b in self.batches)
-        parameters = self.trainer.model.num_parameters()
-        return {
-            "tokens_per_s": round(real / elapsed, 1),
-            "padding_share": round(1 - all_real / all_total, 4),
-            "preprocess_s": round(sum(self.preprocess.values()), 3),
-            "preprocess_parts_s": {name: round(seconds, 3) for name, seconds in self.preprocess.items()},
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "final_loss": round(losses[-1], 4) if losses else None,
-            "first_loss": round(losses[0], 4) if losses else None,
-            "steps": steps,
-            "timed_steps": steps - 1,
-            "timed_s": round(elapsed, 2),
-            "real_tokens_timed": real,
-            "labelled_tokens_timed": labelled,
-            "micro_batches": len(self.batches),
-            "activation_checkpointing": bool(
-                getattr(self.trainer.args, "activation_checkpointing", None)
-                or getattr(self.trainer.args, "gradient_checkpointing", False)
-            ),
-            # 6 x parameters x tokens/s: the usual estimate, attention's own FLOPs left out
-            "mfu": round(6 * parameters * real / elapsed / (peak_tflops * 1e12), 4) if peak_tflops else None,
-        }
+def sft_result(probe: Probe, accumulation: int, peak_tflops: float | None = None) -> dict:
+    """What an SFT arm reports; its rates are over steps 2..N (bench.harness.Probe.timing)."""
+    timing = probe.timing(accumulation)
+    losses = [entry["loss"] for entry in probe.trainer.state.log_history if "loss" in entry]
+    all_real, all_total = sum(b[0] for b in probe.batches), sum(b[1] for b in probe.batches)
+    rate = timing["tokens_per_s"]
+    parameters = probe.trainer.model.num_parameters()
+    return {
+        "tokens_per_s": timing["tokens_per_s"],
+        "padding_share": round(1 - all_real / all_total, 4),
+        "preprocess_s": round(sum(probe.seconds.values()), 3),
+        "preprocess_parts_s": {name: round(seconds, 3) for name, seconds in probe.seconds.items()},
+        "final_loss": round(losses[-1], 4) if losses else None,
+        "first_loss": round(losses[0], 4) if losses else None,
+        "losses": losses,  # every step's, unrounded; the parent moves them to --losses_out
+        "steps": timing["steps"],
+        "timed_steps": timing["steps"] - 1,
+        "timed_s": timing["timed_s"],
+        "real_tokens_timed": timing["real_tokens_timed"],
+        "labelled_tokens_timed": timing["labelled_tokens_timed"],
+        "micro_batches": len(probe.batches),
+        "activation_checkpointing": probe.activation_checkpointing(),
+        # 6 x parameters x tokens/s: the usual estimate, attention's own FLOPs left out
+        "mfu": round(6 * parameters * rate / (peak_tflops * 1e12), 4) if peak_tflops and rate else None,
+    }
 
 
 def instrument_common(probe: Probe) -> None:
     """Time TRL's dataset preparation and attach the probe when training starts (every arm)."""
-    import transformers
     from trl import SFTTrainer
 
     SFTTrainer._prepare_dataset = probe.timed("trl_prepare_dataset", SFTTrainer._prepare_dataset)
-    original_train = transformers.Trainer.train
-
-    def train(trainer: Any, *args: Any, **kwargs: Any) -> Any:
-        probe.attach(trainer)
-        return original_train(trainer, *args, **kwargs)
-
-    transformers.Trainer.train = train
+    probe.attach_when_training()
 
 
 def run_chattune(args: argparse.Namespace, work: Path, checkpointed: bool = False) -> dict:
@@ -256,7 +215,7 @@ def run_chattune(args: argparse.Namespace, work: Path, checkpointed: bool = Fals
     code = run.main(argv)
     if code != 0:
         raise SystemExit(f"train.py failed with exit code {code}")
-    result = probe.result(args.batch_size // args.micro_batch_size, args.peak_tflops)
+    result = sft_result(probe, args.batch_size // args.micro_batch_size, args.peak_tflops)
     result["lean_loss"] = os.environ.get("CHATTUNE_LEAN_LOSS", "auto")
     return result
 
@@ -327,7 +286,7 @@ def run_trl(args: argparse.Namespace, work: Path, best: bool) -> dict:
         model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora_config(args)
     )
     trainer.train()
-    result = probe.result(accumulation, args.peak_tflops)
+    result = sft_result(probe, accumulation, args.peak_tflops)
     result["loss_mask"] = mode
     if best:
         result["pack_tokens"] = pack
@@ -358,18 +317,10 @@ def run_arm(args: argparse.Namespace) -> int:
         result = run_chattune(args, work, checkpointed=args.arm == "chattune_checkpointed")
     else:
         result = run_trl(args, work, best=args.arm == "trl_best")
-    # refreshed at the very end: the peak of the whole arm, training included
-    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    import torch
-
-    if torch.cuda.is_available():
-        result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    result.update(peaks())
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     result["peak_rss_worker_mb"] = round(children / 1024, 1)  # largest tokenizing worker, if any
-    from chattune.allocator import active_allocator
-
-    result["allocator"] = active_allocator()
-    (work / f"{args.arm}-{os.environ.get('CHATTUNE_LEAN_LOSS', 'auto')}-{RESULT_FILE}").write_text(json.dumps(result))
+    Path(args.result).write_text(json.dumps(result))
     return 0
 
 
@@ -452,27 +403,15 @@ def trained_tokenizer(work: Path, args: argparse.Namespace) -> Any:
 def run_subprocess(
     args: argparse.Namespace, work: Path, arm: str, lean_loss: str | None = None, lora: bool = False
 ) -> dict:
-    """One arm in its own process; a failure is returned as {"arm", "error", "log"} so the other arms still run."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-    # a fresh datasets cache per arm: a cached tokenization from an earlier run would fake the preprocessing time
-    env["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix=f"cache-{arm}-", dir=work)
+    """One arm in its own process; a failure is returned as {"arm", "error"} so the other arms still run."""
+    environment = allocator_environment(args, arm)
     if args.device == "cpu":
-        env["CUDA_VISIBLE_DEVICES"] = ""
+        environment["CUDA_VISIBLE_DEVICES"] = ""
     if lean_loss is not None:
-        env["CHATTUNE_LEAN_LOSS"] = lean_loss
-    env.update(allocator_environment(args, arm))
-    command = [sys.executable, str(Path(__file__).resolve()), *args.argv, "--workdir", str(work), "--arm", arm]
-    command += ["--lora"] if lora else []
-    log = work / f"{arm}-{lean_loss or 'auto'}.log"
-    result_file = work / f"{arm}-{lean_loss or 'auto'}-{RESULT_FILE}"
-    result_file.unlink(missing_ok=True)
-    with log.open("w") as output:
-        code = subprocess.run(command, env=env, stdout=output, stderr=subprocess.STDOUT).returncode
-    if code != 0 or not result_file.is_file():
-        tail = log.read_text()[-2000:]
-        sys.stderr.write(f"arm {arm} failed (exit {code}); log: {log}\n{tail}\n")
-        return {"arm": arm, "error": f"exit {code}", "log_tail": tail.splitlines()[-5:]}
-    return json.loads(result_file.read_text())
+        environment["CHATTUNE_LEAN_LOSS"] = lean_loss
+    arguments = [*args.argv, "--workdir", str(work), "--arm", arm, *(["--lora"] if lora else [])]
+    name = f"{arm}-{'lora' if lora else 'full'}-{lean_loss or 'auto'}"
+    return run_in_subprocess(Path(__file__).resolve(), arm, arguments, work, name, environment, bool(args.workdir))
 
 
 def allocator_environment(args: argparse.Namespace, arm: str) -> dict[str, str]:
@@ -485,29 +424,28 @@ def allocator_environment(args: argparse.Namespace, arm: str) -> dict[str, str]:
     return preload_environment(environ)
 
 
-def repeated(args: argparse.Namespace, work: Path, lora: bool) -> dict[str, dict]:
-    """Every arm --repeats times, alternating (so a slow phase of the machine hits all arms alike); per arm the
-    run with the median tokens/s, plus the spread of tokens/s and peak RSS over the runs."""
-    runs: dict[str, list[dict]] = {arm: [] for arm in args.arms}
-    for repeat in range(args.repeats):
-        for arm in args.arms:
-            runs[arm].append(run_subprocess(args, work, arm, lora=lora))
-            landed = {"method": "lora" if lora else "full", "arm": arm, "run": repeat + 1, **runs[arm][-1]}
-            print(json.dumps(landed), file=sys.stderr, flush=True)
+def repeated_arms(args: argparse.Namespace, work: Path, lora: bool, losses: dict[str, list]) -> dict[str, dict]:
+    """Every arm --repeats times, alternating; per arm the run with the median tokens/s, plus the spread of
+    tokens/s and peak RSS over the runs. Each run's per-step losses go to `losses` (by arm), not into the report."""
+
+    def run_one(arm: str, repeat: int) -> dict:
+        result = run_subprocess(args, work, arm, lora=lora)
+        losses.setdefault(arm, []).append(result.pop("losses", None))
+        return result
+
+    runs = repeated(args.arms, args.repeats, run_one, {"method": "lora" if lora else "full"})
     return {arm: summarize_runs(results) for arm, results in runs.items()}
 
 
 def summarize_runs(results: list[dict]) -> dict:
-    good = [r for r in results if "error" not in r]
+    good, errors = succeeded(results)
     if not good:
         return results[-1]
-    good.sort(key=lambda r: r["tokens_per_s"])
-    median = dict(good[len(good) // 2])
+    median = median_run(good, "tokens_per_s")
     median["runs"] = len(good)
-    median["failed_runs"] = len(results) - len(good)
+    median["failed_runs"] = len(errors)
     for key in ("tokens_per_s", "peak_rss_mb"):
-        values = [r[key] for r in good]
-        median[f"{key}_spread"] = [min(values), max(values)]
+        median[f"{key}_spread"] = spread(good, key)
     return median
 
 
@@ -576,6 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.vocab:
             lean = run_subprocess(args, work, "chattune", lean_loss="1")
             trl_loss = run_subprocess(args, work, "chattune", lean_loss="0")
+            losses = {"lean_loss": lean.pop("losses", None), "trl_loss": trl_loss.pop("losses", None)}
             report = {
                 "chattune_lean_loss": lean,
                 "chattune_trl_loss": trl_loss,
@@ -584,11 +523,14 @@ def main(argv: list[str] | None = None) -> int:
             }
         else:
             methods = {"full": [False], "lora": [True], "both": [False, True]}[args.method]
-            report = {}
+            report, losses = {}, {}
             for lora in methods:
-                arms = repeated(args, work, lora)
-                report["lora" if lora else "full"] = {**arms, **targets(arms, args.shape, lora)}
+                method = "lora" if lora else "full"
+                arms = repeated_arms(args, work, lora, losses.setdefault(method, {}))
+                report[method] = {**arms, **targets(arms, args.shape, lora)}
         report["setup"] = {**setup, **config_summary(args), "wall_s": round(time.perf_counter() - start, 1)}
+        if args.losses_out:
+            Path(args.losses_out).write_text(json.dumps(losses, indent=1) + "\n", encoding="utf-8")
         print(json.dumps(report))
     finally:
         if not args.workdir:

@@ -7,11 +7,13 @@ and SIGTERM become exit status 130 and 143 with one line saying what the command
 
 SIGTERM is raised in the main thread as `Terminated`, a KeyboardInterrupt, so every cleanup that Ctrl-C runs
 (temporary folders removed, `datasets`' worker pools terminated) runs for it too. Processes forked by the command
-(tokenization workers) end the default way on either signal, so none outlives its parent.
+(tokenization workers) start with the default action for both signals (`install_handler`), so the pool's SIGTERM
+ends a worker at once, even one busy in native code, and none outlives its parent.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import os
@@ -20,7 +22,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from chattune.errors import ChattuneError
 
@@ -71,6 +73,7 @@ def entry_point(main: Main | None = None, *, interrupted: str = "interrupted") -
                     return function(*args, **kwargs)
                 except ChattuneError as error:
                     if PROGRESS.signal_name is None:
+                        close_progress_bars()
                         print(f"error: {one_line(str(error))}", file=sys.stderr, flush=True)
                         return USER_ERROR
                     return report_interrupt(interrupted)
@@ -86,7 +89,17 @@ def entry_point(main: Main | None = None, *, interrupted: str = "interrupted") -
     return wrap(main) if main is not None else wrap
 
 
+def close_progress_bars() -> None:
+    """Close the progress bars a failed phase left open (the trainer's), here, before the last line: tqdm would
+    otherwise draw them once more at exit, after the error or interrupt line."""
+    module = sys.modules.get("tqdm")  # not imported: no bar was drawn
+    for bar in list(getattr(getattr(module, "tqdm", None), "_instances", ())):
+        with contextlib.suppress(Exception):
+            bar.close()
+
+
 def report_interrupt(default: str) -> int:
+    close_progress_bars()
     name = PROGRESS.signal_name or "SIGINT"
     if PROGRESS.doing:
         line = f"{name}: interrupted while {PROGRESS.doing}; {PROGRESS.saved or 'nothing was saved'}"
@@ -121,12 +134,36 @@ def signals_raise() -> Iterator[None]:
         yield
         return
     owner = os.getpid()
-    previous = {sig: signal.signal(sig, functools.partial(_raise, owner)) for sig in HANDLED}
+    previous = {sig: install_handler(sig, functools.partial(_raise, owner)) for sig in HANDLED}
     try:
         yield
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+# Handlers that belong to the process that installed them; a forked child gets the default action instead.
+_PARENT_ONLY: collections.deque[Callable] = collections.deque(maxlen=8)  # those installed now are the newest
+_FORK_HOOK: list[bool] = []
+
+
+def install_handler(sig: int, handler: Callable) -> Any:
+    """`signal.signal(sig, handler)` for a handler that only makes sense in this process (it raises into the
+    command's main loop, or saves a checkpoint). A Python handler runs only when the main thread is back in the
+    interpreter: a forked tokenizing worker that inherited one and sat in native code (a tokenizer call, a lock)
+    ignored the pool's SIGTERM, and the parent hung in the pool's terminate()/join(). So every process forked
+    while such a handler is installed starts with the default action. Returns the previous handler."""
+    if not _FORK_HOOK:
+        os.register_at_fork(after_in_child=_default_signals_in_child)
+        _FORK_HOOK.append(True)
+    _PARENT_ONLY.append(handler)
+    return signal.signal(sig, handler)
+
+
+def _default_signals_in_child() -> None:
+    for sig in HANDLED:
+        if any(signal.getsignal(sig) is handler for handler in _PARENT_ONLY):
+            signal.signal(sig, signal.SIG_DFL)
 
 
 def raise_if_signalled() -> None:
@@ -137,7 +174,7 @@ def raise_if_signalled() -> None:
 
 
 def _raise(owner: int, signum: int, frame) -> None:
-    if os.getpid() != owner:  # a forked worker: end the default way, without a traceback of its own
+    if os.getpid() != owner:  # a child forked before the fork hook ran: end the default way, without a traceback
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
         return

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -238,6 +240,33 @@ def run_script(*args: str, cwd: Path | None = None, timeout: int = 600) -> subpr
     return subprocess.run(
         [sys.executable, *args], cwd=cwd or REPO, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def free_port() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
+def accelerate(*launch_args: str) -> list[str]:
+    """`accelerate launch ...` as a module of this interpreter (torchrun underneath; gloo on CPU)."""
+    accelerate_cli = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    assert accelerate_cli, "accelerate is not installed next to this Python"
+    return [
+        accelerate_cli,
+        "launch",
+        "--main_process_ip",
+        "127.0.0.1",
+        "--main_process_port",
+        free_port(),
+        *launch_args,
+    ]
+
+
+def launch(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run a launcher command line (one thread per process: the processes share the machine's cores)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(list(args), cwd=cwd or REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
 LLAMA3_SPECIALS = [

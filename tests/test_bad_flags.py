@@ -74,6 +74,17 @@ CASES = {  # id: (flags after the defaults, the message, what must not have star
     "unknown-dpo-loss": (["--dpo", "--dpo_loss", "sigmoidal"], "--dpo_loss 'sigmoidal' is not a TRL DPO loss"),
     "unknown-attention": (["--attn_implementation", "flash"], "--attn_implementation 'flash' is not an attention"),
     "lora-rank-zero": (["--use_lora", "--lora_rank", "0"], "--lora_rank must be at least 1, not 0"),
+    "lora-dropout-negative": (
+        ["--use_lora", "--lora_dropout=-0.5"],
+        "--lora_dropout is a probability in [0, 1), not -0.5",
+    ),
+    "lora-dropout-one-or-more": (["--use_lora", "--lora_dropout", "1.5"], "--lora_dropout is a probability in [0, 1)"),
+    "same-source-twice": (
+        ["--train_dataset", "{data}", "{root}/../{root_name}/train.jsonl"],
+        "--train_dataset: {data} and {root}/../{root_name}/train.jsonl are the same source, so each of its rows "
+        "would be used twice; give it once, or give weights",
+        "model",
+    ),
     "missing-template": (
         ["--prompt_template_file", "{root}/none.jinja"],
         "--prompt_template_file {root}/none.jinja: no",
@@ -98,14 +109,14 @@ CASES = {  # id: (flags after the defaults, the message, what must not have star
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input_is_refused_before_work(case, inputs, tiny_model_dir, tmp_path, capsys, monkeypatch):
     flags, message, *before = CASES[case]
-    places = {**inputs, "root": inputs["data"].parent}
+    places = {**inputs, "root": inputs["data"].parent, "root_name": inputs["data"].parent.name}
     out = tmp_path / "out"
     (out / "models").mkdir(parents=True)
     (out / "models" / "keep.txt").write_text("an earlier result")
     before_run = snapshot(tmp_path), snapshot(places["root"])  # the outputs, and the inputs (a_file is one)
     argv = train_argv(tiny_model_dir, inputs["data"], out, *(flag.format(**places) for flag in flags))
     err = refused(argv, capsys, monkeypatch, *before)
-    assert message.format(**places) in err
+    assert message.format(**places) in err.strip().splitlines()[-1], "the refusal is not the last line"
     assert (snapshot(tmp_path), snapshot(places["root"])) == before_run
 
 
@@ -198,9 +209,14 @@ RESUME_CASES = {  # id: (how the base model differs, flags, message)
     "same-shape-other-weights": (
         {"seed": 1},
         [],
-        "holds other weights ({}) of the same shape; resume with the same base model",
+        "was trained with other settings: --base_model {base} -> {other} (weights {weights} -> {}); resume with "
+        "--base_model {base}",
     ),
-    "other-shape": ({"hidden_size": 32}, [], "is a LoRA adapter of another model: its base {base} has hidden_size=64"),
+    "other-shape": (
+        {"hidden_size": 32},
+        [],
+        "was trained with other settings: --base_model {base} -> {other} (hidden_size 64 -> 32",
+    ),
     "other-batch-size": (None, ["--batch_size", "8"], "was trained with --batch_size 4, this run asks for 8"),
 }
 
@@ -217,7 +233,12 @@ def test_resume_refuses_another_base_or_batch(
     before = snapshot(lora_run["out"])
     argv = train_argv(base, lora_run["data"], lora_run["out"], *LORA, "--resume_from_checkpoint", "latest", *flags)
     err = refused(argv, capsys, monkeypatch)
-    expected = message.format(base_identity(str(base))["weights"], base=tiny_model_dir.resolve())
+    expected = message.format(
+        base_identity(str(base))["weights"],
+        base=tiny_model_dir.resolve(),
+        other=base.resolve(),
+        weights=base_identity(str(tiny_model_dir))["weights"],
+    )
     assert f"error: {lora_run['checkpoint']} " in err and expected in err
     assert snapshot(lora_run["out"]) == before
 

@@ -90,6 +90,48 @@ def test_skips_are_counted(test_tokenizer, tmp_path):
     assert all(len(ids) <= 64 for ids in data["input_ids"])
 
 
+def missing_response_warning(caplog, rows_file, tokenizer, masker, **ids) -> str:
+    with caplog.at_level("WARNING", logger="chattune.data.tokenization"):
+        tokenize_dataset(load_rows(rows_file), tokenizer, masker, source=str(rows_file), ctx_size=256, **ids)
+    (message,) = [r.getMessage() for r in caplog.records if "has no assistant response" in r.getMessage()]
+    return message
+
+
+def test_an_example_without_a_response_is_shown_where_the_response_should_start(test_tokenizer, tmp_path, caplog):
+    masker = ChatMasker(test_tokenizer, CHATML_TEMPLATE)
+    path = tmp_path / "blank-line.jsonl"  # a blank line before the row: its line is not its row number
+    path.write_text("\n" + json.dumps(OPENAI_ROW) + "\n" + json.dumps(OPENAI_ROW) + "\n", encoding="utf-8")
+    message = missing_response_warning(caplog, path, test_tokenizer, masker, prefix_ids=[1, 2])
+    assert message.startswith(f"{path}:2: ") and "(1 more like it" in message
+    assert "--prefix_ids 1,2 do not occur" in message
+    header_ids = test_tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    assert f"'<|im_start|>assistant\\n' = {','.join(map(str, header_ids))}" in message  # the template's marker
+    before, after = message.split("(|> marks it): ")[1].split("|> ")
+    assert "'<|im_start|>'" in before and "'<|im_end|>'" in before  # the header and the user turn's end
+    first_reply_id = int(after.split(" ", 1)[0])
+    assert "On.".startswith(test_tokenizer.decode([first_reply_id]).strip())  # the reply starts at the mark
+
+
+def test_a_conversation_without_an_assistant_turn_names_its_roles(test_tokenizer, tmp_path, caplog):
+    masker = ChatMasker(test_tokenizer, CHATML_TEMPLATE)
+    rows = write_jsonl(tmp_path / "q.jsonl", [OPENAI_ROW, {"messages": [{"role": "user", "content": "hello"}]}])
+    message = missing_response_warning(caplog, rows, test_tokenizer, masker)
+    assert message.startswith(f"{rows}:2: ") and "more like it" not in message
+    assert "no assistant message (roles: user)" in message and message.endswith("|> (end)")
+
+
+def test_rows_are_located_by_line_in_files_and_by_number_elsewhere(tmp_path):
+    from chattune.data.sources import row_location
+
+    text = tmp_path / "docs.txt"
+    text.write_text("first\ndocument\n\n\nsecond\n  \nthird\n", encoding="utf-8")
+    assert [row_location(str(text), index) for index in range(3)] == [f"{text}:1", f"{text}:5", f"{text}:7"]
+    array = tmp_path / "rows.json"
+    array.write_text(json.dumps([OPENAI_ROW, OPENAI_ROW]), encoding="utf-8")
+    assert row_location(str(array), 1) == f"{array}: row 2"
+    assert row_location("org/name", 4) == "org/name: row 5"
+
+
 def test_text_rows_train_on_every_token_and_end_with_eos(test_tokenizer, tmp_path):
     rows = load_rows(write_jsonl(tmp_path / "text.jsonl", [{"text": "The kitchen light is on."}]))
     data, _ = tokenize_dataset(rows, test_tokenizer, None, source="text", ctx_size=64)

@@ -2,54 +2,22 @@
 
 from __future__ import annotations
 
-import shutil
-import socket
-import sys
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import REPO, chat_rows, run_script, train_argv, write_jsonl
+from conftest import REPO, accelerate, chat_rows, launch, run_script, train_argv, write_jsonl
 
 TRAIN = str(REPO / "train.py")
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return str(sock.getsockname()[1])
-
-
-def accelerate(*launch_args: str) -> list[str]:
-    """`accelerate launch ...` as a module of this interpreter (torchrun underneath; gloo on CPU)."""
-    accelerate_cli = shutil.which("accelerate", path=str(Path(sys.executable).parent))
-    assert accelerate_cli, "accelerate is not installed next to this Python"
-    return [
-        accelerate_cli,
-        "launch",
-        "--main_process_ip",
-        "127.0.0.1",
-        "--main_process_port",
-        free_port(),
-        *launch_args,
-    ]
 
 
 def training_flags(base, data, out, micro: int, *extra: str) -> list[str]:
     return train_argv(
         base, data, out, *extra, micro_batch_size=micro, max_steps=3, learning_rate="1e-3", save_steps=3, seed=3
     )
-
-
-def launch(*args: str):
-    import os
-    import subprocess
-
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(list(args), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")

@@ -188,11 +188,14 @@ def test_preference_rows_that_cannot_work_are_named(tmp_path, rows, method, mess
 
 
 def test_a_method_the_installed_trl_lacks_is_refused_with_its_version(monkeypatch):
+    import dataclasses
+
     import trl
 
-    from chattune.training.trainers import preference
+    from chattune.training.methods import METHODS
 
-    monkeypatch.setitem(preference.TRL_CLASSES, "orpo", (("trl", "NoSuchConfig", "NoSuchTrainer"),))
+    missing = dataclasses.replace(METHODS["orpo"], trl=(("trl", "NoSuchConfig", "NoSuchTrainer"),))
+    monkeypatch.setitem(METHODS, "orpo", missing)
     flags = parse_flags(["--run_name", "r", "--base_model", "m", "--train_dataset", "d.jsonl", "--method", "orpo"])
     with pytest.raises(FlagError, match=f"TRL {trl.__version__} does not have"):
         check_method(flags)
@@ -231,18 +234,32 @@ def test_lora_on_a_quantized_base(tiny_model_dir, tmp_path, quantization, logged
         generates(merged)
 
 
-def test_missing_quantization_backends_say_how_to_install(monkeypatch):
+@pytest.mark.parametrize(
+    "absent,flag,message",
+    [
+        ({"bitsandbytes"}, "--load_in_4bit", "--load_in_4bit/--load_in_8bit needs bitsandbytes, not installed: pip"),
+        ({"gptqmodel", "optimum"}, "--load_as_gptq", "--load_as_gptq needs gptqmodel and optimum, not installed"),
+        ({"optimum"}, "--load_as_gptq", "--load_as_gptq needs optimum, not installed: pip install -e '.[gptq]'"),
+    ],
+    ids=["bitsandbytes", "gptq-both", "gptq-optimum-only"],
+)
+def test_missing_quantization_packages_are_each_named_with_the_install(monkeypatch, absent, flag, message):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name in ("bitsandbytes", "gptqmodel") else real(name, *a)
-    )
+    checked = {"bitsandbytes", "gptqmodel", "optimum"}  # the others found or not as `absent` says, installed or not
+
+    def find_spec(name, *args):
+        if name in checked:
+            return None if name in absent else object()
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     common = ["--run_name", "r", "--base_model", "m", "--train_dataset", "d.jsonl", "--use_lora"]
-    with pytest.raises(FlagError, match="pip install bitsandbytes"):
-        quantization_config(parse_flags([*common, "--load_in_4bit"]), torch.float32)
-    with pytest.raises(FlagError, match="pip install gptqmodel"):
-        quantization_config(parse_flags([*common, "--load_as_gptq"]), torch.float32)
+    with pytest.raises(FlagError) as raised:
+        quantization_config(parse_flags([*common, flag]), torch.float32)
+    assert str(raised.value).startswith(message)
+    assert "\n" not in str(raised.value)
 
 
 # --- --precompute_ref_log_probs: the reference scored once, before training, and cached ---------------------------

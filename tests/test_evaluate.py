@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from chattune.domains.homeassistant.reply_format import format_reply
 from chattune.domains.homeassistant.scoring import METRIC_KEYS, ExampleScore, aggregate, score_example, summarize
 from chattune.domains.metrics import bleu, rouge_l
-from conftest import run_script, write_jsonl
+from conftest import REPO, run_script, write_jsonl
 
 KITCHEN_ON = {"service": "light.turn_on", "target_device": "light.kitchen"}
 FAN_ON = {"service": "fan.turn_on", "target_device": "fan.bedroom"}
@@ -436,6 +436,44 @@ def test_cli_lora_adapter(tiny_model_dir, tmp_path):
     )
     check_run(result, adapter)
     assert json.loads((adapter / "eval_results.json").read_text())["settings"]["model_kind"] == "adapter"
+
+
+def save_to_hf_cache(model_dir: Path, hf_home: Path, repo_id: str) -> Path:
+    """A copy of `model_dir` laid out as the Hugging Face cache holds a downloaded model (refs/main names the
+    snapshot of one commit)."""
+    repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(model_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return repo / "snapshots" / commit
+
+
+def test_a_hub_id_not_in_the_cache_is_named(tmp_path, capsys):
+    from chattune.commands.evaluate import main
+
+    data = write_jsonl(tmp_path / "test.jsonl", conversations(1))
+    assert main(["chattune-tests/never-downloaded", "--test_dataset", str(data)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "chattune-tests/never-downloaded: no such folder, and not a hub model in the local" in line
+    assert "hf download chattune-tests/never-downloaded" in line
+
+
+@pytest.mark.slow
+def test_cli_reads_a_hub_id_from_the_local_cache_offline(tiny_model_dir, tmp_path, monkeypatch):
+    snapshot = save_to_hf_cache(tiny_model_dir, tmp_path / "hf", "chattune-tests/tiny-llama")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    data = write_jsonl(tmp_path / "test.jsonl", conversations())
+    work = tmp_path / "work"
+    work.mkdir()
+    evaluate = [str(REPO / "evaluate.py"), "chattune-tests/tiny-llama", "--max_new_tokens", "8", "--json"]
+    # run_script sets HF_HUB_OFFLINE=1: nothing may come from the network
+    result = run_script(*evaluate, "--test_dataset", str(data), cwd=work)
+    results = work / "chattune-tests--tiny-llama-eval"
+    check_run(result, results)
+    assert json.loads((results / "eval_results.json").read_text())["settings"]["model"] == "chattune-tests/tiny-llama"
+    assert not (snapshot / "eval_results.json").exists()  # nothing written into the cache
 
 
 @pytest.mark.slow

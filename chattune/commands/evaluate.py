@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import hashlib
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ from chattune.cli import entry_point
 from chattune.domains.task import Task, check_task_name, resolve_task
 from chattune.domains.tool_calling.scoring import parser_for
 from chattune.evaluation.generation import stop_token_ids
-from chattune.evaluation.inputs import EvalError, Example, load_examples
+from chattune.evaluation.inputs import EvalError, Example, check_template_takes_examples, load_examples
 from chattune.evaluation.report import (
     check_writable,
     failure_records,
@@ -79,7 +80,13 @@ class Settings:
 
     def task_for(self, examples: Sequence[Example]) -> Task:
         if self.resolved_task is None:
-            self.resolved_task = resolve_task(self.task, examples, tool_call_format=self.tool_call_format)
+            task = resolve_task(self.task, examples, tool_call_format=self.tool_call_format)
+            if self.tool_call_format != "auto" and not task.reads_tool_call_format:
+                raise EvalError(
+                    f"--tool_call_format {self.tool_call_format}: {self.test_dataset} is scored by the {task.name} "
+                    "task, which does not read tool calls; drop the flag, or give tool-calling test data"
+                )
+            self.resolved_task = task
         return self.resolved_task
 
     @property
@@ -96,8 +103,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     parser.add_argument(
         "model",
         nargs="+",
-        help="Model folder (config.json + weights) or LoRA adapter folder; several: one comparison table. "
-        "With --all_checkpoints: a run folder, runs/<run>.",
+        help="Model folder (config.json + weights), LoRA adapter folder, or a hub id (org/name) already in the local "
+        "Hugging Face cache, read offline; several: one comparison table. With --all_checkpoints: a run folder, "
+        "runs/<run>.",
     )
     parser.add_argument("--test_dataset", default=DEFAULT_TEST_DATASET, help="Chat rows: .jsonl/.json or folder.")
     parser.add_argument("--batch_size", type=_positive, default=8, help="Prompts generated together.")
@@ -118,8 +126,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     parser.add_argument(
         "--output_dir",
         default=None,
-        help="Where result files go (default: the MODEL folder). Several models: <output_dir>/<label>/ for each, "
-        "and the table's eval_table.json/.csv (default: the run folder with --all_checkpoints, else not written).",
+        help="Where result files go (default: the MODEL folder; for a hub id, ORG--NAME-eval in the working "
+        "directory). Several models: <output_dir>/<label>/ for each, and the table's eval_table.json/.csv "
+        "(default: the run folder with --all_checkpoints, else not written).",
     )
     parser.add_argument(
         "--json",
@@ -135,15 +144,16 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     parser.add_argument(
         "--overwrite",
         action="store_true",
-        help="With several models: score again even where an eval_results.json of the same test set, reply budget "
-        "and weights exists (default: reuse it).",
+        help="With several models: score again even where an eval_results.json of the same test set, reply budget, "
+        "weights, task, --constrain, --tool_call_format and template exists (default: reuse it).",
     )
     parser.add_argument(
         "--tool_call_format",
         default="auto",
         help="Tool-calling test data: how calls are read from the model's replies: hermes "
         "(<tool_call>{...}</tool_call>, Qwen2), mistral ([TOOL_CALLS] [...]), json (a bare JSON call, Llama 3.1), "
-        "auto (the first whose marker appears; default), or regex:PATTERN whose first group is one call's JSON.",
+        "auto (the first whose marker appears; default), or regex:PATTERN whose first group is one call's JSON. "
+        "Refused for test data whose task reads no tool calls (the Home Assistant block format).",
     )
     parser.add_argument(
         "--prompt_template_file",
@@ -248,6 +258,7 @@ def run(settings: Settings) -> dict:
     folder = Path(settings.output_dir) if settings.output_dir else source.results_dir
     check_writable(folder, "pass another --output_dir" if settings.output_dir else "pass --output_dir DIR")
     examples = load_examples(settings.test_dataset, settings.max_examples)
+    settings.task_for(examples)  # a flag the task does not read is refused before the model loads
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
     return score_model(source, examples, settings, device, dtype, folder)
@@ -258,6 +269,7 @@ def score_model(
 ) -> dict:
     """Load one model, generate and score its replies, write its result files into `folder`; returns the summary."""
     tokenizer = generation_tokenizer(source, settings.prompt_template_file)
+    check_template_takes_examples(tokenizer, examples, settings.test_dataset)
     runtime = "llama.cpp" if source.kind == "gguf" else "transformers"
     precision = gguf_file_type(source.path) if source.kind == "gguf" else str(dtype).replace("torch.", "")
     logger.info("loading %s %s in %s on %s (%s)", source.kind, source.path, runtime, device, precision)
@@ -282,7 +294,7 @@ def score_model(
             )
 
     record = {
-        "model": str(source.path),
+        "model": source.hub_id or str(source.path),
         "model_kind": source.kind,
         "base_model": source.base,
         "test_dataset": settings.test_dataset,
@@ -309,8 +321,15 @@ def score_model(
 
 
 def _scoring_key(settings: Settings, task: Task) -> dict[str, Any]:
-    """How replies are made and read, for the reuse of stored results: the task, and the grammar's use."""
-    return {"task": task.name, "constrain": settings.constrain}
+    """How replies are made and read, for the reuse of stored results: the task, the grammar's use, how tool calls
+    are read, and the chat template that renders the prompts (its text: an edited file scores again)."""
+    template = settings.prompt_template_file
+    return {
+        "task": task.name,
+        "constrain": settings.constrain,
+        "tool_call_format": settings.tool_call_format,
+        "prompt_template_sha256": hashlib.sha256(Path(template).read_bytes()).hexdigest() if template else None,
+    }
 
 
 def run_several(settings: Settings) -> dict:
@@ -326,6 +345,7 @@ def run_several(settings: Settings) -> dict:
         targets = named_targets([settings.model, *settings.other_models], settings.gguf_runtime)
     _require_some(settings, targets)
     examples = load_examples(settings.test_dataset, settings.max_examples)
+    settings.task_for(examples)
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
     rows = []

@@ -16,7 +16,7 @@ from transformers import EarlyStoppingCallback
 
 from chattune.allocator import active_allocator
 from chattune.cli import entry_point, report_progress
-from chattune.config.flags import FlagError, TrainFlags, parse_flags
+from chattune.config.flags import FlagError, TrainFlags, check_quantization_packages, parse_flags
 from chattune.data import formats, tokenization
 from chattune.data.masking import ChatMasker, trim_suffix_overlap
 from chattune.data.sources import Source, read_sources
@@ -28,12 +28,16 @@ from chattune.models.loading import (
     describe_quantization,
     load_model,
     quantization_config,
+    quantized_device_map,
     weight_dtype,
 )
 from chattune.models.tokenizer import NO_TEMPLATE_HELP, add_tokens, load_tokenizer, resize_embeddings, set_stop_tokens
 from chattune.training.adapters.loftq import check_loftq_weights, init_loftq
 from chattune.training.adapters.lora import lora_config, upcast_trainable_parameters
+from chattune.training.identity import RunFinished, check_same_run, record_finished, record_start, run_fingerprint
 from chattune.training.kernels.batching import plan_batching
+from chattune.training.launcher import check_launch_precision
+from chattune.training.lock import run_lock
 from chattune.training.safety.budget import TimeBudget
 from chattune.training.safety.checkpoints import GracefulStop, clear_staging
 from chattune.training.safety.outputs import (
@@ -67,7 +71,12 @@ def start(flags: TrainFlags) -> int:
 
     state = PartialState(cpu=not torch.cuda.is_available())
     setup_logging(state.is_main_process)
-    return train(flags, state)  # once training runs, Ctrl-C saves a checkpoint instead (GracefulStop)
+    try:
+        return train(flags, state)  # once training runs, Ctrl-C saves a checkpoint instead (GracefulStop)
+    except RunFinished as finished:  # not an error: what was asked is done
+        if state.is_main_process:
+            print(finished, file=sys.stderr, flush=True)
+        return 0
 
 
 def train(flags: TrainFlags, state: PartialState) -> int:
@@ -78,14 +87,25 @@ def train(flags: TrainFlags, state: PartialState) -> int:
     check_method(flags)
     check_inputs(flags)
     check_precision_hardware(flags)
+    check_quantization_packages(flags)
+    dtype = choose_dtype(flags.bf16, flags.fp16)  # the compute dtype; trained weights may stay float32 (weight_dtype)
+    check_launch_precision(flags, str(dtype).removeprefix("torch."))
     check_optimizer(flags)
     generation_plan = plan_evaluations(flags)
+    with run_lock(flags.run_dir, flags.run_name, state):  # held until the command ends, however it ends
+        return train_locked(flags, state, started, generation_plan, dtype)
+
+
+def train_locked(flags: TrainFlags, state: PartialState, started: float, generation_plan: Any, dtype: Any) -> int:
+    """The run once its lock is held: resume or start, prepare, train, save."""
     with state.main_process_first():  # a GGUF file is converted once, by the main process
         base_folder = resolve_model(flags.base_model)
     gguf_source = find_gguf(flags.base_model) if base_folder != flags.base_model else None
     flags = dataclasses.replace(flags, base_model=base_folder)
     check_loftq_weights(flags)
-    resume = resolve_resume(flags)
+    report_progress("reading the run's fingerprint (data hashes, base model)")
+    fingerprint = run_fingerprint(flags)
+    resume = resolve_resume(flags, lambda checkpoint: check_same_run(flags, checkpoint, fingerprint))
     if resume is None:
         check_outputs_are_free(flags)
     accumulation = flags.gradient_accumulation_steps(state.num_processes)
@@ -112,7 +132,6 @@ def train(flags: TrainFlags, state: PartialState) -> int:
 
     # 3. model
     report_progress(f"loading the model {flags.base_model}")
-    dtype = choose_dtype(flags.bf16, flags.fp16)  # the compute dtype; trained weights may stay float32 (weight_dtype)
     model = load_base_model(flags, weight_dtype(flags, dtype))
     model.name_or_path = model.config._name_or_path = recorded_base(flags.base_model, gguf_source)
     grew = resize_embeddings(model, tokenizer)
@@ -133,7 +152,7 @@ def train(flags: TrainFlags, state: PartialState) -> int:
     # 4. train; Ctrl-C or SIGTERM saves a checkpoint and stops
     stop = GracefulStop()
     throughput = ThroughputCallback(model.num_parameters(), state.num_processes, flags.flops_baseline)
-    callbacks = [stop, throughput, run_record(flags, state.num_processes)]
+    callbacks = [stop, throughput, run_record(flags, state.num_processes, fingerprint)]
     if flags.time_budget:  # before ContinueSchedule: a resumed budgeted run's schedule is rebuilt first
         callbacks.append(TimeBudget(flags.time_budget, already_spent=time.time() - started))
     callbacks.append(ContinueSchedule())
@@ -158,6 +177,7 @@ def train(flags: TrainFlags, state: PartialState) -> int:
         clear_staging(flags.run_dir)
         if resume is None and flags.overwrite_output_dir:
             clear_old_checkpoints(flags.run_dir)
+        record_start(flags.run_dir, fingerprint)
     state.wait_for_everyone()
     trainer.train(resume_from_checkpoint=resume)
     if stop.stopped:
@@ -175,6 +195,8 @@ def train(flags: TrainFlags, state: PartialState) -> int:
 
     # 5. save
     outputs = save_outputs(flags, trainer, tokenizer, dtype)
+    if state.is_main_process:
+        record_finished(flags.run_dir, trainer.state.global_step)
     if flags.push_to_hub and state.is_main_process:
         trainer.push_to_hub()
     if state.is_main_process:
@@ -277,7 +299,8 @@ def default_processes() -> int:
 def load_base_model(flags: TrainFlags, dtype: Any) -> Any:
     """The base model to train, its weights in `dtype`, with the attention kernel and quantization the flags ask."""
     quantization = quantization_config(flags, dtype)
-    model = load_model(flags.base_model, dtype, choose_attention(flags.attn_implementation), quantization)
+    attention = choose_attention(flags.attn_implementation)
+    model = load_model(flags.base_model, dtype, attention, quantization, quantized_device_map(flags))
     if quantization is not None:
         logger.info("loaded %s with %s", flags.base_model, describe_quantization(flags))
     model.config.use_cache = False  # the KV cache only costs memory during training

@@ -9,6 +9,7 @@ chattune.config.transformers_names): train.py reads them first, so `--help` and 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from dataclasses import dataclass, field, fields
@@ -25,8 +26,8 @@ from chattune.config.transformers_names import (
     unknown_name,
 )
 from chattune.errors import ChattuneError
+from chattune.training.methods import METHODS, check_scoped_flags
 
-METHODS = ("sft", "dpo", "simpo", "orpo", "kto")
 LOSS_REDUCTIONS = ("tokens", "sequences")
 LORA_INITS = ("pissa", "olora", "gaussian", "loftq")
 
@@ -89,7 +90,7 @@ class TrainFlags:
         False, "Load the base model in 4-bit NF4 with double quantization (QLoRA; implies --use_lora)."
     )
     load_as_gptq: bool = _flag(
-        False, "The base model is a GPTQ checkpoint; train LoRA on it (needs the `gptqmodel` extra)."
+        False, "The base model is a GPTQ checkpoint; train LoRA on it (needs the gptq extra: gptqmodel and optimum)."
     )
 
     # --- optimisation -------------------------------------------------------------------------------------
@@ -98,7 +99,11 @@ class TrainFlags:
     )
     micro_batch_size: int = _flag(2, "Examples per forward pass on each process.")
     epochs: float = _flag(1.0, "Passes over the training data.")
-    max_steps: int = _flag(-1, "Stop after this many optimizer steps (overrides --epochs when > 0).")
+    max_steps: int = _flag(
+        -1,
+        "Stop after this many optimizer steps (overrides --epochs). 0 or below (-1, the default): no step limit, "
+        "--epochs decides.",
+    )
     time_budget: float | None = _flag(
         None,
         "Seconds the run may take, from preparing it to its last step (evaluations during training included; the "
@@ -149,7 +154,17 @@ class TrainFlags:
 
     # --- checkpoints, evaluation and logging -----------------------------------------------------------
     resume_from_checkpoint: str | None = _flag(
-        None, "Resume from a checkpoint folder, or `latest` for the newest one of this run."
+        None,
+        "Resume from a checkpoint folder, or `latest` for the newest one of this run. The run's settings that decide "
+        "what is trained (data and its preparation, --ctx_size, added tokens, --method, LoRA set-up, base model) must "
+        "be the ones it started with; "
+        "a finished run is not trained again unless --max_steps or --epochs grew.",
+    )
+    allow_changed_data: bool = _flag(
+        False,
+        "On resume, accept training data (content, format, mixture weights), a --ctx_size, or a chat template, "
+        "--train_on_prompts, --prefix_ids/--suffix_ids or --packing other than the run started with; without it "
+        "such a resume is refused.",
     )
     save_steps: int = _flag(500, "Save a checkpoint every N optimizer steps.")
     save_total_limit: int | None = _flag(2, "Keep at most N checkpoints (the newest are kept).")
@@ -227,7 +242,7 @@ class TrainFlags:
     use_lora: bool = _flag(False, "Train a LoRA adapter instead of all weights.")
     lora_rank: int = _flag(16, "LoRA rank r.")
     lora_alpha: int = _flag(32, "LoRA alpha (scaling = alpha / rank).")
-    lora_dropout: float = _flag(0.05, "Dropout on the LoRA branch.")
+    lora_dropout: float = _flag(0.05, "Dropout on the LoRA branch: a probability in [0, 1).")
     lora_modules: str | None = _flag(
         None, "Comma-separated module names to adapt (default: every linear projection of the blocks)."
     )
@@ -287,6 +302,9 @@ class TrainFlags:
         if missing:
             raise FlagError("missing required flag(s): " + ", ".join(f"--{name}" for name in missing))
         self.method = _resolve_method(self)
+        # transformers reads 0 as a budget of 0 steps and trains one: 0 means "no step limit", as -1 does
+        if self.max_steps <= 0:
+            self.max_steps = -1
         if self.micro_batch_size < 1 or self.batch_size < 1:
             raise FlagError("--batch_size and --micro_batch_size must be at least 1")
         if sum([self.load_in_8bit, self.load_in_4bit, self.load_as_gptq]) > 1:
@@ -331,7 +349,7 @@ class TrainFlags:
     @property
     def preference(self) -> bool:
         """Trained on preference data (DPO, SimPO, ORPO, KTO) rather than conversations."""
-        return self.method != "sft"
+        return METHODS[self.method].preference
 
     @property
     def quantized(self) -> bool:
@@ -398,6 +416,8 @@ def check_values(flags: TrainFlags) -> None:
         raise FlagError(f"--learning_rate must not be negative, not {flags.learning_rate:g}")
     if flags.use_lora and flags.lora_rank < 1:
         raise FlagError(f"--lora_rank must be at least 1, not {flags.lora_rank}")
+    if not 0 <= flags.lora_dropout < 1:  # peft takes a negative one, and 1 or more fails after the model loads
+        raise FlagError(f"--lora_dropout is a probability in [0, 1), not {flags.lora_dropout:g}")
     schedules = unknown_name(flags.learning_rate_schedule, SCHEDULES, installed_schedules)
     if schedules is not None:
         raise FlagError(
@@ -418,7 +438,8 @@ _SEPARATORS = ("/", "\\", os.sep, os.altsep)
 
 
 def _resolve_method(flags: TrainFlags) -> str:
-    """--method, or home-llm's --dpo/--simpo spelling of it; refuses the combinations that contradict each other."""
+    """--method, or home-llm's --dpo/--simpo spelling of it; refuses the combinations that contradict each other
+    and the method-specific flags the method does not use (chattune.training.methods)."""
     legacy = "simpo" if flags.simpo else "dpo" if flags.dpo else None
     method = flags.method or legacy or "sft"
     if method not in METHODS:
@@ -426,28 +447,15 @@ def _resolve_method(flags: TrainFlags) -> str:
     # home-llm wrote SimPO as `--dpo --simpo`, so --dpo agrees with simpo; every other mix contradicts itself
     if legacy and legacy != method and not (legacy == "dpo" and method == "simpo"):
         raise FlagError(f"--{legacy} contradicts --method {method}; give one of them")
-    if flags.dpo_loss != "sigmoid" and method != "dpo":
-        raise FlagError(f"--dpo_loss {flags.dpo_loss} applies to --method dpo, not {method}")
-    if flags.simpo_gamma != 0.5 and method != "simpo":
-        raise FlagError(f"--simpo_gamma applies to --method simpo, not {method}")
-    if method != "sft":
-        sft_only = {
-            "--packing": flags.packing,
-            "--group_by_length": flags.group_by_length,
-            "--train_on_prompts": flags.train_on_prompts,
-            "--prefix_ids": flags.prefix_ids,
-            "--suffix_ids": flags.suffix_ids,
-        }
-        given = [name for name, value in sft_only.items() if value]
-        if given:
-            raise FlagError(f"{', '.join(given)} shape(s) SFT batches and labels; --method {method} does not use them")
-    if flags.precompute_ref_log_probs and method != "dpo":
-        why = "has no reference model" if method in ("sft", "simpo", "orpo") else "is not supported with it (dpo only)"
-        raise FlagError(f"--precompute_ref_log_probs scores DPO's reference model; --method {method} {why}")
-    if method == "kto" and flags.micro_batch_size < 2:
+    flags.method = method
+    refusal = check_scoped_flags(flags)
+    if refusal:
+        raise FlagError(refusal)
+    entry = METHODS[method]
+    if flags.micro_batch_size < entry.min_micro_batch_size:
         raise FlagError(
-            "--method kto needs --micro_batch_size of at least 2: its KL estimate pairs each completion with "
-            "another prompt of the same micro-batch"
+            f"--method {method} needs --micro_batch_size of at least {entry.min_micro_batch_size}: "
+            f"{entry.min_micro_batch_why}"
         )
     return method
 
@@ -488,8 +496,6 @@ def _check_optimizer_and_schedule(flags: TrainFlags) -> None:
             raise FlagError("give --warmup_epochs or --learning_rate_warmup, not both")
         if flags.warmup_epochs < 0:
             raise FlagError("--warmup_epochs must be at least 0")
-    if flags.loss_reduction != "tokens" and flags.method != "sft":
-        raise FlagError(f"--loss_reduction averages the SFT loss; --method {flags.method} has its own loss")
 
 
 def _check_lora_variants(flags: TrainFlags) -> None:
@@ -536,11 +542,29 @@ def _check_evaluation_flags(flags: TrainFlags) -> None:
         )
     if flags.eval_generate is not None and flags.eval_generate < 1:
         raise FlagError(f"--eval_generate is a number of test examples, at least 1, not {flags.eval_generate}")
-    if flags.eval_generate is not None and flags.method != "sft":
-        raise FlagError(
-            f"--eval_generate scores replies to chat prompts; --method {flags.method} evaluates on preference "
-            "rows (score its model afterwards with evaluate.py)"
-        )
+
+
+# What each quantized load needs installed: transformers' GPTQ loader calls optimum, which runs gptqmodel's kernels.
+QUANTIZATION_PACKAGES = {
+    "--load_in_4bit/--load_in_8bit": (("bitsandbytes",), "pip install bitsandbytes"),
+    "--load_as_gptq": (("gptqmodel", "optimum"), "pip install -e '.[gptq]' (the gptq extra: gptqmodel and optimum)"),
+}
+
+
+def check_quantization_packages(flags: TrainFlags) -> None:
+    """Refuse, before torch is imported, a quantized load whose packages are not installed: one line that names
+    every missing package and how to install them (looked up, not imported)."""
+    if flags.load_in_4bit or flags.load_in_8bit:
+        _require_packages("--load_in_4bit/--load_in_8bit")
+    if flags.load_as_gptq:
+        _require_packages("--load_as_gptq")
+
+
+def _require_packages(flag: str) -> None:
+    packages, install = QUANTIZATION_PACKAGES[flag]
+    missing = [name for name in packages if importlib.util.find_spec(name) is None]
+    if missing:
+        raise FlagError(f"{flag} needs {' and '.join(missing)}, not installed: {install}")
 
 
 def unused_evaluation_flags(flags: TrainFlags) -> list[str]:

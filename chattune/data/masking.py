@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from jinja2 import TemplateError
+
 from chattune.errors import ChattuneError
 
 IGNORE_INDEX = -100
@@ -33,6 +35,11 @@ _PROBE_TOOL = "chattune_probe_tool"
 
 class MaskingError(ChattuneError, ValueError):
     """The template or the ids cannot produce a mask for this conversation."""
+
+
+class TemplateRejection(MaskingError):
+    """The chat template raised on the conversation itself (Gemma's on a system turn, Mistral's on roles out of
+    order): the row is wrong for this template, which the run reports rather than skipping the row."""
 
 
 @dataclass
@@ -137,6 +144,17 @@ class ChatMasker:
             return f"fails on a tool call and its result ({error})"
         return None if _PROBE_TOOL in text else "does not write an assistant turn's tool_calls"
 
+    def tools_problem(self) -> str | None:
+        """Why this template cannot show a row's tool list to the model, or None: SmolLM2's ChatML ignores
+        `tools`, so a model trained or scored on it never sees the tools it is to call."""
+        tool = {"type": "function", "function": {"name": _PROBE_TOOL, "description": "", "parameters": {}}}
+        user = [{"role": "user", "content": "ping"}]
+        try:
+            offered = self.render(user, [tool])
+        except Exception as error:
+            return f"fails on a tool list ({error})"
+        return None if offered != self.render(user) else "does not write the tools offered"
+
     def encode(self, messages: Sequence[dict], tools: list | None = None) -> Encoded:
         result = self.encode_many([(messages, tools)])[0]
         if isinstance(result, MaskingError):
@@ -159,6 +177,8 @@ class ChatMasker:
                 rendered.append((*self.assistant_spans(messages, tools), replies))
             except MaskingError as error:
                 rendered.append(error)
+            except TemplateError as error:
+                rendered.append(TemplateRejection(str(error)))
         texts = [item[0] for item in rendered if not isinstance(item, MaskingError)]
         batch = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True) if texts else {}
         encodings = zip(batch.get("input_ids", []), batch.get("offset_mapping", []))

@@ -67,6 +67,7 @@ def parse_sources(specs: str | Sequence[str], flag: str = "--train_dataset") -> 
     if not specs:
         raise DataError(f"{flag} needs at least one source: {SOURCES_HELP}")
     sources = [parse_source(str(spec), flag) for spec in specs]
+    _refuse_repeated(sources, flag)
     weighted = [source.text for source in sources if source.weight is not None]
     if weighted and len(weighted) != len(sources):
         unweighted = [source.text for source in sources if source.weight is None]
@@ -75,6 +76,20 @@ def parse_sources(specs: str | Sequence[str], flag: str = "--train_dataset") -> 
             "weight (a share of the mixture, e.g. a.jsonl:0.8 b.jsonl:0.2) or none (every row of every source once)"
         )
     return sources
+
+
+def _refuse_repeated(sources: list[Source], flag: str) -> None:
+    """The same file (or hub split) given twice would be read twice: every row of it trained twice, silently."""
+    seen: dict[tuple, str] = {}
+    for source in sources:
+        where = source.location if source.kind == "hub" else str(Path(source.location).expanduser().resolve())
+        key = (where, source.split, source.revision)
+        if key in seen:
+            raise DataError(
+                f"{flag}: {seen[key]} and {source.text} are the same source, so each of its rows would be used "
+                "twice; give it once, or give weights to sample it more often (a.jsonl:0.7 b.jsonl:0.3)"
+            )
+        seen[key] = source.text
 
 
 def parse_source(spec: str, flag: str = "--train_dataset") -> Source:
@@ -305,6 +320,38 @@ def text_blocks(path: Path) -> list[str]:
     if not blocks:
         raise DataError(f"{path}:1: empty file; a .txt source holds documents separated by blank lines")
     return blocks
+
+
+def row_location(spec: str, index: int) -> str:
+    """Where row `index` (from 0) of a source is, for a person to open: `FILE:LINE` for JSON lines and .txt
+    files (blank lines skipped as the loaders skip them), else `SOURCE: row N`."""
+    try:
+        source = parse_source(spec)
+    except DataError:
+        source = None
+    if source is not None and source.kind in ("json", "text"):
+        path = Path(source.location)
+        line = _first_line_of_row(path, index, blocks=source.kind == "text")
+        if line is not None:
+            return f"{path}:{line}"
+    return f"{spec}: row {index + 1}"
+
+
+def _first_line_of_row(path: Path, index: int, blocks: bool) -> int | None:
+    """The line number row `index` starts on: the index-th non-blank line, or the first line of the index-th
+    blank-line-separated block; None for a JSON array or a file shorter than that."""
+    if path.suffix == ".json" and _first_character(path) == "[":
+        return None
+    rows, previous_blank = -1, True
+    with path.open("rb") as file:
+        for number, raw in enumerate(file, start=1):
+            blank = not raw.strip()
+            if not blank and (previous_blank or not blocks):
+                rows += 1
+                if rows == index:
+                    return number
+            previous_blank = blank
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -63,6 +63,8 @@ class Task(ABC):
     name: ClassVar[str]
     metrics: ClassVar[tuple[Metric, ...]]  # summary keys in table order; the first is the headline metric
     slices: ClassVar[tuple[tuple[str, str], ...]] = (("language", "by_language"), ("kind", "by_kind"))
+    # whether the task reads replies with --tool_call_format; evaluate.py refuses the flag for one that does not
+    reads_tool_call_format: ClassVar[bool] = False
 
     def __init__(self, **options: Any) -> None:
         """`options` are the evaluation's settings a task may read (e.g. `tool_call_format`); others are ignored."""

@@ -5,8 +5,11 @@ The model, adapter or GGUF file itself is read by chattune.models (folders, toke
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from chattune.data import formats
 from chattune.errors import ChattuneError
@@ -25,6 +28,7 @@ class Example:
     tools: list | None = None
     reference_message: dict | None = None  # tool-calling data: the whole reference turn, calls included
     after_tool_result: bool = False  # tool-calling data: the turn answers a tool result
+    row: int = 0  # its row in the test file, from 0 (not part of what is scored)
 
 
 def load_examples(path: str, max_examples: int | None = None) -> list[Example]:
@@ -43,10 +47,12 @@ def load_examples(path: str, max_examples: int | None = None) -> list[Example]:
     examples = []
     for index, (row, conversation) in enumerate(zip(rows, conversations)):
         where = f"{path}: row {index + 1}: "
-        if tool_data:
-            examples.extend(_tool_turns(conversation, row, where))
-        else:
-            examples.append(_split_conversation(conversation.messages, conversation.tools, row, where))
+        found = (
+            _tool_turns(conversation, row, where)
+            if tool_data
+            else [_split_conversation(conversation.messages, conversation.tools, row, where)]
+        )
+        examples.extend(dataclasses.replace(example, row=index) for example in found)
     if not examples:
         raise formats.DataError(f"{path}: no examples to evaluate")
     return examples
@@ -89,3 +95,19 @@ def _tool_turns(conversation: formats.Conversation, row: dict, where: str) -> li
     if not examples:
         raise formats.DataError(f"{where}no trained assistant turn to use as the reference")
     return examples
+
+
+def check_template_takes_examples(tokenizer: Any, examples: Sequence[Example], test_dataset: str) -> None:
+    """train.py's refusals for the same pairing, before the model loads: a template that raises on a test row
+    (Gemma's on a system turn), or drops the tool calls or the tool list of tool-calling rows, which would score the
+    model on prompts that lost them."""
+    from chattune.data.masking import ChatMasker
+    from chattune.data.tokenization import check_template_takes_rows, first_of_each_kind
+
+    conversations = (
+        (example.row, formats.Conversation([*example.prompt, example.reference_message], example.tools))
+        if example.reference_message
+        else (example.row, formats.Conversation(example.prompt, example.tools))
+        for example in examples
+    )
+    check_template_takes_rows(first_of_each_kind(conversations), ChatMasker(tokenizer), test_dataset)

@@ -124,7 +124,8 @@ def reuse_key(
     """What must not have changed for stored results to stand: the test examples, the reply budget asked for,
     the weight files (name, size, modification time), and how replies were made and read (`scoring`: the task,
     constrained decoding)."""
-    text = json.dumps([dataclasses.asdict(e) for e in examples], sort_keys=True, ensure_ascii=False)
+    scored = [{k: v for k, v in dataclasses.asdict(e).items() if k != "row"} for e in examples]
+    text = json.dumps(scored, sort_keys=True, ensure_ascii=False)
     weights = [[path.name, path.stat().st_size, path.stat().st_mtime_ns] for path in source.weight_files]
     return {
         "examples_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),

@@ -6,12 +6,15 @@ A model is named by a folder, a hub id or a GGUF file. A GGUF file is run in lla
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from chattune.hub_cache import cached_hub_model
 from chattune.models.errors import IncompleteWeightsError, ModelError
 from chattune.models.gguf import find_gguf, read_architecture, resolve_model
 
@@ -27,18 +30,28 @@ EXPECTED_FOLDER_HELP = (
     "(adapter_config.json + one of " + ", ".join(ADAPTER_WEIGHT_FILES) + ")"
 )
 
+# org/name as the hub spells model ids; a missing local path spelled so is looked up in the cache too
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
 
 @dataclass
 class ModelSource:
     path: Path
     kind: str  # "model", "adapter", or "gguf" (a GGUF file run in llama.cpp)
     base: str | None = None  # the base model an adapter was trained on
+    converted_from: Path | None = None  # the GGUF file a "model" was converted from (--gguf_runtime transformers)
+    hub_id: str | None = None  # a hub model read from the local Hugging Face cache (path: its snapshot)
 
     @property
     def results_dir(self) -> Path:
-        """Where its result files go by default: the model's folder; for a GGUF file a folder beside it named
-        after it (models/run/run-q8_0.gguf -> models/run/run-q8_0-eval), since one folder often holds several."""
-        return self.path.parent / f"{self.path.stem}-eval" if self.kind == "gguf" else self.path
+        """Where its result files go by default: the model's folder; for a GGUF file (run in llama.cpp, or
+        converted for transformers into a hidden cache folder) a folder beside the file named after it
+        (models/run/run-q8_0.gguf -> models/run/run-q8_0-eval), since one folder often holds several; for a hub
+        model a folder in the working directory (org/name -> org--name-eval), never inside the cache."""
+        if self.hub_id:
+            return Path(f"{self.hub_id.replace('/', '--')}-eval")
+        gguf_file = self.path if self.kind == "gguf" else self.converted_from
+        return gguf_file.parent / f"{gguf_file.stem}-eval" if gguf_file else self.path
 
     @property
     def weight_files(self) -> list[Path]:
@@ -55,12 +68,36 @@ def inspect_model_folder(path: str | os.PathLike, gguf_runtime: str = "transform
     A GGUF file (or a folder holding one) is run in llama.cpp with `gguf_runtime` "llama.cpp"; with
     "transformers" it is converted once to a model folder and evaluated as one.
     """
-    if gguf_runtime == "llama.cpp":
-        gguf_file = find_gguf(path)
-        if gguf_file is not None:
-            read_architecture(gguf_file)  # a file that is not GGUF, or is cut short, is named before any work
-            return ModelSource(gguf_file, "gguf")
+    gguf_file = find_gguf(path)
+    if gguf_runtime == "llama.cpp" and gguf_file is not None:
+        read_architecture(gguf_file)  # a file that is not GGUF, or is cut short, is named before any work
+        return ModelSource(gguf_file, "gguf")
     folder = Path(resolve_model(str(path)))
+    if gguf_file is not None:
+        return dataclasses.replace(_inspect_folder(folder), converted_from=gguf_file)
+    if not folder.exists() and HUB_ID.fullmatch(str(path)):
+        return dataclasses.replace(_inspect_folder(cached_model_folder(str(path))), hub_id=str(path))
+    return _inspect_folder(folder)
+
+
+def cached_model_folder(repo_id: str) -> Path:
+    """A hub id's snapshot in the local Hugging Face cache, found offline, or an error naming the id."""
+    folder = cached_hub_model(repo_id)
+    if folder is None:
+        raise ModelError(
+            f"{repo_id}: no such folder, and not a hub model in the local Hugging Face cache "
+            f"({hf_cache_dir()}); download it once with `hf download {repo_id}`, or give a model folder"
+        )
+    return folder
+
+
+def hf_cache_dir() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def _inspect_folder(folder: Path) -> ModelSource:
     if not folder.exists():
         raise ModelError(f"{folder}: no such file or folder; {EXPECTED_FOLDER_HELP}")
     if not folder.is_dir():

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM
 
-from chattune.config.flags import FlagError, TrainFlags
+from chattune.config.flags import FlagError, TrainFlags, check_quantization_packages
 from chattune.models.errors import ModelError
 from chattune.models.gguf import resolve_model
 from chattune.models.tokenizer import resize_embeddings
@@ -87,9 +88,8 @@ def choose_attention(requested: str | None) -> str:
 
 
 def quantization_config(flags: TrainFlags, dtype: torch.dtype) -> Any | None:
+    check_quantization_packages(flags)
     if flags.load_in_4bit or flags.load_in_8bit:
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise FlagError("--load_in_4bit/--load_in_8bit need bitsandbytes: pip install bitsandbytes")
         from transformers import BitsAndBytesConfig
 
         if flags.load_in_8bit:
@@ -101,15 +101,24 @@ def quantization_config(flags: TrainFlags, dtype: torch.dtype) -> Any | None:
             bnb_4bit_compute_dtype=dtype,
         )
     if flags.load_as_gptq:
-        if importlib.util.find_spec("gptqmodel") is None:
-            raise FlagError(
-                "--load_as_gptq needs the maintained GPTQ backend: pip install gptqmodel optimum "
-                "(auto-gptq is unmaintained and not supported by current transformers)"
-            )
         from transformers import GPTQConfig
 
-        return GPTQConfig(bits=4, use_exllama=False)
+        # A GPTQ checkpoint's own quantization_config (bits, group size, format) is used as saved; of the config
+        # passed here transformers 5 takes only the loading attributes, `backend` and `max_input_length`
+        # (use_exllama and the like are dropped). auto_trainable lets gptqmodel pick a kernel that has a
+        # backward pass on this device, as LoRA training needs.
+        return GPTQConfig(bits=4, backend="auto_trainable")
     return None
+
+
+def quantized_device_map(flags: TrainFlags) -> dict[str, Any] | None:
+    """Where a GPTQ model's layers go: transformers' GPTQ quantizer puts them on the CPU unless told, so each
+    process places the whole model on its own GPU (LOCAL_RANK under accelerate/torchrun)."""
+    if not flags.load_as_gptq:
+        return None
+    if torch.cuda.is_available():
+        return {"": f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"}
+    return {"": "cpu"}
 
 
 def describe_quantization(flags: TrainFlags) -> str:
@@ -121,15 +130,21 @@ def describe_quantization(flags: TrainFlags) -> str:
 
 
 def load_model(
-    name_or_path: str, dtype: torch.dtype, attn_implementation: str | None = None, quantization: Any | None = None
+    name_or_path: str,
+    dtype: torch.dtype,
+    attn_implementation: str | None = None,
+    quantization: Any | None = None,
+    device_map: dict[str, Any] | None = None,
 ) -> Any:
     """A causal LM from a model folder, hub id or GGUF file (converted once, then loaded from its folder), in `dtype`,
-    with the attention kernel and quantization config given (transformers' own choice where None)."""
+    with the attention kernel, quantization config and device map given (transformers' own choice where None)."""
     kwargs: dict[str, Any] = {"dtype": dtype}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     if quantization is not None:
         kwargs["quantization_config"] = quantization
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     return AutoModelForCausalLM.from_pretrained(resolve_model(name_or_path), **kwargs)
 
 

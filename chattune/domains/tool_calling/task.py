@@ -35,6 +35,7 @@ class ToolCallingTask(Task):
         *LATENCY,
         Metric("n_turns", "turns"),
     )
+    reads_tool_call_format = True
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)

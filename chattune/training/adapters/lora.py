@@ -35,8 +35,9 @@ def lora_config(flags: TrainFlags, model: Any, tokens_added: bool) -> Any:
     from peft import LoraConfig
 
     targets: Any = _split(flags.lora_modules) or "all-linear"
-    if flags.lora_layers is not None and targets == "all-linear":
-        targets = block_linear_names(model)  # peft takes a layer subset only with named modules
+    if targets == "all-linear" and (flags.lora_layers is not None or flags.load_as_gptq):
+        # peft takes a layer subset only with named modules, and its all-linear finds no GPTQ layer (no nn.Linear)
+        targets = block_linear_names(model)
     to_save = _split(flags.lora_modules_to_save) or []
     if tokens_added:
         missing = [n for n in embedding_module_names(model) if n not in to_save]
@@ -63,12 +64,13 @@ def lora_config(flags: TrainFlags, model: Any, tokens_added: bool) -> Any:
 
 
 def block_linear_names(model: Any) -> list[str]:
-    """Short names of the linear projections inside the transformer blocks (q_proj, ..., down_proj)."""
+    """Short names of the linear projections inside the transformer blocks (q_proj, ..., down_proj): nn.Linear, or
+    GPTQ's packed layers (a `qweight` in place of the weight)."""
     output = model.get_output_embeddings()
     names = [
         name.rsplit(".", 1)[-1]
         for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and module is not output
+        if (isinstance(module, torch.nn.Linear) or hasattr(module, "qweight")) and module is not output
     ]
     return list(dict.fromkeys(names))
 

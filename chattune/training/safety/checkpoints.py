@@ -25,7 +25,8 @@ import torch
 from transformers import TrainerCallback
 
 from chattune.atomic import DiskFullError, disk_full_reason, follow_umask
-from chattune.cli import raise_if_signalled
+from chattune.cli import install_handler, raise_if_signalled
+from chattune.training.lock import release_held_locks
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +47,8 @@ class AtomicCheckpointMixin:
         try:
             super()._save_checkpoint(model, trial)
         except Exception as error:
-            if self.is_world_process_zero():
-                shutil.rmtree(staging_root / name, ignore_errors=True)  # give back the space it took
+            if self.is_world_process_zero():  # give back the space it took; TRL's model card goes with it
+                shutil.rmtree(staging_root, ignore_errors=True)
             raise_if_disk_full(error, run_dir / name)
             raise
         finally:
@@ -87,7 +88,7 @@ def raise_if_disk_full(error: Exception, checkpoint: Path) -> None:
         f"the previous checkpoint {previous} is intact; free some space, then rerun the same command plus "
         "--resume_from_checkpoint latest"
         if previous
-        else "there is no earlier checkpoint; free some space and run again"
+        else "there is no earlier checkpoint; free some space, then run the same command again"
     )
     raise DiskFullError(f"disk full while writing {checkpoint} ({reason}); {kept}") from error
 
@@ -107,7 +108,7 @@ class GracefulStop(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         raise_if_signalled()  # one that came before and whose exception was lost
         for sig in (signal.SIGINT, signal.SIGTERM):
-            self.previous[sig] = signal.signal(sig, self._handle)
+            self.previous[sig] = install_handler(sig, self._handle)
 
     def on_train_end(self, args, state, control, **kwargs):
         # The final evaluation and the saves come after: a signal there must stop them, not wait for a step.
@@ -118,6 +119,7 @@ class GracefulStop(TrainerCallback):
     def _handle(self, signum, frame):
         if self.signal_name is not None:
             print("\nsecond interrupt: exiting now without saving", file=sys.stderr, flush=True)
+            release_held_locks()  # os._exit skips the cleanup that would release the run's lock
             os._exit(128 + signum)
         self.signal_name = signal.Signals(signum).name
         print(

@@ -13,6 +13,7 @@ from chattune.config.flags import FlagError, TrainFlags
 from chattune.export.merge import merge_adapter
 from chattune.export.save import save_model
 from chattune.models.loading import quantization_config
+from chattune.training.identity import RUN_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -21,11 +22,23 @@ def check_outputs_are_free(flags: TrainFlags) -> None:
     if flags.overwrite_output_dir:
         return
     for folder in planned_outputs(flags):
-        if folder.is_dir() and any(folder.iterdir()):
+        if holds_results(folder, flags.run_dir):
             raise FlagError(
                 f"{folder} exists and is not empty; pass --overwrite_output_dir to replace it, or "
                 "--resume_from_checkpoint latest to continue the run"
             )
+
+
+# What a run that stopped before its first checkpoint (a full disk, a crash) leaves in its run folder: TensorBoard's
+# event files, the staging folder of a save a kill interrupted, and the run's fingerprint (chattune.training.identity).
+# Running the same command again, as that run's error says, is not refused for them.
+LEFT_BEFORE_THE_FIRST_CHECKPOINT = {"runs", ".staging", RUN_FILE}
+
+
+def holds_results(folder: Path, run_dir: Path) -> bool:
+    """Whether a new run would replace something of value in `folder`."""
+    ignored = LEFT_BEFORE_THE_FIRST_CHECKPOINT if folder == run_dir else set()
+    return folder.is_dir() and any(path.name not in ignored for path in folder.iterdir())
 
 
 def clear_old_checkpoints(run_dir: Path) -> None:
@@ -69,8 +82,9 @@ def save_outputs(flags: TrainFlags, trainer: Any, tokenizer: Any, dtype: Any) ->
     """Full model -> models/<run>; LoRA -> loras/<run> (+ merged -> models/<run> with --lora_merge)."""
     accelerator = trainer.accelerator
     accelerator.wait_for_everyone()
-    # Every process takes part in gathering the weights (FSDP and ZeRO-3 shard them); rank 0 writes.
-    state_dict = accelerator.get_state_dict(trainer.model)
+    # Every process takes part in gathering the weights (FSDP and ZeRO-3 shard them); rank 0 writes. Under DeepSpeed
+    # only the engine (model_wrapped; trainer.model is the bare module) can gather ZeRO-3's partitions.
+    state_dict = accelerator.get_state_dict(trainer.model_wrapped)
     model = accelerator.unwrap_model(trainer.model)
     outputs: list[Path] = []
     if trainer.is_world_process_zero():
@@ -101,9 +115,13 @@ def write_outputs(
     if flags.use_lora and flags.lora_merge:
         saving(f"merging the adapter into {flags.model_dir}", outputs, checkpoint)
         reload, dtype = merge_reload
-        # LoftQ's adapter learned the quantization error: it is merged onto the quantized weights it trained with
-        loftq = quantization_config(flags, dtype) if flags.lora_init == "loftq" else None
-        merged = merge_adapter(model, flags.base_model, reload, dtype, flags.lora_dir, trained_on_quantization=loftq)
+        # LoftQ's adapter learned the quantization error, and a GPTQ checkpoint has no other weights: the adapter
+        # is merged onto the quantized weights it trained with
+        on_quantized = flags.lora_init == "loftq" or flags.load_as_gptq
+        quantization = quantization_config(flags, dtype) if on_quantized else None
+        merged = merge_adapter(
+            model, flags.base_model, reload, dtype, flags.lora_dir, trained_on_quantization=quantization
+        )
         merged.generation_config = model.generation_config
         outputs.append(save_model(merged, tokenizer, flags.model_dir))
     if flags.export_gguf:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,8 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from chattune.config.flags import FlagError, TrainFlags
+from chattune.hub_cache import cached_hub_model
 from chattune.training.safety.checkpoints import checkpoint_problem, checkpoints_newest_first
-
-logger = logging.getLogger(__name__)
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,10 @@ WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 BASE_REWRITING_INITS = ("pissa", "olora")
 
 
-def resolve_resume(flags: TrainFlags) -> str | None:
+def resolve_resume(flags: TrainFlags, same_run: Callable[[Path], None] | None = None) -> str | None:
+    """The checkpoint to resume from, or None for a fresh start. With `same_run` (the comparison of the checkpoint's
+    fingerprint with the run's: chattune.training.safety.identity.check_same_run, passed in by the recipe so that
+    the two modules do not import each other), the checkpoint is checked by it first."""
     if not flags.resume_from_checkpoint:
         return None
     if flags.resume_from_checkpoint == "latest":
@@ -57,6 +60,8 @@ def resolve_resume(flags: TrainFlags) -> str | None:
                 f"found: {found or 'nothing'}"
             )
         refuse_damaged(path)
+    if same_run is not None:
+        same_run(path)
     check_checkpoint_matches(flags, path)
     check_same_batch(flags, path)
     return str(path)
@@ -196,13 +201,7 @@ def model_folder(name_or_path: str) -> Path | None:
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(name_or_path, local_files_only=True))
-    except (LocalEntryNotFoundError, HFValidationError, OSError):
-        return None
+    return cached_hub_model(name_or_path)
 
 
 def base_identity(name_or_path: str) -> dict:
@@ -235,8 +234,8 @@ def weights_fingerprint(folder: Path) -> str | None:
 
 
 class RunRecord(TrainerCallback, ExportableState):
-    """Stores `record` (the batch and, for LoRA, the base model's identity) in every checkpoint's
-    trainer_state.json, where resolve_resume reads it back."""
+    """Stores `record` (the batch, the run's fingerprint and, for LoRA, the base model's identity) in every
+    checkpoint's trainer_state.json, where resolve_resume reads it back."""
 
     def __init__(self, record: dict) -> None:
         self.record = record
@@ -249,8 +248,10 @@ class RunRecord(TrainerCallback, ExportableState):
         state.stateful_callbacks.setdefault(type(self).__name__, self.state())
 
 
-def run_record(flags: TrainFlags, processes: int) -> RunRecord:
+def run_record(flags: TrainFlags, processes: int, fingerprint: dict | None = None) -> RunRecord:
     record: dict[str, Any] = {"batch": batch_record(flags, processes)}
+    if fingerprint is not None:
+        record["fingerprint"] = fingerprint
     if flags.use_lora:
         record["base"] = base_identity(flags.base_model)
     return RunRecord(record)

@@ -1,4 +1,5 @@
-"""Preference training on TRL's trainers: DPO (and its loss variants), SimPO, ORPO and KTO.
+"""Preference training on TRL's trainers: DPO (and its loss variants), SimPO, ORPO, KTO, and any other method of
+chattune.training.methods' table that trains on preference rows.
 
 Accepted rows (their formats are entries of chattune.data.formats' registry):
 * the data generator's pairs: {"system", "question", "chosen", "rejected"} (system optional)
@@ -7,9 +8,10 @@ Accepted rows (their formats are entries of chattune.data.formats' registry):
   prompt
 * KTO only: unpaired rows {"prompt", "completion", "label"}, label true for a good completion, false for a bad one
 
-KTO reads its rows in a fixed order (TRL's KTOTrainer samples sequentially: the KL term pairs each completion with
-its neighbour's prompt), so they are shuffled once with --seed, pairs being split into a good and a bad row first;
-otherwise the order of the file, or every good answer before every bad one, would be the order of training.
+A method that trains on unpaired rows (KTO) gets pairs split into a good and a bad row. KTO reads its rows in a
+fixed order (TRL's KTOTrainer samples sequentially: the KL term pairs each completion with its neighbour's prompt),
+so they are shuffled once with --seed; otherwise the order of the file, or every good answer before every bad one,
+would be the order of training.
 """
 
 from __future__ import annotations
@@ -29,26 +31,20 @@ from chattune.data import formats
 from chattune.data.errors import DataError
 from chattune.data.sources import Source, read_sources
 from chattune.training.kernels.shared_prefix import LeanDPO, share_prompts
+from chattune.training.methods import METHODS, Method, load
 from chattune.training.safety.checkpoints import AtomicCheckpointMixin
 from chattune.training.trainers.arguments import training_args
 
 logger = logging.getLogger(__name__)
 
-# Where TRL keeps each method's config and trainer, newest layout first: TRL moves trainers between its stable
-# API and trl.experimental from one release to the next.
-TRL_CLASSES: dict[str, tuple[tuple[str, str, str], ...]] = {
-    "dpo": (("trl", "DPOConfig", "DPOTrainer"),),
-    "simpo": (("trl.experimental.cpo", "CPOConfig", "CPOTrainer"), ("trl", "CPOConfig", "CPOTrainer")),
-    "orpo": (("trl.experimental.orpo", "ORPOConfig", "ORPOTrainer"), ("trl", "ORPOConfig", "ORPOTrainer")),
-    "kto": (("trl", "KTOConfig", "KTOTrainer"), ("trl.experimental.kto", "KTOConfig", "KTOTrainer")),
-}
 
-
-def trl_classes(method: str) -> tuple[type, type]:
-    """The installed TRL's config and trainer classes for `method`; a FlagError naming the TRL version if absent."""
+def trl_classes(method: Method) -> tuple[type, type]:
+    """The installed TRL's config and trainer classes for `method`; a FlagError naming the TRL version if absent.
+    TRL moves trainers between its stable API and trl.experimental from one release to the next, so the entry
+    lists every place, newest first."""
     import trl
 
-    places = TRL_CLASSES[method]
+    places = method.trl
     for module_name, config_name, trainer_name in places:
         try:
             module = importlib.import_module(module_name)
@@ -58,7 +54,8 @@ def trl_classes(method: str) -> tuple[type, type]:
     _, config_name, trainer_name = places[0]
     looked = " and ".join(sorted({module for module, _, _ in places}))
     raise FlagError(
-        f"--method {method} needs TRL's {config_name} and {trainer_name}, which the installed TRL {trl.__version__} "
+        f"--method {method.name} needs TRL's {config_name} and {trainer_name}, which the installed TRL "
+        f"{trl.__version__} "
         f"does not have (looked in {looked}); install a TRL release that has them, or choose another --method"
     )
 
@@ -72,43 +69,49 @@ def dpo_loss_types() -> list[str]:
 
 
 def check_method(flags: TrainFlags) -> None:
-    """Before any work: the method's TRL classes exist, and --dpo_loss is one TRL knows."""
-    if not flags.preference:
-        return
-    trl_classes(flags.method)
-    if flags.method == "dpo":
-        known = dpo_loss_types()
-        if known and flags.dpo_loss not in known:
-            raise FlagError(f"--dpo_loss {flags.dpo_loss!r} is not a TRL DPO loss; choose one of {', '.join(known)}")
+    """Before any work: the method's TRL classes exist, and its own check (DPO's: --dpo_loss is one TRL knows)."""
+    method = METHODS[flags.method]
+    trl_classes(method)
+    if method.check:
+        load(method.check)(flags)
+
+
+def check_dpo_loss(flags: TrainFlags) -> None:
+    known = dpo_loss_types()
+    if known and flags.dpo_loss not in known:
+        raise FlagError(f"--dpo_loss {flags.dpo_loss!r} is not a TRL DPO loss; choose one of {', '.join(known)}")
 
 
 def load_preferences(
     specs: str | Sequence[str], method: str = "dpo", seed: int = 42, flag: str = "--train_dataset"
 ) -> Dataset:
-    """Preference rows in TRL's format: pairs for DPO, SimPO and ORPO; unpaired rows, shuffled, for KTO.
+    """Preference rows in TRL's format: pairs for DPO, SimPO and ORPO; unpaired rows, shuffled, for KTO (the
+    method's entry in chattune.training.methods says which).
 
     Each source (chattune.data.sources) is read in its own format, from the registry of chattune.data.formats
-    (PAIRS, and UNPAIRED for KTO); several are then mixed or concatenated. Pairs whose chosen and rejected
+    (the formats the method accepts); several are then mixed or concatenated. Pairs whose chosen and rejected
     answers are identical are dropped, with a count in the log.
     """
+    entry = METHODS[method]
 
     def prepare_source(rows: Dataset, source: Source) -> Dataset:
-        return _preference_rows(rows, source.text, method)
+        return _preference_rows(rows, source.text, entry)
 
     rows = read_sources(specs, prepare_source, seed=seed, flag=flag)
-    if method == "kto":
+    if entry.shuffled_once:
         rows = rows.shuffle(seed=seed).flatten_indices()
     return rows
 
 
-def _preference_rows(rows: Dataset, source: str, method: str) -> Dataset:
-    """One source's rows as TRL preference rows (KTO's pairs split into a good and a bad row)."""
-    uses = (formats.PAIRS, formats.UNPAIRED) if method == "kto" else (formats.PAIRS,)
-    if method != "kto" and formats.FORMATS["unpaired"].detects(rows.column_names):
+def _preference_rows(rows: Dataset, source: str, method: Method) -> Dataset:
+    """One source's rows as TRL preference rows (pairs split into a good and a bad row for unpaired methods)."""
+    uses = method.formats
+    if formats.UNPAIRED not in uses and formats.FORMATS["unpaired"].detects(rows.column_names):
         if not any(f.detects(rows.column_names) for f in formats.FORMATS.values() if f.use == formats.PAIRS):
+            takers = [entry.name for entry in METHODS.values() if formats.UNPAIRED in entry.formats]
             raise DataError(
                 f"{source}: {{prompt, completion, label}} rows are unpaired (KTO's format); train them with "
-                f"--method kto, or give --method {method} pairs; {formats.formats_help(uses)}"
+                f"--method {' or '.join(takers)}, or give --method {method.name} pairs; {formats.formats_help(uses)}"
             )
     data_format = formats.detect_format(rows, source, uses)
     rows = rows.map(
@@ -125,7 +128,7 @@ def _preference_rows(rows: Dataset, source: str, method: str) -> Dataset:
     if len(rows) == 0:
         raise DataError(f"{source}: no usable preference row left")
     logger.info("%s: %d preference %s", source, len(rows), "pairs" if data_format.use == formats.PAIRS else "rows")
-    if method == "kto" and data_format.use == formats.PAIRS:
+    if method.trains_on == formats.UNPAIRED and data_format.use == formats.PAIRS:
         rows = rows.map(_unpair, batched=True, remove_columns=rows.column_names, desc="Splitting pairs for KTO")
     return rows
 
@@ -156,19 +159,18 @@ def build_preference_trainer(
     callbacks: list | None = None,
     held_out: Dataset | None = None,
 ) -> Any:
-    """The TRL trainer of --method: DPO and KTO against the starting model, SimPO and ORPO reference-free.
+    """The TRL trainer of --method, built from its entry in chattune.training.methods: DPO and KTO against the
+    starting model, SimPO and ORPO reference-free.
 
     `held_out` is a test set evaluated only after training (train.py's whole --test_dataset when the periodic
     evaluations see a sample of it); with --precompute_ref_log_probs its reference log-probs are computed
     before training, while the starting model still exists.
     """
-    config_class, trl_trainer = trl_classes(flags.method)
-    mixins: tuple[type, ...] = ()
-    if flags.method == "dpo":
-        share_prompts(model, per_example_attention=flags.attn_implementation is None)
-        mixins = (LeanDPO,)
-    trainer_class = with_atomic_checkpoints(trl_trainer, *mixins)
+    method = METHODS[flags.method]
+    config_class, trl_trainer = trl_classes(method)
+    mixins: tuple[type, ...] = load(method.trainer_parts)(flags, model) if method.trainer_parts else ()
     common = dict(**training_args(flags, dtype, has_eval=eval_data is not None), max_length=flags.ctx_size)
+    config = config_class(**common, **method.config(flags))
     shared = dict(
         train_dataset=train_data,
         eval_dataset=eval_data,
@@ -176,28 +178,21 @@ def build_preference_trainer(
         peft_config=peft_config,
         callbacks=callbacks,
     )
-    if flags.method == "simpo":  # CPO's trainer with the SimPO loss and no behaviour-cloning term
-        config = config_class(
-            **common, loss_type="simpo", cpo_alpha=0.0, beta=flags.beta, simpo_gamma=flags.simpo_gamma
-        )
+    if flags.precompute_ref_log_probs:  # a flag of the methods with a reference (dpo): the flags refuse it elsewhere
+        return _precomputed_dpo_trainer(trl_trainer, mixins, flags, model, dtype, config, shared, held_out)
+    trainer_class = with_atomic_checkpoints(trl_trainer, *mixins)
+    if not method.reference:
         return trainer_class(model=model, args=config, **shared)
-    if flags.method == "orpo":  # SFT loss on the chosen answer plus beta x the odds-ratio term
-        return trainer_class(model=model, args=config_class(**common, beta=flags.beta), **shared)
-    if flags.method == "kto":
-        config = config_class(**common, beta=flags.beta)
-    else:  # DPO's batches carry input_ids and attention_mask, so the trainer can count the tokens it trains on
-        config = config_class(
-            **common,
-            beta=flags.beta,
-            loss_type=[flags.dpo_loss],
-            include_num_input_tokens_seen="non_padding",
-            precompute_ref_log_probs=flags.precompute_ref_log_probs,
-        )
-        if flags.precompute_ref_log_probs:
-            return _precomputed_dpo_trainer(trl_trainer, mixins, flags, model, dtype, config, shared, held_out)
     # The reference is the starting model. With LoRA, TRL disables the adapter instead of keeping a copy.
     reference = None if peft_config is not None else _frozen_copy(model)
     return trainer_class(model=model, ref_model=reference, args=config, **shared)
+
+
+def lean_dpo(flags: TrainFlags, model: Any) -> tuple[type, ...]:
+    """DPO's parts: each pair's prompt runs once where the model's attention allows (chattune.training.
+    shared_prefix); by default SDPA attends per example, an explicit --attn_implementation is kept."""
+    share_prompts(model, per_example_attention=flags.attn_implementation is None)
+    return (LeanDPO,)
 
 
 def _precomputed_dpo_trainer(

@@ -20,13 +20,12 @@ from typing import Any
 from chattune.config.flags import FlagError, TrainFlags, unused_evaluation_flags
 from chattune.domains.task import Task, check_task_name, resolve_task
 from chattune.evaluation.inputs import Example, load_examples
+from chattune.training.methods import METHODS
 from chattune.training.trainers.arguments import PREFIX, best_metric_key, evaluation_args
 
 logger = logging.getLogger(__name__)
 
 LOSS = "eval_loss"
-# SFTTrainer (TRL) logs these at every evaluation too; a selection by them needs no generation.
-SFT_EVAL_METRICS = ("eval_mean_token_accuracy",)
 # Scorer keys that are counts or not measured while training (no reference likelihood pass), never a score.
 # Not logged while training: counts, perplexity (not measured then), and wall times, which differ run to run and
 # would make a resumed run's log differ from an uninterrupted one's.
@@ -71,7 +70,8 @@ def check_best_metric(flags: TrainFlags, plan: GenerationPlan | None) -> None:
         return
     sample = plan.sample if plan else None
     measurable = _measurable_task_metrics(plan) if plan else []
-    valid = [LOSS, *([] if flags.preference else SFT_EVAL_METRICS), *(PREFIX + name for name in measurable)]
+    # the method's trainer logs its own metrics at every evaluation too; a selection by them needs no generation
+    valid = [LOSS, *METHODS[flags.method].eval_metrics, *(PREFIX + name for name in measurable)]
     if key in valid:
         return
     hint = _why_not_logged(key[len(PREFIX) :], sample, flags)

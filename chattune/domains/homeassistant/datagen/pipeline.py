@@ -18,6 +18,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from chattune.atomic import creation_problem
 from chattune.domains.homeassistant.datagen.dpo import REJECTIONS, build_pair
 from chattune.domains.homeassistant.datagen.errors import DataGenError
 from chattune.domains.homeassistant.datagen.examples import KINDS, MERGED_KIND, Example, ExampleBuilder
@@ -151,6 +152,11 @@ def _check_config(config: GenerateConfig) -> list[str]:
         raise DataGenError("nothing to do: pass at least one of --train, --test, --sample, --dpo")
     if config.merge is not None and not config.train:
         raise DataGenError("--merge mixes into the train split: pass --train too")
+    problem = creation_problem(config.output_dir)  # before generating: the files would be lost at the end
+    if problem:
+        raise DataGenError(
+            f"--output_dir {config.output_dir}: cannot write the files there ({problem}); pass another --output_dir"
+        )
     return languages
 
 
