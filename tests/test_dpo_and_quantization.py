@@ -192,7 +192,7 @@ def test_a_method_the_installed_trl_lacks_is_refused_with_its_version(monkeypatc
 
     import trl
 
-    from chattune.training.methods import METHODS
+    from chattune.config.methods import METHODS
 
     missing = dataclasses.replace(METHODS["orpo"], trl=(("trl", "NoSuchConfig", "NoSuchTrainer"),))
     monkeypatch.setitem(METHODS, "orpo", missing)

@@ -73,7 +73,7 @@ REQUIRED = ["--run_name", "r", "--base_model", "m", "--train_dataset", "d.jsonl"
 )
 def test_deepspeed_precision_must_match_the_launchers(environ, flags, dtype, refused):
     from chattune.config.flags import FlagError, parse_flags
-    from chattune.training.launcher import check_launch_precision
+    from chattune.training.safety.launcher import check_launch_precision
 
     parsed = parse_flags([*REQUIRED, *flags])
     if refused is None:

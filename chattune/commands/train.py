@@ -34,12 +34,18 @@ from chattune.models.loading import (
 from chattune.models.tokenizer import NO_TEMPLATE_HELP, add_tokens, load_tokenizer, resize_embeddings, set_stop_tokens
 from chattune.training.adapters.loftq import check_loftq_weights, init_loftq
 from chattune.training.adapters.lora import lora_config, upcast_trainable_parameters
-from chattune.training.identity import RunFinished, check_same_run, record_finished, record_start, run_fingerprint
 from chattune.training.kernels.batching import plan_batching
-from chattune.training.launcher import check_launch_precision
-from chattune.training.lock import run_lock
 from chattune.training.safety.budget import TimeBudget
 from chattune.training.safety.checkpoints import GracefulStop, clear_staging
+from chattune.training.safety.identity import (
+    RunFinished,
+    check_same_run,
+    record_finished,
+    record_start,
+    run_fingerprint,
+)
+from chattune.training.safety.launcher import check_launch_precision
+from chattune.training.safety.lock import run_lock
 from chattune.training.safety.outputs import (
     check_export,
     check_outputs_are_free,

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from chattune.config.dataclass_parser import dataclass_parser, list_fields
+from chattune.config.methods import METHODS, check_scoped_flags
 from chattune.config.transformers_names import (
     ATTENTION_KERNELS,
     OPTIMIZERS,
@@ -26,7 +27,6 @@ from chattune.config.transformers_names import (
     unknown_name,
 )
 from chattune.errors import ChattuneError
-from chattune.training.methods import METHODS, check_scoped_flags
 
 LOSS_REDUCTIONS = ("tokens", "sequences")
 LORA_INITS = ("pissa", "olora", "gaussian", "loftq")
@@ -439,7 +439,7 @@ _SEPARATORS = ("/", "\\", os.sep, os.altsep)
 
 def _resolve_method(flags: TrainFlags) -> str:
     """--method, or home-llm's --dpo/--simpo spelling of it; refuses the combinations that contradict each other
-    and the method-specific flags the method does not use (chattune.training.methods)."""
+    and the method-specific flags the method does not use (chattune.config.methods)."""
     legacy = "simpo" if flags.simpo else "dpo" if flags.dpo else None
     method = flags.method or legacy or "sft"
     if method not in METHODS:

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from chattune.config.methods import CHAT, PAIRS, TEXT, UNPAIRED
 from chattune.data.errors import DataError
 from chattune.data.sources import load_source, parse_source
 
@@ -45,7 +46,6 @@ ROLE_ALIASES = {
     "observation": "tool",
     "ipython": "tool",
 }
-CHAT, TEXT, PAIRS, UNPAIRED = "chat", "text", "pairs", "unpaired"
 
 
 def load_rows(source: str | os.PathLike, default_split: str = "train") -> Dataset:

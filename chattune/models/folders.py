@@ -14,9 +14,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from chattune.hub_cache import cached_hub_model
 from chattune.models.errors import IncompleteWeightsError, ModelError
 from chattune.models.gguf import find_gguf, read_architecture, resolve_model
+from chattune.models.hub_cache import cached_hub_model
 
 WEIGHT_FILES = (
     "model.safetensors",

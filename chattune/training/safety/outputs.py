@@ -13,7 +13,7 @@ from chattune.config.flags import FlagError, TrainFlags
 from chattune.export.merge import merge_adapter
 from chattune.export.save import save_model
 from chattune.models.loading import quantization_config
-from chattune.training.identity import RUN_FILE
+from chattune.training.safety.identity import RUN_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +30,9 @@ def check_outputs_are_free(flags: TrainFlags) -> None:
 
 
 # What a run that stopped before its first checkpoint (a full disk, a crash) leaves in its run folder: TensorBoard's
-# event files, the staging folder of a save a kill interrupted, and the run's fingerprint (chattune.training.identity).
-# Running the same command again, as that run's error says, is not refused for them.
+# event files, the staging folder of a save a kill interrupted, and the run's fingerprint
+# (chattune.training.safety.identity). Running the same command again, as that run's error says, is not refused for
+# them.
 LEFT_BEFORE_THE_FIRST_CHECKPOINT = {"runs", ".staging", RUN_FILE}
 
 

@@ -20,7 +20,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from chattune.config.flags import FlagError, TrainFlags
-from chattune.hub_cache import cached_hub_model
+from chattune.models.hub_cache import cached_hub_model
 from chattune.training.safety.checkpoints import checkpoint_problem, checkpoints_newest_first
 
 logger = logging.getLogger(__name__)

@@ -18,9 +18,9 @@ from numbers import Real
 from typing import Any
 
 from chattune.config.flags import FlagError, TrainFlags, unused_evaluation_flags
+from chattune.config.methods import METHODS
 from chattune.domains.task import Task, check_task_name, resolve_task
 from chattune.evaluation.inputs import Example, load_examples
-from chattune.training.methods import METHODS
 from chattune.training.trainers.arguments import PREFIX, best_metric_key, evaluation_args
 
 logger = logging.getLogger(__name__)

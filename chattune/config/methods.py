@@ -18,7 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
-from chattune.data.formats import CHAT, PAIRS, TEXT, UNPAIRED
+# What a row is for, the uses of chattune.data.formats' registry: named here, below the data layer, since train.py's
+# flags read this table before any data is (chattune.data.formats takes them from here).
+CHAT, TEXT, PAIRS, UNPAIRED = "chat", "text", "pairs", "unpaired"
 
 if TYPE_CHECKING:  # the flags are read first (chattune.config.flags), and read this table
     from chattune.config.flags import TrainFlags
