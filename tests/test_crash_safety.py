@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from chattune.training.safety import AtomicCheckpointMixin
+from chattune.training.safety.checkpoints import AtomicCheckpointMixin
 from conftest import REPO, TRAIN, chat_rows, run_script, train_argv, write_jsonl
 
 

@@ -7,10 +7,10 @@ import json
 import pytest
 from datasets import Dataset
 
-from chattune.data.chatml import CHATML_TEMPLATE
 from chattune.data.formats import DataError, detect_format, load_rows, normalize_messages
 from chattune.data.masking import IGNORE_INDEX, ChatMasker
 from chattune.data.tokenization import tokenize_dataset
+from chattune.models.chatml import CHATML_TEMPLATE
 from conftest import chat_rows, write_jsonl
 
 OPENAI_ROW = {

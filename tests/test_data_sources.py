@@ -11,11 +11,11 @@ import pytest
 from datasets import Dataset
 
 from chattune.data import sources
-from chattune.data.chatml import CHATML_TEMPLATE
 from chattune.data.formats import DataError, load_rows
 from chattune.data.masking import IGNORE_INDEX, ChatMasker
 from chattune.data.sources import Source, combine, parse_source, parse_sources, read_sources
 from chattune.data.tokenization import tokenize_dataset
+from chattune.models.chatml import CHATML_TEMPLATE
 from conftest import chat_rows, train_argv, write_jsonl
 
 OPENAI_ROW = {"messages": [{"role": "user", "content": "Lights on"}, {"role": "assistant", "content": "On."}]}
@@ -237,11 +237,11 @@ def no_model_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the data was checked")
 
-    monkeypatch.setattr("chattune.training.run.load_model", refuse)
+    monkeypatch.setattr("chattune.commands.train.load_model", refuse)
 
 
 def train_main(argv) -> int:
-    from chattune.training.run import main
+    from chattune.commands.train import main
 
     return main(argv)
 
@@ -314,7 +314,7 @@ def test_train_py_trains_on_a_weighted_mixture_of_formats(tiny_model_dir, tmp_pa
 
 
 def test_preference_sources_are_read_each_in_its_format_and_concatenated(tmp_path):
-    from chattune.training.preference import load_preferences
+    from chattune.training.trainers.preference import load_preferences
 
     generator = write_jsonl(tmp_path / "gen.jsonl", [{"question": "q", "chosen": "yes", "rejected": "no"}] * 3)
     explicit = [{"prompt": [{"role": "user", "content": "q"}], "chosen": "yes", "rejected": "no"}] * 2

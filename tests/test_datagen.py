@@ -600,7 +600,7 @@ def test_bad_merge_file_names_file_and_line(tmp_path, content, line, message):
 
 
 def test_raw_corpus_text_is_what_train_py_renders_with_its_chatml_template(test_tokenizer, tmp_path):
-    from chattune.data.chatml import CHATML_TEMPLATE, render_chatml
+    from chattune.models.chatml import CHATML_TEMPLATE, render_chatml
 
     generate(small_config(tmp_path, fmt="raw_corpus", output_dir=tmp_path / "raw"))
     generate(small_config(tmp_path, output_dir=tmp_path / "chat"))

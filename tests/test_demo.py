@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from chattune.export.gguf import export_gguf
-from chattune.training.budget import TimeBudget, evaluations_between, fit_steps
+from chattune.training.safety.budget import TimeBudget, evaluations_between, fit_steps
 from conftest import REPO, run_script
 
 
@@ -50,7 +50,7 @@ def test_demo_runs_every_step_in_quick_mode(method, tiny_model_dir, tmp_path, mo
 
 
 def test_demo_without_the_wheel_says_how_to_install_it(monkeypatch, capsys):
-    from chattune.training import gguf_models
+    from chattune.models import gguf as gguf_models
 
     demo = load_demo()
     assert gguf_models.gguf_in_package("chattune") is None  # installed, but ships no GGUF

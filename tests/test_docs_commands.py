@@ -97,11 +97,11 @@ def parse(command: str) -> None:
 
         build_parser(Path("data")).parse_args(args)
     elif script == "evaluate.py":
-        from chattune.evaluation.run import parse_args
+        from chattune.commands.evaluate import parse_args
 
         parse_args(args)
     elif script == "find_split.py":
-        from chattune.data.find_split_cli import parse_args
+        from chattune.commands.find_split import parse_args
 
         parse_args(args)
     elif script == "scripts/export_gguf.py" or (script == "-m" and args[0] == "chattune.export.gguf"):
@@ -156,7 +156,7 @@ Runner = Callable[[list[str], Place], int]
 
 
 def _run_find_split(args: list[str], place: Place) -> int:
-    from chattune.data.find_split_cli import main
+    from chattune.commands.find_split import main
 
     return main([str(STAND_INS.get(args[0], args[0])), *args[1:]])
 

@@ -9,8 +9,8 @@ import torch
 
 from chattune.config.flags import FlagError, parse_flags
 from chattune.data.formats import DataError
-from chattune.training.modeling import quantization_config
-from chattune.training.preference import check_method, load_pairs, load_preferences
+from chattune.models.loading import quantization_config
+from chattune.training.trainers.preference import check_method, load_pairs, load_preferences
 from conftest import TRAIN, chat_rows, generates, run_script, train_argv, write_jsonl
 
 
@@ -192,7 +192,7 @@ def test_a_method_the_installed_trl_lacks_is_refused_with_its_version(monkeypatc
 
     import trl
 
-    from chattune.training.methods import METHODS
+    from chattune.config.methods import METHODS
 
     missing = dataclasses.replace(METHODS["orpo"], trl=(("trl", "NoSuchConfig", "NoSuchTrainer"),))
     monkeypatch.setitem(METHODS, "orpo", missing)
@@ -273,7 +273,7 @@ class ReferenceSpy:
         import trl.trainer.dpo_trainer as dpo_trainer
         from transformers import TrainerCallback
 
-        from chattune.training import run as run_module
+        from chattune.commands import train as run_module
 
         self.trainer, self.training = None, False
         self.reference_batches, self.adapter_off_in_training, self.weight_hashes = 0, 0, 0
@@ -321,7 +321,7 @@ class ReferenceSpy:
 
     def run(self, base, data, out, *extra: str, steps: int = 3) -> list[dict]:
         """train.py in this process; the log entries of its training steps."""
-        from chattune.training import run as run_module
+        from chattune.commands import train as run_module
 
         self.trainer, self.held, self.reference_batches, self.adapter_off_in_training = None, [], 0, 0
         self.weight_hashes = 0
@@ -384,7 +384,7 @@ def test_precompute_cache_is_reused_and_invalidated(test_tokenizer_dir, tmp_path
 
     def run_once() -> tuple[int, str]:
         caplog.clear()
-        with caplog.at_level("INFO", logger="chattune.training.reference"):
+        with caplog.at_level("INFO", logger="chattune.training.trainers.reference"):
             reference_spy.run(base, data, tmp_path / "out", "--precompute_ref_log_probs", steps=1)
         return reference_spy.reference_batches, caplog.text
 
@@ -402,7 +402,7 @@ def test_precompute_cache_is_reused_and_invalidated(test_tokenizer_dir, tmp_path
 
 
 def test_precompute_killed_while_writing_leaves_no_cache(tiny_model_dir, tmp_path, reference_spy, monkeypatch, caplog):
-    from chattune.training import reference
+    from chattune.training.trainers import reference
 
     data = write_jsonl(tmp_path / "pairs.jsonl", pairs(8))
     written = []
@@ -420,13 +420,13 @@ def test_precompute_killed_while_writing_leaves_no_cache(tiny_model_dir, tmp_pat
     monkeypatch.undo()
 
     spy = ReferenceSpy(monkeypatch)
-    with caplog.at_level("INFO", logger="chattune.training.reference"):
+    with caplog.at_level("INFO", logger="chattune.training.trainers.reference"):
         spy.run(tiny_model_dir, data, tmp_path / "out", "--precompute_ref_log_probs", steps=1)
     assert spy.reference_batches == 4 and "computed, cached in" in caplog.text
     (cache,) = folder.glob(f"{reference.CACHE_PREFIX}*.arrow")
     cache.write_bytes(cache.read_bytes()[:100])  # a cache cut short some other way is not read either
     caplog.clear()
-    with caplog.at_level("INFO", logger="chattune.training.reference"):
+    with caplog.at_level("INFO", logger="chattune.training.trainers.reference"):
         spy.run(tiny_model_dir, data, tmp_path / "out", "--precompute_ref_log_probs", steps=1)
     assert spy.reference_batches == 4 and "unreadable reference cache" in caplog.text
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from chattune.domains.homeassistant.reply_format import format_reply
 from chattune.domains.homeassistant.scoring import METRIC_KEYS, ExampleScore, aggregate, score_example, summarize
-from chattune.evaluation.metrics import bleu, rouge_l
+from chattune.domains.metrics import bleu, rouge_l
 from conftest import REPO, run_script, write_jsonl
 
 KITCHEN_ON = {"service": "light.turn_on", "target_device": "light.kitchen"}
@@ -226,7 +226,7 @@ def test_load_examples_accepts_every_chat_format(tmp_path):
 
 
 def test_unknown_path_exits_2(tmp_path, capsys):
-    from chattune.evaluation.run import main
+    from chattune.commands.evaluate import main
 
     assert main([str(tmp_path / "missing"), "--test_dataset", str(tmp_path / "t.jsonl")]) == 2
     assert "no such file or folder" in capsys.readouterr().err
@@ -260,11 +260,12 @@ def conversations(n: int = 6) -> list[dict]:
 def loaded_tiny(tiny_model_dir):
     import torch
 
-    from chattune.evaluation import inputs
+    from chattune.evaluation.runtime import generation_tokenizer, open_model
+    from chattune.models.folders import inspect_model_folder
 
-    source = inputs.inspect_model_folder(tiny_model_dir)
-    tokenizer = inputs.load_tokenizer(source)
-    return tokenizer, inputs.load_model(source, tokenizer, "cpu", torch.float32)
+    source = inspect_model_folder(tiny_model_dir)
+    tokenizer = generation_tokenizer(source)
+    return tokenizer, open_model(source, tokenizer, "cpu", torch.float32)
 
 
 def test_batched_perplexity_matches_one_at_a_time(loaded_tiny, tmp_path):
@@ -449,7 +450,7 @@ def save_to_hf_cache(model_dir: Path, hf_home: Path, repo_id: str) -> Path:
 
 
 def test_a_hub_id_not_in_the_cache_is_named(tmp_path, capsys):
-    from chattune.evaluation.run import main
+    from chattune.commands.evaluate import main
 
     data = write_jsonl(tmp_path / "test.jsonl", conversations(1))
     assert main(["chattune-tests/never-downloaded", "--test_dataset", str(data)]) == 2

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from chattune.domains import metrics
 from chattune.domains.homeassistant.reply_format import format_reply
 from chattune.domains.homeassistant.scoring import (
     METRIC_KEYS,
@@ -20,7 +21,6 @@ from chattune.domains.homeassistant.scoring import (
     score_example,
     summarize,
 )
-from chattune.evaluation import metrics
 from chattune.evaluation.report import RESULTS_FILE
 from conftest import TRAIN, chat_rows, run_script, train_argv, write_jsonl
 
@@ -64,7 +64,7 @@ def test_file(tmp_path) -> Path:
 
 def evaluate(capsys, *args: str) -> dict:
     """evaluate.py in process (the models are tiny): the --json result."""
-    from chattune.evaluation.run import main
+    from chattune.commands.evaluate import main
 
     assert main([*args, "--max_new_tokens", "4", "--device", "cpu", "--dtype", "float32", "--json"]) == 0
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -136,7 +136,7 @@ def test_incomplete_checkpoints_are_skipped_with_a_warning(run_layout, test_file
 
 
 def test_run_without_checkpoints_or_final_folder_is_refused(run_layout, tmp_path, test_file, capsys):
-    from chattune.evaluation.run import main
+    from chattune.commands.evaluate import main
 
     (tmp_path / "runs" / "empty").mkdir(parents=True)
     assert main([str(tmp_path / "runs" / "empty"), "--all_checkpoints", "--test_dataset", str(test_file)]) == 2
@@ -160,7 +160,7 @@ def test_several_models_make_one_comparison_table(tiny_model_dir, test_file, tmp
 
 
 def test_a_named_model_that_is_incomplete_is_an_error_before_any_model_loads(tiny_model_dir, tmp_path, capsys):
-    from chattune.evaluation.run import main
+    from chattune.commands.evaluate import main
 
     broken = shutil.copytree(tiny_model_dir, tmp_path / "broken")
     (broken / "model.safetensors").write_bytes(b"\x00" * 16)
@@ -174,7 +174,8 @@ def test_a_truncated_torch_checkpoint_is_incomplete(tiny_model_dir, tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from chattune.evaluation.inputs import IncompleteWeightsError, inspect_model_folder
+    from chattune.models.errors import IncompleteWeightsError
+    from chattune.models.folders import inspect_model_folder
 
     folder = shutil.copytree(tiny_model_dir, tmp_path / "bin")
     weights = folder / "model.safetensors"

@@ -25,11 +25,11 @@ from safetensors.torch import load_file, save_file
 from test_crash_safety import command, popen, wait_until
 
 from chattune.atomic import DiskFullError, atomic_path, write_text_atomic
+from chattune.commands import train as run_module
 from chattune.config.flags import FlagError
-from chattune.training import outputs as outputs_module
-from chattune.training import run as run_module
-from chattune.training.resume import newest_complete_checkpoint, refuse_damaged
-from chattune.training.safety import checkpoint_problem
+from chattune.training.safety import outputs as outputs_module
+from chattune.training.safety.checkpoints import checkpoint_problem
+from chattune.training.safety.resume import newest_complete_checkpoint, refuse_damaged
 from conftest import REPO, chat_rows, run_script, train_argv, write_jsonl
 
 KILL_AT = str(REPO / "tests" / "kill_at.py")
@@ -357,12 +357,12 @@ def test_an_adapter_records_its_base_as_an_absolute_path(tiny_model_dir, data, t
 def test_evaluate_refuses_an_unwritable_results_folder_before_loading(
     tiny_model_dir, data, tmp_path, monkeypatch, capsys
 ):
-    from chattune.evaluation import run as evaluate
+    from chattune.commands import evaluate
 
     def never(*args, **kwargs):
         raise AssertionError("the model was loaded before the results folder was checked")
 
-    monkeypatch.setattr(evaluate, "load_model", never)
+    monkeypatch.setattr(evaluate, "open_model", never)
     blocker = tmp_path / "results.txt"
     blocker.write_text("a file where a folder should be")
     status = evaluate.main([str(tiny_model_dir), "--test_dataset", str(data), "--output_dir", str(blocker / "eval")])
@@ -376,7 +376,7 @@ def test_evaluate_refuses_an_unwritable_results_folder_before_loading(
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder")
 def test_evaluate_refuses_a_read_only_model_folder(tiny_model_dir, data, tmp_path, capsys):
-    from chattune.evaluation import run as evaluate
+    from chattune.commands import evaluate
 
     model = shutil.copytree(tiny_model_dir, tmp_path / "model")
     model.chmod(0o555)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from chattune.config.flags import FlagError, TrainFlags, flag_names, parse_flags, unused_evaluation_flags
-from chattune.training.modeling import weight_dtype
+from chattune.models.loading import weight_dtype
 
 REQUIRED = ["--run_name", "r", "--base_model", "m", "--train_dataset", "d.jsonl"]
 HOME_LLM_FLAGS = (
@@ -121,7 +121,7 @@ def test_docs_flag_reference_is_current():
 def test_missing_logger_package_and_hub_credentials(monkeypatch):
     import importlib.util
 
-    from chattune.training.arguments import check_integrations
+    from chattune.training.trainers.arguments import check_integrations
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
@@ -134,7 +134,7 @@ def test_missing_logger_package_and_hub_credentials(monkeypatch):
 
 @pytest.mark.parametrize("save_steps,aligned", [(50, False), (40, True)])
 def test_early_stopping_needs_aligned_steps(save_steps, aligned):
-    from chattune.training.arguments import evaluation_args
+    from chattune.training.trainers.arguments import evaluation_args
 
     flags = parse_flags(
         [*REQUIRED, "--test_dataset", "t.jsonl", "--early_stopping_patience", "2", "--eval_steps", "20"]
@@ -194,7 +194,7 @@ def test_evaluations_as_a_fraction_of_the_run():
     ids=["eval-steps", "both", "with-test-set"],
 )
 def test_evaluation_flags_without_a_test_set_are_a_warning_not_a_refusal(extra, unused, caplog):
-    from chattune.training.task_metrics import plan_evaluations
+    from chattune.training.trainers.task_metrics import plan_evaluations
 
     flags = parse_flags([*REQUIRED, *extra])
     assert unused_evaluation_flags(flags) == unused

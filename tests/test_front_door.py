@@ -134,7 +134,8 @@ def test_the_help_is_transformers_parsers_help():
 
 
 def test_outtype_names_are_the_exporters():
-    from chattune.export import gguf, outtypes, quantize
+    from chattune.config import outtypes
+    from chattune.export import gguf, quantize
 
     assert tuple(gguf.OUTTYPES) == outtypes.WRITTEN_OUTTYPES
     assert tuple(quantize.LLAMA_QUANT_TYPES) == outtypes.LLAMA_QUANT_NAMES

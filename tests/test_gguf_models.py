@@ -11,7 +11,7 @@ import gguf
 import pytest
 
 from chattune.export.gguf import export_gguf
-from chattune.training.gguf_models import GGUFError, cache_folder, find_gguf, gguf_in_package, read_architecture
+from chattune.models.gguf import GGUFError, cache_folder, find_gguf, gguf_in_package, read_architecture
 from conftest import chat_rows, run_script, train_argv, write_jsonl
 
 pytestmark = pytest.mark.slow
@@ -140,7 +140,7 @@ def test_a_gguf_beside_its_model_folder_keeps_its_own_chat_template(tiny_model_d
     """transformers, given a folder holding tokenizer_config.json and a GGUF, drops the GGUF's template."""
     import shutil
 
-    from chattune.training.gguf_models import load_tokenizer
+    from chattune.models.tokenizer import load_tokenizer
 
     folder = shutil.copytree(tiny_model_dir, tmp_path / "model")
     exported = export_gguf(folder, outtype="f32", out=folder / "model-f32.gguf")

@@ -16,6 +16,8 @@ from chattune.domains.homeassistant.task import HomeAssistantTask
 from chattune.domains.tool_calling.grammar import tools_grammar
 from chattune.evaluation import inputs
 from chattune.evaluation.inputs import Example
+from chattune.evaluation.runtime import generation_tokenizer, open_model
+from chattune.models.folders import inspect_model_folder
 from conftest import run_script, write_jsonl
 
 llguidance = pytest.importorskip("llguidance", reason="the grammar engine llguidance is not installed")
@@ -235,8 +237,8 @@ def test_a_prompt_without_devices_is_generated_free_and_counted(tiny_model_dir, 
         {"conversations": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "Hi."}]},
     ]  # fmt: skip
     examples = inputs.load_examples(str(write_jsonl(tmp_path / "t.jsonl", rows)))
-    source = inputs.inspect_model_folder(tiny_model_dir)
-    model = inputs.load_model(source, test_tokenizer, "cpu", torch.float32)
+    source = inspect_model_folder(tiny_model_dir)
+    model = open_model(source, test_tokenizer, "cpu", torch.float32)
     scored = generate_and_score(model, test_tokenizer, examples, HomeAssistantTask(), 2, "cpu", 16, constrain=True)
     assert scored.unconstrained_rows == [2]
     assert len(scored.replies) == 2
@@ -245,7 +247,7 @@ def test_a_prompt_without_devices_is_generated_free_and_counted(tiny_model_dir, 
 def test_evaluate_without_the_grammar_engine_says_so_before_loading(monkeypatch, tmp_path):
     import sys
 
-    from chattune.evaluation.run import parse_args
+    from chattune.commands.evaluate import parse_args
 
     monkeypatch.setitem(sys.modules, "llguidance", None)  # as if not installed
     with pytest.raises(inputs.EvalError, match="llguidance, which is not installed: pip install llguidance"):
@@ -277,9 +279,9 @@ def test_both_runtimes_decode_the_same_under_the_grammar(tiny_model_dir, tmp_pat
         for i in range(4)
     ]  # fmt: skip
     examples = [Example(r["conversations"][:2], "x", "english", "action") for r in rows]
-    source = inputs.inspect_model_folder(tiny_model_dir)
-    tokenizer = inputs.load_tokenizer(source)
-    hf_model = inputs.load_model(source, tokenizer, "cpu", torch.float32)
+    source = inspect_model_folder(tiny_model_dir)
+    tokenizer = generation_tokenizer(source)
+    hf_model = open_model(source, tokenizer, "cpu", torch.float32)
     # Forced into the block, so the grammar decides the structure and the model only which id and service.
     grammars = [house_grammar(house_from_text(HOUSE)).replace("root ::= text block?", "root ::= block")] * len(rows)
     prompts = generation.render_prompts(tokenizer, examples)
@@ -288,7 +290,7 @@ def test_both_runtimes_decode_the_same_under_the_grammar(tiny_model_dir, tmp_pat
     # (`{"` as one token where it is one), llama.cpp any spelling of it, so on random weights llama.cpp takes more
     # tokens for the same text. A trained model writes the canonical tokens either way.
     expected, _ = generation.generate_replies(hf_model, tokenizer, prompts, 2, 120, "cpu", grammars=grammars)
-    gguf = inputs.load_model(inputs.inspect_model_folder(gguf_file, gguf_runtime="llama.cpp"), tokenizer, "cpu", None)
+    gguf = open_model(inspect_model_folder(gguf_file, gguf_runtime="llama.cpp"), tokenizer, "cpu", None)
     assert isinstance(gguf, LlamaCppModel)
     replies, _ = gguf.generate_replies(texts, prompts, 120, progress=False, grammars=grammars)
     gguf.close()

@@ -151,7 +151,7 @@ def gpt2_with_zephyr(path: Path) -> Path:
 
 
 def build_tokenizer(name: str, path: Path) -> Path:
-    from chattune.data.chatml import CHATML_TEMPLATE
+    from chattune.models.chatml import CHATML_TEMPLATE
     from templates import PHI3, ZEPHYR
 
     builders = {
@@ -304,7 +304,7 @@ def dpo_loss(policy, reference, tokenizer_dir: Path, pairs: Path, beta: float) -
 
 def run_in_process(args: list[str], workdir: Path, monkeypatch) -> None:
     """train.py's own main, in this process (the imports are paid once per test worker, not once per command)."""
-    from chattune.training.run import main
+    from chattune.commands.train import main
 
     monkeypatch.chdir(workdir)
     assert main(args) == 0

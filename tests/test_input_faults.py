@@ -21,11 +21,10 @@ from test_faults import digest
 from test_tool_calls import calendar_rows
 
 from chattune.cli import signals_raise
+from chattune.commands import evaluate, train
 from chattune.data.formats import DataError, load_rows
 from chattune.data.masking import ChatMasker
 from chattune.data.tokenization import tokenize_dataset
-from chattune.evaluation import run as evaluate
-from chattune.training import run as train
 from conftest import REPO, chat_rows, train_argv, write_jsonl
 from templates import GEMMA, MISTRAL
 
@@ -102,7 +101,7 @@ def test_evaluate_refuses_tool_call_rows_on_a_template_without_tool_calls(
 ):
     """train.py's refusal for the same pairing: scored anyway, the prompts would lose the tools and earlier calls."""
     data = write_jsonl(tmp_path / "calendar.jsonl", [*plain_rows(2), *calendar_rows(2)])
-    forbid(monkeypatch, evaluate, "load_model")
+    forbid(monkeypatch, evaluate, "open_model")
     before = digest(tiny_model_dir)
     line = refused_by(evaluate.main, [str(tiny_model_dir), "--test_dataset", str(data)], capsys)
     assert line.startswith(
@@ -115,7 +114,7 @@ def test_evaluate_refuses_a_test_row_the_template_rejects(tiny_model_dir, tmp_pa
     data = write_jsonl(tmp_path / "test.jsonl", chat_rows(2))  # a system turn in every row
     gemma = tmp_path / "gemma.jinja"
     gemma.write_text(GEMMA)
-    forbid(monkeypatch, evaluate, "load_model")
+    forbid(monkeypatch, evaluate, "open_model")
     argv = [str(tiny_model_dir), "--test_dataset", str(data), "--prompt_template_file", str(gemma)]
     line = refused_by(evaluate.main, argv, capsys)
     assert line.startswith(f"error: {data}: row 1: the chat template rejects this conversation"), line
@@ -238,7 +237,7 @@ def test_a_bad_row_in_a_worker_ends_every_run_with_status_2_never_a_hang(test_to
 
 def test_tool_call_format_on_block_format_test_data_is_refused(tiny_model_dir, tmp_path, capsys, monkeypatch):
     data = write_jsonl(tmp_path / "test.jsonl", chat_rows(2))
-    forbid(monkeypatch, evaluate, "load_model")
+    forbid(monkeypatch, evaluate, "open_model")
     argv = [str(tiny_model_dir), "--test_dataset", str(data), "--tool_call_format", "hermes"]
     assert refused_by(evaluate.main, argv, capsys) == (
         f"error: --tool_call_format hermes: {data} is scored by the homeassistant task, which does not read tool "

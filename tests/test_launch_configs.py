@@ -12,7 +12,7 @@ from accelerate.utils.launch import prepare_multi_gpu_env
 from torch.distributed import run as torchrun
 from transformers import AutoModelForCausalLM
 
-from chattune.training.modeling import cpu_has_native_bf16
+from chattune.models.device import cpu_has_native_bf16
 from conftest import REPO, TRAIN, accelerate, chat_rows, launch, run_script, train_argv, write_jsonl
 
 FSDP_CONFIG = REPO / "fsdp_config.yaml"
@@ -73,7 +73,7 @@ REQUIRED = ["--run_name", "r", "--base_model", "m", "--train_dataset", "d.jsonl"
 )
 def test_deepspeed_precision_must_match_the_launchers(environ, flags, dtype, refused):
     from chattune.config.flags import FlagError, parse_flags
-    from chattune.training.launcher import check_launch_precision
+    from chattune.training.safety.launcher import check_launch_precision
 
     parsed = parse_flags([*REQUIRED, *flags])
     if refused is None:

@@ -19,6 +19,8 @@ llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not ins
 
 from chattune.evaluation import generation, inputs  # noqa: E402
 from chattune.evaluation.llama_cpp import LlamaCppModel, load_llama  # noqa: E402
+from chattune.evaluation.runtime import generation_tokenizer, open_model  # noqa: E402
+from chattune.models.folders import inspect_model_folder  # noqa: E402
 
 
 def conversations(n: int = 6) -> list[dict]:
@@ -51,18 +53,18 @@ def test_replies_and_likelihoods_match_transformers(tiny_model_dir, tiny_f32, tm
 
     from chattune.data.masking import ChatMasker
 
-    source = inputs.inspect_model_folder(tiny_model_dir)
-    tokenizer = inputs.load_tokenizer(source)
-    hf_model = inputs.load_model(source, tokenizer, "cpu", torch.float32)
+    source = inspect_model_folder(tiny_model_dir)
+    tokenizer = generation_tokenizer(source)
+    hf_model = open_model(source, tokenizer, "cpu", torch.float32)
     examples = inputs.load_examples(str(write_jsonl(tmp_path / "t.jsonl", conversations())))
     texts = generation.render_prompt_texts(tokenizer, examples)
     prompts = generation.render_prompts(tokenizer, examples)
     continuations = generation.reference_continuations(ChatMasker(tokenizer), examples, prompts)
     expected, expected_nlls = generation.generate_replies(hf_model, tokenizer, prompts, 3, 12, "cpu", continuations)
 
-    gguf_source = inputs.inspect_model_folder(tiny_f32, gguf_runtime="llama.cpp")
+    gguf_source = inspect_model_folder(tiny_f32, gguf_runtime="llama.cpp")
     assert gguf_source.kind == "gguf" and gguf_source.results_dir == tiny_f32.parent / "tiny-f32-eval"
-    model = inputs.load_model(gguf_source, inputs.load_tokenizer(gguf_source), "cpu", None)
+    model = open_model(gguf_source, generation_tokenizer(gguf_source), "cpu", None)
     assert isinstance(model, LlamaCppModel)
     replies, nlls = model.generate_replies(texts, prompts, 12, continuations, progress=False)
     model.close()

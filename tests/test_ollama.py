@@ -21,13 +21,13 @@ from pathlib import Path
 import pytest
 
 from chattune.atomic import DiskFullError
-from chattune.data.chatml import CHATML_TEMPLATE
 from chattune.export.ollama import (
     constant_system_prompt,
     families,
     modelfile_path,
     write_modelfile,
 )
+from chattune.models.chatml import CHATML_TEMPLATE
 from conftest import (
     TRAIN,
     chat_rows,
@@ -136,7 +136,7 @@ def _shared(name: str):
 def _phi2_with_chatml():
     """Phi-2's vocabulary is GPT-2's, with `<|endoftext|>` as BOS and EOS and no chat template: home-llm's Phi-2
     command adds a pad token and ChatML (--add_pad_token --add_chatml_tokens), as train.py does here."""
-    from chattune.data.tokenizer import add_tokens
+    from chattune.models.tokenizer import add_tokens
 
     tokenizer = _shared("gpt2-no-template")
     add_tokens(tokenizer, pad=True, chatml=True)

@@ -1,6 +1,6 @@
 """Padding-free micro-batches and --packing rows never let examples see each other or each other's labels.
 
-The batches come from the trainer chattune builds (chattune.training.sft_trainer.build_trainer: TRL's collator with
+The batches come from the trainer chattune builds (chattune.training.trainers.sft.build_trainer: TRL's collator with
 padding_free=True; with --packing, TRL's bfd `pack_dataset` into rows of ctx_size, then the same
 collator). Each example of a batch is then run alone through the same tiny random-weight Llama (fp32,
 eval mode), and its summed and mean loss over its labelled tokens must not change.
@@ -18,9 +18,9 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from chattune.config.flags import TrainFlags
 from chattune.data.masking import IGNORE_INDEX, ChatMasker
 from chattune.data.tokenization import tokenize_dataset
-from chattune.training.attention import VARLEN_SDPA, has_sliding_window, use_varlen_sdpa
-from chattune.training.batching import plan_batching
-from chattune.training.sft_trainer import build_trainer
+from chattune.training.kernels.attention import VARLEN_SDPA, has_sliding_window, use_varlen_sdpa
+from chattune.training.kernels.batching import plan_batching
+from chattune.training.trainers.sft import build_trainer
 from conftest import TRAIN, chat_rows, run_script, train_argv, write_jsonl
 
 TOLERANCE = 1e-5

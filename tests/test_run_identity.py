@@ -22,11 +22,11 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 from test_bad_flags import forbidden, snapshot
 
+from chattune.commands import train as run
 from chattune.errors import ChattuneError
-from chattune.training import lock as lock_module
-from chattune.training import run
-from chattune.training.identity import RUN_FILE
-from chattune.training.lock import RunLockedError, held, lock_path
+from chattune.training.safety import lock as lock_module
+from chattune.training.safety.identity import RUN_FILE
+from chattune.training.safety.lock import RunLockedError, held, lock_path
 from conftest import REPO, TRAIN, chat_rows, make_tiny_model, run_script, train_argv, write_jsonl
 from templates import ZEPHYR
 
@@ -268,7 +268,7 @@ def test_max_steps_zero_trains_the_epochs(tiny_model_dir, tmp_path, capsys):
 RACER = """
 import json, os, sys, time
 from pathlib import Path
-from chattune.training.lock import RunLockedError, held
+from chattune.training.safety.lock import RunLockedError, held
 folder, rounds, start = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
 for index in range(rounds):
     while time.time() < start + index:  # both racers try at the same moment
@@ -380,7 +380,7 @@ HOLDER = """
 import sys, time
 from pathlib import Path
 from chattune.cli import entry_point
-from chattune.training.lock import held
+from chattune.training.safety.lock import held
 
 @entry_point
 def main():
@@ -449,8 +449,8 @@ def test_a_multi_process_launch_is_one_run_for_the_lock(tiny_model_dir, tmp_path
 
 def test_the_second_interrupt_exit_releases_the_lock(tmp_path, monkeypatch):
     """A second Ctrl-C while training exits at once with os._exit, which skips the cleanup that releases it."""
-    from chattune.training import safety
-    from chattune.training.safety import GracefulStop
+    from chattune.training.safety import checkpoints as safety
+    from chattune.training.safety.checkpoints import GracefulStop
 
     path = tmp_path / ".run.lock"
     exits = []

@@ -1,4 +1,5 @@
-"""DPO's shared prompts (chattune.training.shared_prefix): one pass over each pair's prompt, exactly TRL's result."""
+"""DPO's shared prompts (chattune.training.kernels.shared_prefix): one pass over each pair's prompt, exactly TRL's
+result."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from chattune.training import shared_prefix
-from chattune.training.attention import VARLEN_SDPA, branched_runs, use_varlen_sdpa
-from chattune.training.preference import load_pairs
-from chattune.training.shared_prefix import LeanDPO, pack_pairs, packable, share_prompts
+from chattune.training.kernels import shared_prefix
+from chattune.training.kernels.attention import VARLEN_SDPA, branched_runs, use_varlen_sdpa
+from chattune.training.kernels.shared_prefix import LeanDPO, pack_pairs, packable, share_prompts
+from chattune.training.trainers.preference import load_pairs
 from conftest import write_jsonl
 
 TOLERANCE = 2e-5
@@ -172,7 +173,7 @@ def test_the_backbone_is_given_back_after_each_pass(tiny_model_dir):
 
 
 def test_prompts_are_not_shared_where_attention_cannot_branch(tiny_model_dir, caplog):
-    caplog.set_level(logging.INFO, logger="chattune.training.shared_prefix")
+    caplog.set_level(logging.INFO, logger="chattune.training.kernels.shared_prefix")
     eager = load(tiny_model_dir, attention="eager")
     assert not share_prompts(eager) and eager.config._attn_implementation == "eager"
     assert not share_prompts(load(tiny_model_dir), per_example_attention=False)

@@ -14,11 +14,10 @@ from test_crash_safety import straight_and_killed_then_resumed
 
 from chattune.config.flags import FlagError, TrainFlags
 from chattune.domains.homeassistant.task import HomeAssistantTask
-from chattune.training.task_metrics import (
+from chattune.training.trainers.arguments import best_metric_key, greater_is_better
+from chattune.training.trainers.task_metrics import (
     GenerationPlan,
-    best_metric_key,
     check_best_metric,
-    greater_is_better,
     load_generation_sample,
     refuse_sharded_generation,
     untouched_training_state,

@@ -12,15 +12,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from chattune.config.flags import FlagError, parse_flags
-from chattune.training.arguments import check_optimizer, set_warmup_epochs, training_args
-from chattune.training.loftq import check_loftq_weights, init_loftq
-from chattune.training.modeling import (
-    FP16_NEEDS_GPU,
-    choose_dtype,
-    lora_config,
-    upcast_trainable_parameters,
-    weight_dtype,
-)
+from chattune.models.loading import FP16_NEEDS_GPU, choose_dtype, weight_dtype
+from chattune.training.adapters.loftq import check_loftq_weights, init_loftq
+from chattune.training.adapters.lora import lora_config, upcast_trainable_parameters
+from chattune.training.trainers.arguments import check_optimizer, set_warmup_epochs, training_args
 from conftest import TRAIN, chat_rows, run_script, train_argv, write_jsonl
 
 REQUIRED = ["--run_name", "r", "--base_model", "m", "--train_dataset", "d.jsonl"]
@@ -62,7 +57,7 @@ def test_contradictory_knobs_are_refused(extra, message, capsys):
 
 
 def test_fp16_is_refused_on_a_cpu_before_any_work(tmp_path, monkeypatch):
-    from chattune.training import run
+    from chattune.commands import train as run
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(run, "resolve_model", lambda *a: pytest.fail("reached model loading"))
@@ -257,7 +252,7 @@ def test_loftq_merge_matches_the_quantized_model_with_its_adapter(tiny_model_dir
     ],
 )
 def test_resume_refuses_another_lora_variant(tmp_path, saved, extra, message):
-    from chattune.training.resume import check_checkpoint_matches
+    from chattune.training.safety.resume import check_checkpoint_matches
 
     (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 16, "lora_alpha": 32, **saved}))
     flags = parse_flags([*REQUIRED, "--use_lora", *extra])

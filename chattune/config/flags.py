@@ -16,6 +16,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from chattune.config.dataclass_parser import dataclass_parser, list_fields
+from chattune.config.methods import METHODS, check_scoped_flags
+from chattune.config.outtypes import (
+    ALL_OUTTYPES,
+    EMBEDDING_TYPES,
+    LLAMA_QUANT_NAMES,
+    check_embedding_type,
+    require_quantizer,
+)
 from chattune.config.transformers_names import (
     ATTENTION_KERNELS,
     OPTIMIZERS,
@@ -26,14 +34,6 @@ from chattune.config.transformers_names import (
     unknown_name,
 )
 from chattune.errors import ChattuneError
-from chattune.export.outtypes import (
-    ALL_OUTTYPES,
-    EMBEDDING_TYPES,
-    LLAMA_QUANT_NAMES,
-    check_embedding_type,
-    require_quantizer,
-)
-from chattune.training.methods import METHODS, check_scoped_flags
 
 LOSS_REDUCTIONS = ("tokens", "sequences")
 LORA_INITS = ("pissa", "olora", "gaussian", "loftq")
@@ -456,7 +456,7 @@ _SEPARATORS = ("/", "\\", os.sep, os.altsep)
 
 def _resolve_method(flags: TrainFlags) -> str:
     """--method, or home-llm's --dpo/--simpo spelling of it; refuses the combinations that contradict each other
-    and the method-specific flags the method does not use (chattune.training.methods)."""
+    and the method-specific flags the method does not use (chattune.config.methods)."""
     legacy = "simpo" if flags.simpo else "dpo" if flags.dpo else None
     method = flags.method or legacy or "sft"
     if method not in METHODS:
@@ -538,7 +538,7 @@ def _check_lora_variants(flags: TrainFlags) -> None:
 
 def _check_evaluation_flags(flags: TrainFlags) -> None:
     """The flags that need evaluations, and --eval_generate's own limits; the metric's name is checked once the
-    test set is read (chattune.training.task_metrics)."""
+    test set is read (chattune.training.trainers.task_metrics)."""
     needs_test_set = {
         "--early_stopping_patience": flags.early_stopping_patience is not None,
         "--eval_generate": flags.eval_generate is not None,

@@ -1,1 +1,1 @@
-"""Data: reading datasets, the tokenizer and its chat template, assistant-only label masks, tokenization."""
+"""Data: reading datasets, the one registry of row formats, assistant-only label masks, tokenization."""

@@ -4,7 +4,7 @@ Rows are loaded by chattune.data.sources (files, datasets folders, hub ids; one 
 
 Every row format is one `Format` entry in `FORMATS`: the columns that detect it, and how one row becomes chattune's
 canonical form. SFT (chattune.data.tokenization), evaluation (chattune.evaluation.inputs), preference training
-(chattune.training.preference) and the data generator's --merge all read rows through it, so adding a format
+(chattune.training.trainers.preference) and the data generator's --merge all read rows through it, so adding a format
 is one entry (plus tests) and every reader knows it. The uses:
 
 * CHAT: a `Conversation` (canonical messages, tools, and per message whether it is trained): ShareGPT
@@ -26,7 +26,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from chattune.errors import ChattuneError
+from chattune.config.methods import CHAT, PAIRS, TEXT, UNPAIRED
+from chattune.data.errors import DataError
+from chattune.data.sources import load_source, parse_source
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -44,18 +46,11 @@ ROLE_ALIASES = {
     "observation": "tool",
     "ipython": "tool",
 }
-CHAT, TEXT, PAIRS, UNPAIRED = "chat", "text", "pairs", "unpaired"
-
-
-class DataError(ChattuneError, ValueError):
-    """Bad input data; the message names the file (and line when there is one)."""
 
 
 def load_rows(source: str | os.PathLike, default_split: str = "train") -> Dataset:
     """The rows of one source (a file, a datasets folder or a hub id: chattune.data.sources), with errors that
     name it and the line."""
-    from chattune.data.sources import load_source, parse_source
-
     return load_source(parse_source(str(source), "data"), default_split)
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from chattune.data.formats import DataError
+from chattune.data.errors import DataError
 
 if TYPE_CHECKING:
     from datasets import Dataset

@@ -1,1 +1,2 @@
-"""Domains: what chattune knows about one task (its reply format, its scorer, its data generator)."""
+"""Domains: the tasks, one folder each (reply format, scorer, grammar, data generator), and what every task is built
+from: the task interface, task-free metrics, GBNF building blocks."""

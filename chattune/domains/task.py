@@ -39,7 +39,7 @@ class Metric:
     higher_is_better: bool = True
 
 
-# Metrics every generating task reports from its scores' likelihoods and timings (chattune.evaluation.metrics).
+# Metrics every generating task reports from its scores' likelihoods and timings (chattune.domains.metrics).
 PERPLEXITY = Metric("perplexity", "ppl", higher_is_better=False)
 LATENCY = (
     Metric("latency_mean_s", "lat_s", higher_is_better=False),

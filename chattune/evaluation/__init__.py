@@ -1,2 +1,2 @@
-"""Evaluation: the run behind evaluate.py, what it reads, batched generation with reference likelihoods,
-generic text metrics, and the result files."""
+"""Evaluation: what evaluate.py reads, batched generation with reference likelihoods, scoring and the result files;
+the recipe itself is chattune.commands.evaluate."""

@@ -64,7 +64,7 @@ class LlamaCppModel:
     """A GGUF file loaded in llama.cpp, with what evaluation needs: greedy replies and reference likelihoods."""
 
     def __init__(self, path: Path, tokenizer: Any, device: str = "cpu") -> None:
-        from chattune.training.gguf_models import read_architecture
+        from chattune.models.gguf import read_architecture
 
         self.llama_cpp = require_llama_cpp(f"scoring {path} in llama.cpp")
         read_architecture(path)  # a file that is not GGUF, or is cut short, fails here with its name

@@ -1,7 +1,7 @@
 """Several models in one evaluation: every checkpoint of a run (`--all_checkpoints`), or the MODELs named on the
 command line, and the results stored beside each of them that a later evaluation of the same test set reuses.
 
-A run's layout is train.py's (chattune.training.outputs): `<root>/runs/<run>/checkpoint-N` while training, then
+A run's layout is train.py's (chattune.training.safety.outputs): `<root>/runs/<run>/checkpoint-N` while training, then
 `<root>/models/<run>` (a full or merged model) and/or `<root>/loras/<run>` (an adapter).
 """
 
@@ -17,13 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from chattune.evaluation.inputs import (
-    EvalError,
-    Example,
-    ModelSource,
-    inspect_model_folder,
-)
+from chattune.evaluation.inputs import EvalError, Example
 from chattune.evaluation.report import RESULTS_FILE
+from chattune.models.errors import ModelError
+from chattune.models.folders import ModelSource, inspect_model_folder
 
 logger = logging.getLogger("chattune.evaluate")
 
@@ -69,7 +66,7 @@ def checkpoint_targets(run_dir: str | Path) -> Targets:
     for label, path, step in candidates:
         try:
             found.append(Target(label, inspect_model_folder(path), step, final=path == final))
-        except EvalError as error:
+        except ModelError as error:  # a damaged checkpoint is left out of the sweep, not the end of it
             skip(skipped, path, error)
     return Targets(found, skipped)
 

@@ -43,6 +43,7 @@ import numpy as np
 
 from chattune.atomic import atomic_path, creation_problem
 from chattune.cli import entry_point, report_progress
+from chattune.config.outtypes import ALL_OUTTYPES, EMBEDDING_TYPES, check_embedding_type
 from chattune.errors import ChattuneError
 from chattune.export.gguf_vocab import (
     TokenizerKind,
@@ -53,7 +54,6 @@ from chattune.export.gguf_vocab import (
     write_vocab,
 )
 from chattune.export.ollama import MODELFILE_SUFFIX, modelfile_path, write_modelfile
-from chattune.export.outtypes import ALL_OUTTYPES, EMBEDDING_TYPES, check_embedding_type
 from chattune.export.quantize import LLAMA_QUANT_TYPES, quantize_gguf, require_quantizer
 
 __all__ = [
@@ -235,7 +235,7 @@ SUPPORTED_ARCHITECTURES: dict[str, _Arch] = {
     ),
 }
 
-# outtype (chattune.export.outtypes.WRITTEN_OUTTYPES) -> (storage type of 2-D weight matrices, general.file_type).
+# outtype (chattune.config.outtypes.WRITTEN_OUTTYPES) -> (storage type of 2-D weight matrices, general.file_type).
 # 1-D tensors (norms, biases) stay F32.
 OUTTYPES: dict[str, tuple[gguf.GGMLQuantizationType, gguf.LlamaFileType]] = {
     "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
@@ -328,11 +328,11 @@ def _load_config(model_dir: Path) -> tuple[dict[str, Any], _Arch]:
 
 def _load_tokenizer(model_dir: Path) -> tuple[Any, TokenizerKind]:
     """The folder's tokenizer and the llama.cpp tokenizer to write it as; refuses what GGUF cannot reproduce."""
-    from transformers import AutoTokenizer
+    from chattune.models.tokenizer import load_tokenizer
 
     if not any((model_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
         raise FileNotFoundError(f"{model_dir}: no tokenizer (tokenizer.json) to export")
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer = load_tokenizer(model_dir)
     return tokenizer, tokenizer_kind(tokenizer)
 
 

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from chattune.models.loading import load_model
+
 
 def merge_adapter(
     peft_model: Any,
@@ -28,16 +30,13 @@ def merge_adapter(
     if not reload:
         return peft_model.merge_and_unload()
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
-    if trained_on_quantization is None:
-        base = AutoModelForCausalLM.from_pretrained(base_model_path, dtype=dtype)
-    elif trained_on_quantization.quant_method == "gptq":
+    if trained_on_quantization is not None and trained_on_quantization.quant_method == "gptq":
         base = dequantized_gptq_model(base_model_path, dtype)
     else:
-        base = AutoModelForCausalLM.from_pretrained(
-            base_model_path, dtype=dtype, quantization_config=trained_on_quantization
-        ).dequantize(dtype=dtype)
+        base = load_model(base_model_path, dtype, quantization=trained_on_quantization)
+        if trained_on_quantization is not None:
+            base = base.dequantize(dtype=dtype)
     rows = peft_model.get_input_embeddings().weight.shape[0]
     if base.get_input_embeddings().weight.shape[0] != rows:
         base.resize_token_embeddings(rows)
@@ -49,11 +48,9 @@ def dequantized_gptq_model(path: str, dtype: torch.dtype) -> Any:
     weights a LoRA adapter trained against, to which a merge can add the adapter's delta (peft cannot merge into
     packed GPTQ layers, and transformers has no GPTQ dequantize). Loaded on the CPU with gptqmodel's torch kernel,
     which can dequantize wherever training ran."""
-    from transformers import AutoModelForCausalLM, GPTQConfig
+    from transformers import GPTQConfig
 
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, quantization_config=GPTQConfig(bits=4, backend="torch"), device_map={"": "cpu"}
-    )
+    model = load_model(path, dtype, quantization=GPTQConfig(bits=4, backend="torch"), device_map={"": "cpu"})
     packed = [(name, module) for name, module in model.named_modules() if hasattr(module, "qweight")]
     for name, module in packed:
         model.set_submodule(name, _dequantized_linear(module, dtype))

@@ -25,7 +25,7 @@ from pathlib import Path
 import gguf
 
 from chattune.atomic import DiskFullError, atomic_path
-from chattune.export.outtypes import LLAMA_QUANT_NAMES, QuantizeError, require_quantizer
+from chattune.config.outtypes import LLAMA_QUANT_NAMES, QuantizeError, require_quantizer
 
 __all__ = ["LLAMA_QUANT_TYPES", "QuantizeError", "describe_tensor_types", "quantize_gguf", "require_quantizer"]
 

@@ -1,2 +1,2 @@
-"""Training: the run behind train.py, the SFT and preference trainers, their shared arguments, the base model,
-batching, the loss, attention, crash safety and progress reporting."""
+"""Training: the components train.py's recipe (chattune.commands.train) is built from: trainers, kernels, adapters and
+run safety."""

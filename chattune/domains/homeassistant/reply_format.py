@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from chattune.evaluation.metrics import values_equal
+from chattune.domains.metrics import values_equal
 
 BLOCK_NAME = "homeassistant"
 FENCE = "```"

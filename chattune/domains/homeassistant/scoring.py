@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from chattune.domains.homeassistant.reply_format import ParsedReply, calls_equal, parse_reply
+from chattune.domains.metrics import bleu, edit_distance, latency, meteor, perplexity, ratio, rouge, values_equal
 from chattune.domains.task import Score
-from chattune.evaluation.metrics import bleu, edit_distance, latency, meteor, perplexity, ratio, rouge, values_equal
 
 # Summary keys, in the order the table prints them.
 METRIC_KEYS = (

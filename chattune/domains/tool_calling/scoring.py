@@ -22,9 +22,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from chattune.domains.metrics import latency, perplexity, ratio, rouge_l, values_equal
 from chattune.domains.task import Score
 from chattune.errors import ChattuneError
-from chattune.evaluation.metrics import latency, perplexity, ratio, rouge_l, values_equal
 
 FORMATS = ("auto", "hermes", "mistral", "json")
 _HERMES = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.S)

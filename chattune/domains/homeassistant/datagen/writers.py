@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from chattune.atomic import atomic_path
-from chattune.data.chatml import render_chatml
 from chattune.domains.homeassistant.datagen.examples import Example
 from chattune.domains.homeassistant.datagen.prompts import opening_turns
+from chattune.models.chatml import render_chatml
 
 FORMATS = ("sharegpt", "raw_corpus", "tool_calls")
 

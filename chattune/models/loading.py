@@ -1,4 +1,5 @@
-"""Loading the base model: precision, attention kernel, quantization, LoRA configuration."""
+"""Loading a model: the training dtype, the attention kernel, quantization; a model folder, hub id, GGUF file or
+LoRA adapter folder loaded in transformers, for every command."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from chattune.config.flags import FlagError, TrainFlags, check_quantization_packages
+from chattune.models.errors import ModelError
+from chattune.models.gguf import resolve_model
+from chattune.models.tokenizer import resize_embeddings
 
 logger = logging.getLogger(__name__)
 
@@ -59,24 +63,6 @@ def weight_dtype(flags: TrainFlags, compute_dtype: torch.dtype) -> torch.dtype:
     if half and trains_base_weights and not (flags.pure_bf16 and compute_dtype == torch.bfloat16):
         return torch.float32
     return compute_dtype
-
-
-def upcast_trainable_parameters(model: Any) -> None:
-    """Trained float16 parameters (modules_to_save copies of a float16 base) to float32: float16 loss scaling
-    unscales float32 gradients only. peft already upcasts the LoRA matrices themselves."""
-    for parameter in model.parameters():
-        if parameter.requires_grad and parameter.dtype == torch.float16:
-            parameter.data = parameter.data.float()
-
-
-def cpu_has_native_bf16() -> bool:
-    """True on CPUs with bfloat16 matrix instructions (AMX-BF16 or AVX512-BF16), where a bfloat16 matrix product
-    runs several times faster than a float32 one; elsewhere oneDNN emulates it, slower than float32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return False
-    return " amx_bf16" in flags or " avx512_bf16" in flags
 
 
 def _cpu_has_bf16() -> bool:
@@ -143,84 +129,37 @@ def describe_quantization(flags: TrainFlags) -> str:
     return "GPTQ weights (gptqmodel)"
 
 
-def load_model(flags: TrainFlags, dtype: torch.dtype, attn_implementation: str) -> Any:
-    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation}
-    quant = quantization_config(flags, dtype)
-    if quant is not None:
-        kwargs["quantization_config"] = quant
-    device_map = quantized_device_map(flags)
+def load_model(
+    name_or_path: str,
+    dtype: torch.dtype,
+    attn_implementation: str | None = None,
+    quantization: Any | None = None,
+    device_map: dict[str, Any] | None = None,
+) -> Any:
+    """A causal LM from a model folder, hub id or GGUF file (converted once, then loaded from its folder), in `dtype`,
+    with the attention kernel, quantization config and device map given (transformers' own choice where None)."""
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
     if device_map is not None:
         kwargs["device_map"] = device_map
-    model = AutoModelForCausalLM.from_pretrained(flags.base_model, **kwargs)
-    if quant is not None:
-        logger.info("loaded %s with %s", flags.base_model, describe_quantization(flags))
-    model.config.use_cache = False  # the KV cache only costs memory during training
-    return model
+    return AutoModelForCausalLM.from_pretrained(resolve_model(name_or_path), **kwargs)
 
 
-def embedding_module_names(model: Any) -> list[str]:
-    """Short names of the input and output embedding modules (embed_tokens/lm_head, wte/lm_head, ...)."""
-    wanted = [model.get_input_embeddings(), model.get_output_embeddings()]
-    names = []
-    for name, module in model.named_modules():
-        if any(module is w for w in wanted if w is not None):
-            names.append(name.rsplit(".", 1)[-1])
-    return list(dict.fromkeys(names))
+def load_adapter(folder: Path, base: str, tokenizer: Any, dtype: torch.dtype) -> Any:
+    """A LoRA adapter folder on its base model (load_model), the base's embeddings grown to the adapter's tokenizer."""
+    from peft import PeftModel
+    from transformers import GenerationConfig
 
-
-def lora_config(flags: TrainFlags, model: Any, tokens_added: bool) -> Any:
-    from peft import LoraConfig
-
-    targets: Any = _split(flags.lora_modules) or "all-linear"
-    if targets == "all-linear" and (flags.lora_layers is not None or flags.load_as_gptq):
-        # peft takes a layer subset only with named modules, and its all-linear finds no GPTQ layer (no nn.Linear)
-        targets = block_linear_names(model)
-    to_save = _split(flags.lora_modules_to_save) or []
-    if tokens_added:
-        missing = [n for n in embedding_module_names(model) if n not in to_save]
-        if missing:
-            to_save += missing
-            logger.info(
-                "new tokens were added: training %s in full next to the adapter (modules_to_save) so their "
-                "embeddings learn",
-                ", ".join(missing),
-            )
-    return LoraConfig(
-        use_dora=flags.use_dora,
-        use_rslora=flags.use_rslora,
-        # loftq starts from peft's default and is set once the base is quantized (init_loftq); the others are peft's
-        init_lora_weights=flags.lora_init if flags.lora_init in ("pissa", "olora", "gaussian") else True,
-        layers_to_transform=last_layers(model, flags.lora_layers),
-        r=flags.lora_rank,
-        lora_alpha=flags.lora_alpha,
-        lora_dropout=flags.lora_dropout,
-        target_modules=targets,
-        modules_to_save=to_save or None,
-        task_type="CAUSAL_LM",
-    )
-
-
-def block_linear_names(model: Any) -> list[str]:
-    """Short names of the linear projections inside the transformer blocks (q_proj, ..., down_proj): nn.Linear, or
-    GPTQ's packed layers (a `qweight` in place of the weight)."""
-    output = model.get_output_embeddings()
-    names = [
-        name.rsplit(".", 1)[-1]
-        for name, module in model.named_modules()
-        if (isinstance(module, torch.nn.Linear) or hasattr(module, "qweight")) and module is not output
-    ]
-    return list(dict.fromkeys(names))
-
-
-def last_layers(model: Any, count: int | None) -> list[int] | None:
-    """Indices of the last `count` transformer blocks (None: every block)."""
-    if count is None:
-        return None
-    total = model.config.num_hidden_layers
-    if count > total:
-        raise FlagError(f"--lora_layers {count}: the model has only {total} blocks")
-    return list(range(total - count, total))
-
-
-def _split(text: str | None) -> list[str]:
-    return [part.strip() for part in (text or "").split(",") if part.strip()]
+    try:
+        model = load_model(base, dtype)
+    except OSError as error:
+        named = f"{base!r} named in adapter_config.json"
+        raise ModelError(f"{folder}: cannot load the base model {named}: {error}") from None
+    # train.py grows the embeddings when it adds tokens; the adapter's saved embeddings have that size.
+    resize_embeddings(model, tokenizer)
+    if (folder / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(folder))
+    return PeftModel.from_pretrained(model, str(folder))

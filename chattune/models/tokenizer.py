@@ -1,16 +1,18 @@
-"""Tokenizer set-up: extra tokens (pad, ChatML, tool calls), the chat template, embedding resizing, stop tokens."""
+"""Loading a tokenizer, and its set-up: extra tokens (pad, ChatML, tool calls), the chat template, embedding resizing,
+stop tokens."""
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
-from transformers import AddedToken, AutoTokenizer
-
-from chattune.data.chatml import CHATML_TEMPLATE, CHATML_TOKENS
 from chattune.errors import ChattuneError
+from chattune.models.chatml import CHATML_TEMPLATE, CHATML_TOKENS
+from chattune.models.errors import ModelError
+from chattune.models.gguf import find_gguf, gguf_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -18,6 +20,7 @@ PAD_TOKEN = "<|pad|>"
 TOOL_CALL_TOKENS = ("<tool_call>", "</tool_call>")
 EMBEDDING_MULTIPLE = 32  # tensor-core friendly row count for resized embeddings
 
+TOKENIZER_HINT = "a model folder holds its tokenizer files; train.py saves them beside every model and adapter"
 NO_TEMPLATE_HELP = (
     "the tokenizer of {model} has no chat template. Either pass --add_chatml_tokens (adds <|im_start|>/"
     "<|im_end|> and a ChatML template, the usual choice for base models) or --prompt_template_file FILE "
@@ -25,11 +28,21 @@ NO_TEMPLATE_HELP = (
 )
 
 
-def load_tokenizer(name_or_path: str) -> Any:
+def load_tokenizer(name_or_path: str | os.PathLike) -> Any:
+    """The tokenizer of a model folder, adapter folder, hub id or GGUF file (chattune.models.gguf), for every
+    command; one that cannot be loaded is a one-line error naming the model."""
+    from transformers import AutoTokenizer  # here: the commands' --help answers without transformers
+
+    gguf_file = find_gguf(name_or_path)
     try:
-        return AutoTokenizer.from_pretrained(name_or_path)
-    except OSError as error:
-        raise ChattuneError(f"cannot load a tokenizer from {name_or_path!r}: {error}") from None
+        if gguf_file is not None:
+            return gguf_tokenizer(gguf_file)
+        return AutoTokenizer.from_pretrained(str(name_or_path))
+    except ChattuneError:
+        raise
+    except (OSError, ValueError) as error:
+        reason = " ".join(str(error).split())  # transformers' messages run over several lines
+        raise ModelError(f"{name_or_path}: no usable tokenizer ({TOKENIZER_HINT}): {reason}") from None
 
 
 def add_tokens(
@@ -65,6 +78,8 @@ def add_tokens(
 
 
 def _add(tokenizer: Any, tokens: tuple[str, ...], special: bool) -> list[str]:
+    from transformers import AddedToken
+
     vocab = tokenizer.get_vocab()
     new = [t for t in tokens if t not in vocab]
     if new:

@@ -1,5 +1,5 @@
 """Preference training on TRL's trainers: DPO (and its loss variants), SimPO, ORPO, KTO, and any other method of
-chattune.training.methods' table that trains on preference rows.
+chattune.config.methods' table that trains on preference rows.
 
 Accepted rows (their formats are entries of chattune.data.formats' registry):
 * the data generator's pairs: {"system", "question", "chosen", "rejected"} (system optional)
@@ -27,13 +27,13 @@ import torch
 from datasets import Dataset
 
 from chattune.config.flags import FlagError, TrainFlags
+from chattune.config.methods import METHODS, Method, load
 from chattune.data import formats
-from chattune.data.formats import DataError
+from chattune.data.errors import DataError
 from chattune.data.sources import Source, read_sources
-from chattune.training.arguments import training_args
-from chattune.training.methods import METHODS, Method, load
-from chattune.training.safety import AtomicCheckpointMixin
-from chattune.training.shared_prefix import LeanDPO, share_prompts
+from chattune.training.kernels.shared_prefix import LeanDPO, share_prompts
+from chattune.training.safety.checkpoints import AtomicCheckpointMixin
+from chattune.training.trainers.arguments import training_args
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def load_preferences(
     specs: str | Sequence[str], method: str = "dpo", seed: int = 42, flag: str = "--train_dataset"
 ) -> Dataset:
     """Preference rows in TRL's format: pairs for DPO, SimPO and ORPO; unpaired rows, shuffled, for KTO (the
-    method's entry in chattune.training.methods says which).
+    method's entry in chattune.config.methods says which).
 
     Each source (chattune.data.sources) is read in its own format, from the registry of chattune.data.formats
     (the formats the method accepts); several are then mixed or concatenated. Pairs whose chosen and rejected
@@ -159,7 +159,7 @@ def build_preference_trainer(
     callbacks: list | None = None,
     held_out: Dataset | None = None,
 ) -> Any:
-    """The TRL trainer of --method, built from its entry in chattune.training.methods: DPO and KTO against the
+    """The TRL trainer of --method, built from its entry in chattune.config.methods: DPO and KTO against the
     starting model, SimPO and ORPO reference-free.
 
     `held_out` is a test set evaluated only after training (train.py's whole --test_dataset when the periodic
@@ -208,7 +208,7 @@ def _precomputed_dpo_trainer(
     """DPO whose reference log-probs are read from the cache or computed before training (chattune.training.
     reference). No reference model is passed: TRL then scores the pairs with the model itself before the first
     step (with LoRA, with the adapter off) and keeps nothing besides the policy."""
-    from chattune.training.reference import PrecomputedReference, reference_identity
+    from chattune.training.trainers.reference import PrecomputedReference, reference_identity
 
     trainer_class = with_atomic_checkpoints(trl_trainer, PrecomputedReference, *mixins)
     return trainer_class(

@@ -4,7 +4,7 @@ TRL's collator does the work; this module only decides which mode is safe for th
 Packed and padding-free batches carry per-example `position_ids`; transformers' native models turn
 those into attention that never crosses examples (varlen kernels with flash-attention, a block-diagonal
 mask with eager), so no example sees another. Without flash-attn, SDPA models switch to chattune's
-per-example SDPA (chattune.training.attention), which costs what padded batches cost minus the padding.
+per-example SDPA (chattune.training.kernels.attention), which costs what padded batches cost minus the padding.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from chattune.training.attention import VARLEN_SDPA, use_varlen_sdpa
+from chattune.training.kernels.attention import VARLEN_SDPA, use_varlen_sdpa
 
 logger = logging.getLogger(__name__)
 

@@ -9,11 +9,11 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from chattune.config.flags import TrainFlags
-from chattune.training.arguments import training_args
-from chattune.training.batching import BatchingPlan
-from chattune.training.loss import LabelledLogitsLossMixin
-from chattune.training.safety import AtomicCheckpointMixin
-from chattune.training.task_metrics import TaskMetricsMixin
+from chattune.training.kernels.batching import BatchingPlan
+from chattune.training.kernels.loss import LabelledLogitsLossMixin
+from chattune.training.safety.checkpoints import AtomicCheckpointMixin
+from chattune.training.trainers.arguments import training_args
+from chattune.training.trainers.task_metrics import TaskMetricsMixin
 
 
 def sft_config(flags: TrainFlags, plan: BatchingPlan, dtype: torch.dtype, has_eval: bool) -> SFTConfig:

@@ -12,7 +12,7 @@ elsewhere, or where that kernel refuses the inputs, one SDPA call per example.
 
 A row can also branch: where the position ids jump back to some p > 0 instead of counting on, the tokens that
 follow continue the current example after its first p tokens, not after the token before them. DPO packs a
-pair that way, shared prompt once and then both answers (chattune.training.shared_prefix); each branch
+pair that way, shared prompt once and then both answers (chattune.training.kernels.shared_prefix); each branch
 attends to that prefix and to itself, never to the other answer.
 """
 

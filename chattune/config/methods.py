@@ -4,8 +4,8 @@ An entry says which row formats the method trains on (the uses of chattune.data.
 keeps its config and trainer classes, the config arguments of its own, the method-specific flags that apply to
 it, and how its trainer is built (a reference model, chattune's parts, a check before any work). train.py's flag
 checks (chattune.config.flags), the reading of preference rows and the building of the trainer
-(chattune.training.preference) and the best-checkpoint check (chattune.training.task_metrics) read this table, so
-adding a method is one `register(Method(...))` plus tests.
+(chattune.training.trainers.preference) and the best-checkpoint check (chattune.training.trainers.task_metrics) read
+this table, so adding a method is one `register(Method(...))` plus tests.
 
 train.py resolves --method before torch or TRL is imported (its refusals answer in a fraction of a second), so
 this module imports neither: classes and hooks are named by import path and imported when a trainer is built.
@@ -18,7 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
-from chattune.data.formats import CHAT, PAIRS, TEXT, UNPAIRED
+# What a row is for, the uses of chattune.data.formats' registry: named here, below the data layer, since train.py's
+# flags read this table before any data is (chattune.data.formats takes them from here).
+CHAT, TEXT, PAIRS, UNPAIRED = "chat", "text", "pairs", "unpaired"
 
 if TYPE_CHECKING:  # the flags are read first (chattune.config.flags), and read this table
     from chattune.config.flags import TrainFlags
@@ -131,7 +133,7 @@ register(
         formats=(CHAT, TEXT),
         trains_on=CHAT,
         trl=(("trl", "SFTConfig", "SFTTrainer"),),
-        config=None,  # chattune.training.sft_trainer.sft_config: packing and padding-free come from the batching plan
+        config=None,  # chattune.training.trainers.sft.sft_config: packing and padding-free come from the batching plan
         flags=(
             *(name for name, message in SCOPED_FLAGS.items() if message == _SFT_BATCHES),
             *("loss_reduction", "eval_generate"),
@@ -148,8 +150,8 @@ register(
         config=_dpo_config,
         flags=("dpo_loss", "precompute_ref_log_probs"),
         reference=True,
-        trainer_parts="chattune.training.preference:lean_dpo",
-        check="chattune.training.preference:check_dpo_loss",
+        trainer_parts="chattune.training.trainers.preference:lean_dpo",
+        check="chattune.training.trainers.preference:check_dpo_loss",
     )
 )
 register(

@@ -13,8 +13,8 @@ import tempfile
 from pathlib import Path
 
 from chattune.config.flags import FlagError, TrainFlags
-from chattune.training.gguf_models import PACKAGE_PREFIX, find_gguf
-from chattune.training.outputs import planned_outputs
+from chattune.models.gguf import PACKAGE_PREFIX, find_gguf
+from chattune.training.safety.outputs import planned_outputs
 
 # A Hugging Face repository id: `name` or `owner/name`, letters, digits and - _ . only.
 HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
@@ -41,7 +41,7 @@ def looks_like_local_path(name: str) -> bool:
 def check_base_model(name: str) -> None:
     """--base_model names a model: a folder with config.json and weights, a GGUF file, or a hub id."""
     if name.startswith(PACKAGE_PREFIX) or find_gguf(name) is not None:
-        return  # a GGUF file; chattune.training.gguf_models checks it
+        return  # a GGUF file; chattune.models.gguf checks it
     folder = Path(name).expanduser()
     if not folder.exists():
         if looks_like_local_path(name):

@@ -4,7 +4,7 @@ The fingerprint holds what decides what is trained: the training data (each sour
 format, split, revision and weight), --ctx_size, how rows become tokens and labels (--prompt_template_file's
 content, --train_on_prompts, --prefix_ids/--suffix_ids, --packing), the tokens added to the vocabulary, the
 method, the LoRA set-up (rank, alpha, modules, layers, modules trained in full, DoRA, rsLoRA, initialisation), the
-base model's identity (shape and weights fingerprint, as chattune.training.resume computes it) and the step
+base model's identity (shape and weights fingerprint, as chattune.training.safety.resume computes it) and the step
 budget. It is written to `runs/<run>/run.json` (atomically) when training starts, and into every checkpoint's
 trainer_state.json (RunRecord), so a checkpoint is compared with the settings it was trained with.
 
@@ -126,7 +126,7 @@ def template_hash(path: str | None) -> str | None:
 
 
 def base_model_identity(name: str) -> dict[str, Any]:
-    from chattune.training.resume import base_identity
+    from chattune.training.safety.resume import base_identity
 
     try:
         return base_identity(name)
@@ -165,7 +165,7 @@ def read_run_file(run_dir: Path) -> dict[str, Any] | None:
 
 def recorded_fingerprint(checkpoint: Path) -> dict[str, Any] | None:
     """The fingerprint `checkpoint` was trained with: its own record, else its run's file (older checkpoints)."""
-    from chattune.training.resume import recorded
+    from chattune.training.safety.resume import recorded
 
     own = recorded(checkpoint).get("fingerprint")
     if own is not None:

@@ -12,6 +12,11 @@ from chattune.config.flags import FlagError, TrainFlags
 
 logger = logging.getLogger(__name__)
 
+# The Trainer logs every evaluation metric under this prefix (--metric_for_best_model names it with or without).
+PREFIX = "eval_"
+# A metric named so is better lower; every other (accuracies, rates, BLEU, ROUGE) is better higher.
+LOWER_IS_BETTER = ("loss", "perplexity", "distance", "error", "latency", "seconds")
+
 
 def report_targets(report_to: str) -> list[str]:
     return [] if report_to.strip().lower() == "none" else [t.strip() for t in report_to.split(",") if t.strip()]
@@ -108,11 +113,18 @@ def set_warmup_epochs(trainer: Any, flags: TrainFlags, num_processes: int) -> No
     )
 
 
+def best_metric_key(name: str) -> str:
+    """The metric's key in the Trainer's evaluation metrics: `service_call_exact_match` -> its eval_ key."""
+    return name if name.startswith(PREFIX) else PREFIX + name
+
+
+def greater_is_better(key: str) -> bool:
+    return not key.endswith(LOWER_IS_BETTER)
+
+
 def evaluation_args(flags: TrainFlags, has_eval: bool) -> dict[str, Any]:
     if not has_eval:
         return {"eval_strategy": "no"}
-    from chattune.training.task_metrics import best_metric_key, greater_is_better
-
     # The Trainer tracks the best evaluation by this metric at every evaluation, and the rotation of
     # checkpoints always keeps the best one.
     metric = best_metric_key(flags.metric_for_best_model)

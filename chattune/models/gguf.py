@@ -88,14 +88,11 @@ def resolve_model(name_or_path: str) -> str:
     return str(folder)
 
 
-def load_tokenizer(name_or_path: str) -> Any:
-    """The tokenizer of a model folder, hub id or GGUF file; a GGUF's comes from its converted copy when
-    there is one, else straight from the file's metadata (without converting the weights)."""
+def gguf_tokenizer(gguf_file: Path) -> Any:
+    """The tokenizer of a GGUF file: from its converted copy when there is one, else straight from the file's
+    metadata (without converting the weights). chattune.models.tokenizer.load_tokenizer calls it."""
     from transformers import AutoTokenizer
 
-    gguf_file = find_gguf(name_or_path)
-    if gguf_file is None:
-        return AutoTokenizer.from_pretrained(name_or_path)
     folder = cache_folder(gguf_file)
     if (folder / "config.json").is_file():
         return AutoTokenizer.from_pretrained(folder)

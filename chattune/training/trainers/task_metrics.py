@@ -18,29 +18,18 @@ from numbers import Real
 from typing import Any
 
 from chattune.config.flags import FlagError, TrainFlags, unused_evaluation_flags
+from chattune.config.methods import METHODS
 from chattune.domains.task import Task, check_task_name, resolve_task
 from chattune.evaluation.inputs import Example, load_examples
-from chattune.training.methods import METHODS
+from chattune.training.trainers.arguments import PREFIX, best_metric_key, evaluation_args
 
 logger = logging.getLogger(__name__)
 
-PREFIX = "eval_"
 LOSS = "eval_loss"
 # Scorer keys that are counts or not measured while training (no reference likelihood pass), never a score.
 # Not logged while training: counts, perplexity (not measured then), and wall times, which differ run to run and
 # would make a resumed run's log differ from an uninterrupted one's.
 NOT_SCORES = ("n_examples", "n_turns", "perplexity", "latency_mean_s", "latency_p95_s")
-# A metric named so is better lower; every other (accuracies, rates, BLEU, ROUGE) is better higher.
-LOWER_IS_BETTER = ("loss", "perplexity", "distance", "error", "latency", "seconds")
-
-
-def best_metric_key(name: str) -> str:
-    """The metric's key in the Trainer's evaluation metrics: `service_call_exact_match` -> its eval_ key."""
-    return name if name.startswith(PREFIX) else PREFIX + name
-
-
-def greater_is_better(key: str) -> bool:
-    return not key.endswith(LOWER_IS_BETTER)
 
 
 def task_metric_names(summary: dict[str, Any]) -> list[str]:
@@ -219,8 +208,6 @@ def plan_evaluations(flags: TrainFlags) -> GenerationPlan | None:
     """Everything about the evaluations that can fail (the best-model metric, --eval_generate, its task and
     grammar engine, steps that must align), checked before any work; returns what to generate for (None without
     --eval_generate)."""
-    from chattune.training.arguments import evaluation_args
-
     unused = unused_evaluation_flags(flags)
     if unused:
         logger.warning("%s: no evaluation runs without --test_dataset; ignored", " and ".join(unused))

@@ -45,10 +45,10 @@ def reference_identity(flags: TrainFlags, model: Any, compute_dtype: torch.dtype
     """What the reference log-probs depend on besides the data: the base model as loaded for this run.
 
     `model` is the model before TRL wraps it in an adapter. The files are identified by name, size, mtime and
-    sampled bytes (chattune.training.resume); rows added to the embeddings for new tokens are not in any file,
+    sampled bytes (chattune.training.safety.resume); rows added to the embeddings for new tokens are not in any file,
     so their values are hashed (they may be drawn at random).
     """
-    from chattune.training.resume import base_identity, model_folder
+    from chattune.training.safety.resume import base_identity, model_folder
 
     base = base_identity(flags.base_model)
     folder = model_folder(flags.base_model)
@@ -69,7 +69,7 @@ def reference_identity(flags: TrainFlags, model: Any, compute_dtype: torch.dtype
 def weight_file_stats(folder: Path) -> list[tuple[str, int, int]]:
     """Name, size and modification time of each weight file: a file rewritten in place changes its mtime even
     where the sampled bytes of resume.weights_fingerprint happen to agree."""
-    from chattune.training.resume import WEIGHT_PATTERNS
+    from chattune.training.safety.resume import WEIGHT_PATTERNS
 
     files = sorted({file for pattern in WEIGHT_PATTERNS for file in folder.glob(pattern)})
     return [(file.name, file.stat().st_size, file.stat().st_mtime_ns) for file in files]

@@ -20,7 +20,7 @@ def launched_with_deepspeed(environ: Mapping[str, str]) -> bool:
 
 
 def requested_precision(flags: TrainFlags) -> str:
-    """The compute dtype the flags ask for, before the hardware is known (chattune.training.modeling.choose_dtype)."""
+    """The compute dtype the flags ask for, before the hardware is known (chattune.models.loading.choose_dtype)."""
     return "bfloat16" if flags.bf16 else "float16" if flags.fp16 else "float32"
 
 

@@ -28,7 +28,7 @@ from typing import Any
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from chattune.training.resume import follow_schedule
+from chattune.training.safety.resume import follow_schedule
 
 logger = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from chattune.cli import report_progress
 from chattune.config.flags import FlagError, TrainFlags
 from chattune.export.merge import merge_adapter
 from chattune.export.save import save_model
-from chattune.training.identity import RUN_FILE
-from chattune.training.modeling import quantization_config
+from chattune.models.loading import quantization_config
+from chattune.training.safety.identity import RUN_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +30,9 @@ def check_outputs_are_free(flags: TrainFlags) -> None:
 
 
 # What a run that stopped before its first checkpoint (a full disk, a crash) leaves in its run folder: TensorBoard's
-# event files, the staging folder of a save a kill interrupted, and the run's fingerprint (chattune.training.identity).
-# Running the same command again, as that run's error says, is not refused for them.
+# event files, the staging folder of a save a kill interrupted, and the run's fingerprint
+# (chattune.training.safety.identity). Running the same command again, as that run's error says, is not refused for
+# them.
 LEFT_BEFORE_THE_FIRST_CHECKPOINT = {"runs", ".staging", RUN_FILE}
 
 
@@ -138,11 +139,10 @@ def write_outputs(
 def write_ollama_modelfile(flags: TrainFlags, gguf_path: Path) -> Path:
     """The Modelfile for the exported file, with the tokenizer saved in the model folder (the one the GGUF file
     holds) and, as SYSTEM, the system prompt every training row starts with, if there is one."""
-    from transformers import AutoTokenizer
-
     from chattune.export.ollama import training_system_prompt, write_modelfile
+    from chattune.models.tokenizer import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(flags.model_dir)
+    tokenizer = load_tokenizer(flags.model_dir)
     return write_modelfile(gguf_path, tokenizer, training_system_prompt(flags.train_dataset))
 
 

@@ -20,25 +20,33 @@ from chattune.config.flags import FlagError, TrainFlags, check_quantization_pack
 from chattune.data import formats, tokenization
 from chattune.data.masking import ChatMasker, trim_suffix_overlap
 from chattune.data.sources import Source, read_sources
-from chattune.data.tokenizer import NO_TEMPLATE_HELP, add_tokens, load_tokenizer, resize_embeddings, set_stop_tokens
-from chattune.training.arguments import check_integrations, check_optimizer, set_warmup_epochs
-from chattune.training.batching import plan_batching
-from chattune.training.budget import TimeBudget
-from chattune.training.gguf_models import find_gguf, resolve_model
-from chattune.training.identity import RunFinished, record_finished, record_start, run_fingerprint
-from chattune.training.launcher import check_launch_precision
-from chattune.training.lock import run_lock
-from chattune.training.loftq import check_loftq_weights, init_loftq
-from chattune.training.modeling import (
+from chattune.models.gguf import find_gguf, resolve_model
+from chattune.models.loading import (
     check_precision_hardware,
     choose_attention,
     choose_dtype,
+    describe_quantization,
     load_model,
-    lora_config,
-    upcast_trainable_parameters,
+    quantization_config,
+    quantized_device_map,
     weight_dtype,
 )
-from chattune.training.outputs import (
+from chattune.models.tokenizer import NO_TEMPLATE_HELP, add_tokens, load_tokenizer, resize_embeddings, set_stop_tokens
+from chattune.training.adapters.loftq import check_loftq_weights, init_loftq
+from chattune.training.adapters.lora import lora_config, upcast_trainable_parameters
+from chattune.training.kernels.batching import plan_batching
+from chattune.training.safety.budget import TimeBudget
+from chattune.training.safety.checkpoints import GracefulStop, clear_staging
+from chattune.training.safety.identity import (
+    RunFinished,
+    check_same_run,
+    record_finished,
+    record_start,
+    run_fingerprint,
+)
+from chattune.training.safety.launcher import check_launch_precision
+from chattune.training.safety.lock import run_lock
+from chattune.training.safety.outputs import (
     check_export,
     check_outputs_are_free,
     clear_old_checkpoints,
@@ -46,13 +54,13 @@ from chattune.training.outputs import (
     finish_hint,
     save_outputs,
 )
-from chattune.training.preference import build_preference_trainer, check_method, load_preferences
-from chattune.training.preflight import check_inputs
-from chattune.training.progress import ThroughputCallback, run_first, summary
-from chattune.training.resume import ContinueSchedule, resolve_resume, run_record
-from chattune.training.safety import GracefulStop, clear_staging
-from chattune.training.sft_trainer import build_trainer
-from chattune.training.task_metrics import plan_evaluations
+from chattune.training.safety.preflight import check_inputs
+from chattune.training.safety.progress import ThroughputCallback, run_first, summary
+from chattune.training.safety.resume import ContinueSchedule, resolve_resume, run_record
+from chattune.training.trainers.arguments import check_integrations, check_optimizer, set_warmup_epochs
+from chattune.training.trainers.preference import build_preference_trainer, check_method, load_preferences
+from chattune.training.trainers.sft import build_trainer
+from chattune.training.trainers.task_metrics import plan_evaluations
 
 logger = logging.getLogger("chattune")
 
@@ -103,7 +111,7 @@ def train_locked(flags: TrainFlags, state: PartialState, started: float, generat
     check_loftq_weights(flags)
     report_progress("reading the run's fingerprint (data hashes, base model)")
     fingerprint = run_fingerprint(flags)
-    resume = resolve_resume(flags, fingerprint)
+    resume = resolve_resume(flags, lambda checkpoint: check_same_run(flags, checkpoint, fingerprint))
     if resume is None:
         check_outputs_are_free(flags)
     accumulation = flags.gradient_accumulation_steps(state.num_processes)
@@ -130,7 +138,7 @@ def train_locked(flags: TrainFlags, state: PartialState, started: float, generat
 
     # 3. model
     report_progress(f"loading the model {flags.base_model}")
-    model = load_model(flags, weight_dtype(flags, dtype), choose_attention(flags.attn_implementation))
+    model = load_base_model(flags, weight_dtype(flags, dtype))
     model.name_or_path = model.config._name_or_path = recorded_base(flags.base_model, gguf_source)
     grew = resize_embeddings(model, tokenizer)
     set_stop_tokens(model, tokenizer, masker.end_of_turn_token() if masker else None)
@@ -292,6 +300,17 @@ def default_processes() -> int:
     import os
 
     return max(1, min(4, (os.cpu_count() or 1)))
+
+
+def load_base_model(flags: TrainFlags, dtype: Any) -> Any:
+    """The base model to train, its weights in `dtype`, with the attention kernel and quantization the flags ask."""
+    quantization = quantization_config(flags, dtype)
+    attention = choose_attention(flags.attn_implementation)
+    model = load_model(flags.base_model, dtype, attention, quantization, quantized_device_map(flags))
+    if quantization is not None:
+        logger.info("loaded %s with %s", flags.base_model, describe_quantization(flags))
+    model.config.use_cache = False  # the KV cache only costs memory during training
+    return model
 
 
 def setup_logging(main_process: bool) -> None:

@@ -1,9 +1,10 @@
 """The recipe behind evaluate.py: load a model or adapter, generate replies for a test set, score them; or do that
 for every checkpoint of a run, or for several models, into one comparison table.
 
-Reading the inputs lives in chattune.evaluation.inputs, the torch work in chattune.evaluation.generation,
-the scoring in chattune.domains.homeassistant.scoring, the result files in chattune.evaluation.report, and
-finding and reusing the models of a sweep in chattune.evaluation.sweep.
+Reading the test set lives in chattune.evaluation.inputs, loading the model in chattune.models and
+chattune.evaluation.runtime, the torch work in chattune.evaluation.generation, the scoring in the task
+(chattune.domains), the result files in chattune.evaluation.report, and finding and reusing the models of a sweep
+in chattune.evaluation.sweep.
 """
 
 from __future__ import annotations
@@ -26,18 +27,7 @@ from chattune.cli import entry_point
 from chattune.domains.task import Task, check_task_name, resolve_task
 from chattune.domains.tool_calling.scoring import parser_for
 from chattune.evaluation.generation import stop_token_ids
-from chattune.evaluation.inputs import (
-    EvalError,
-    Example,
-    ModelSource,
-    check_template_takes_examples,
-    inspect_model_folder,
-    load_examples,
-    load_model,
-    load_tokenizer,
-    pick_device,
-    pick_dtype,
-)
+from chattune.evaluation.inputs import EvalError, Example, check_template_takes_examples, load_examples
 from chattune.evaluation.report import (
     check_writable,
     failure_records,
@@ -46,6 +36,7 @@ from chattune.evaluation.report import (
     write_outputs,
     write_table,
 )
+from chattune.evaluation.runtime import generation_tokenizer, open_model
 from chattune.evaluation.scored import generate_and_score, summarize_examples
 from chattune.evaluation.sweep import (
     Target,
@@ -57,6 +48,8 @@ from chattune.evaluation.sweep import (
     skip,
     stored_summary,
 )
+from chattune.models.device import pick_device, pick_dtype
+from chattune.models.folders import ModelSource, inspect_model_folder
 
 logger = logging.getLogger("chattune.evaluate")
 
@@ -275,12 +268,12 @@ def score_model(
     source: ModelSource, examples: list[Example], settings: Settings, device: str, dtype: Any, folder: Path
 ) -> dict:
     """Load one model, generate and score its replies, write its result files into `folder`; returns the summary."""
-    tokenizer = load_tokenizer(source, settings.prompt_template_file)
+    tokenizer = generation_tokenizer(source, settings.prompt_template_file)
     check_template_takes_examples(tokenizer, examples, settings.test_dataset)
     runtime = "llama.cpp" if source.kind == "gguf" else "transformers"
     precision = gguf_file_type(source.path) if source.kind == "gguf" else str(dtype).replace("torch.", "")
     logger.info("loading %s %s in %s on %s (%s)", source.kind, source.path, runtime, device, precision)
-    model = load_model(source, tokenizer, device, dtype)
+    model = open_model(source, tokenizer, device, dtype)
 
     task = settings.task_for(examples)
     started = time.monotonic()

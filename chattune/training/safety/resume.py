@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,8 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from chattune.config.flags import FlagError, TrainFlags
-from chattune.hub_cache import cached_hub_model
-from chattune.training.identity import check_same_run
-from chattune.training.safety import checkpoint_problem, checkpoints_newest_first
+from chattune.models.hub_cache import cached_hub_model
+from chattune.training.safety.checkpoints import checkpoint_problem, checkpoints_newest_first
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +43,10 @@ WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 BASE_REWRITING_INITS = ("pissa", "olora")
 
 
-def resolve_resume(flags: TrainFlags, fingerprint: dict | None = None) -> str | None:
-    """The checkpoint to resume from, or None for a fresh start. With the run's `fingerprint`
-    (chattune.training.identity), the checkpoint's own is compared with it first."""
+def resolve_resume(flags: TrainFlags, same_run: Callable[[Path], None] | None = None) -> str | None:
+    """The checkpoint to resume from, or None for a fresh start. With `same_run` (the comparison of the checkpoint's
+    fingerprint with the run's: chattune.training.safety.identity.check_same_run, passed in by the recipe so that
+    the two modules do not import each other), the checkpoint is checked by it first."""
     if not flags.resume_from_checkpoint:
         return None
     if flags.resume_from_checkpoint == "latest":
@@ -59,8 +60,8 @@ def resolve_resume(flags: TrainFlags, fingerprint: dict | None = None) -> str | 
                 f"found: {found or 'nothing'}"
             )
         refuse_damaged(path)
-    if fingerprint is not None:
-        check_same_run(flags, path, fingerprint)
+    if same_run is not None:
+        same_run(path)
     check_checkpoint_matches(flags, path)
     check_same_batch(flags, path)
     return str(path)

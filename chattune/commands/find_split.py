@@ -11,7 +11,7 @@ from typing import Any
 from chattune.cli import entry_point
 from chattune.data.split_finder import SplitReport, find_split
 from chattune.errors import ChattuneError
-from chattune.training.gguf_models import load_tokenizer
+from chattune.models.tokenizer import load_tokenizer
 
 DESCRIPTION = (
     "Print the token ids that open and close an assistant response in MODEL's chat template, verified in context, "
@@ -37,12 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         and args.model.count("/") != 1
     ):
         raise ChattuneError(f"{args.model}: no such folder (and not a hub id of the form owner/name)")
-    try:
-        tokenizer = load_tokenizer(args.model)
-    except ChattuneError:
-        raise
-    except (OSError, ValueError) as error:
-        raise ChattuneError(f"cannot load a tokenizer from {args.model!r}: {error}") from None
+    tokenizer = load_tokenizer(args.model)  # a GGUF file's too; one that cannot be loaded is a one-line error
     template = read_template(args.template) if args.template else None
     if not (template or tokenizer.chat_template):
         raise ChattuneError(

@@ -26,7 +26,7 @@ from transformers import TrainerCallback
 
 from chattune.atomic import DiskFullError, disk_full_reason, follow_umask
 from chattune.cli import install_handler, raise_if_signalled
-from chattune.training.lock import release_held_locks
+from chattune.training.safety.lock import release_held_locks
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ prefix has the same hidden states in both: computing it once is exact, not an ap
 
 `shared_prefixes` wraps the model's backbone for the length of one loss (or reference) computation. It packs the
 micro-batch into one padding-free row: per pair, the common prefix, the rest of the chosen row, then the rest of
-the rejected row, whose position ids jump back to the prefix length. chattune.training.attention reads that jump
+the rejected row, whose position ids jump back to the prefix length. chattune.training.kernels.attention reads that jump
 as a branch (it attends to the prefix and to itself, never to the chosen answer). The hidden states are then
 gathered back into TRL's padded layout, so TRL's head, loss types and metrics run unchanged, and the prefix's
 gradient is the sum of what both answers send it, as in the two-row computation.
@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from chattune.training.attention import VARLEN_SDPA
+from chattune.training.kernels.attention import VARLEN_SDPA
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def share_prompts(model: Any, per_example_attention: bool = True) -> bool:
 
     `per_example_attention` is off when the user chose --attn_implementation: their choice is kept.
     """
-    from chattune.training.batching import plan_batching
+    from chattune.training.kernels.batching import plan_batching
 
     # the choice SFT's padding-free batches make (and the switch to varlen SDPA), for the same reasons
     plan = plan_batching(model, packing=False, per_example_attention=per_example_attention)
